@@ -1,0 +1,25 @@
+"""Installs wa_tf: Winograd-aware quantized CNNs in Keras/TensorFlow."""
+import setuptools
+
+setuptools.setup(
+    name="wa_tf",
+    version="0.1.0",
+    description="Winograd-aware quantized convolutional networks for tf_keras and TF-MOT.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["wa_tf", "wa_tf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "tf-keras>=2.16,<2.22",  # must match tensorflow's minor version
+        "tensorflow-model-optimization>=0.8.0",
+        "tensorflow-datasets>=4.9",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest", "scikit-learn", "matplotlib"],
+        "demo": ["scikit-learn"],
+        "plot": ["matplotlib"],
+    },
+)

@@ -1,0 +1,318 @@
+"""WinogradConv2D: a Winograd-aware 2-D convolution layer for tf_keras.
+
+The layer computes a stride-1 convolution (cross-correlation, as
+``tf.nn.conv2d``) through the Winograd pipeline F(m x m, r x r)::
+
+    Y = A_t [(G g G^T) * (B_t d B_t^T)] A_t^T
+
+so that quantization error inside the pipeline can be trained around.  In
+``flex`` mode the transforms ``A_t``, ``B_t`` and ``G`` are trainable.
+
+Layout, chosen for speed on CPUs and GPUs: the t x t Winograd positions are the
+*leading* axis of every Winograd-domain tensor, so each transform is one small
+GEMM with a Kronecker-product matrix, and the element-wise stage is ``t^2``
+batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
+
+    x (N, H, W, C) --tiles--> D (t^2, N*P*C) --kron(B_t, B_t)--> V (t^2, N*P, C)
+    g (r, r, C, K) --kron(G, G)--> U (t^2, C, K)
+    M = V @ U (t^2, N*P, K) --kron(A_t, A_t)--> (m^2, N*P*K) --untile--> y
+
+Only two layout changes touch large tensors (tile gather and output untile),
+and both are reshapes, slices and one transpose, never gathers.
+"""
+
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from wa_tf import transforms
+
+# Winograd-domain stages that can carry a quantizer, in pipeline order.
+STAGES = ("weights_winograd", "input_winograd", "hadamard")
+
+
+def _dim(x, axis):
+    """Static size of `axis` when known, else a scalar tensor."""
+    size = x.shape[axis]
+    return size if size is not None else tf.shape(x)[axis]
+
+
+def kron(a, b):
+    """Kronecker product of two matrices: kron(a, b)[i*s + k, j*u + l] = a[i, j] b[k, l]."""
+    p, q = a.shape
+    s, u = b.shape
+    return tf.reshape(a[:, None, :, None] * b[None, :, None, :], (p * s, q * u))
+
+
+def _as_pair(value, name):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    try:
+        pair = tuple(int(v) for v in value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def tile_geometry(height, width, m, r, padding):
+    """Output size, tile counts and padding of a Winograd convolution.
+
+    Returns:
+      (out_h, out_w, n_h, n_w, pad_top, pad_left, extra) where ``extra`` is the
+      number of extra m-blocks a tile reaches past its own (``ceil((r-1)/m)``).
+    """
+    if padding == "same":
+        out_h, out_w, pad = height, width, (r - 1) // 2
+    else:
+        out_h, out_w, pad = height - r + 1, width - r + 1, 0
+    n_h = (out_h + m - 1) // m
+    n_w = (out_w + m - 1) // m
+    extra = -(-(r - 1) // m)
+    return out_h, out_w, n_h, n_w, pad, pad, extra
+
+
+def extract_tiles(x, m, r, padding):
+    """Gathers the overlapping t x t input tiles of a Winograd convolution.
+
+    Uses padding, reshapes, slices and one transpose (no gathers), so the
+    gradient is equally cheap.
+
+    Args:
+      x: (N, H, W, C) input.
+      m: Output tile size.
+      r: Filter size.
+      padding: 'same' or 'valid'.
+
+    Returns:
+      (D, geometry) with D of shape (t*t, N * n_h * n_w * C), position-major,
+      and geometry from :func:`tile_geometry`.
+    """
+    t = m + r - 1
+    n, height, width, c = (_dim(x, i) for i in range(4))
+    geo = tile_geometry(height, width, m, r, padding)
+    _, _, n_h, n_w, pad_top, pad_left, extra = geo
+    rows, cols = (n_h + extra) * m, (n_w + extra) * m
+    x = tf.pad(x, [[0, 0], [pad_top, rows - height - pad_top],
+                   [pad_left, cols - width - pad_left], [0, 0]])
+    x = tf.reshape(x, [n, n_h + extra, m, n_w + extra, m, c])
+    # Row offset i of a tile is (block s, offset i - s*m) for s = i // m.
+    parts = [x[:, s:s + n_h, :min(m, t - s * m)] for s in range(extra + 1) if t > s * m]
+    x = tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
+    parts = [x[:, :, :, s:s + n_w, :min(m, t - s * m)] for s in range(extra + 1) if t > s * m]
+    x = tf.concat(parts, axis=4) if len(parts) > 1 else parts[0]
+    # (N, n_h, t, n_w, t, C) -> (t, t, N, n_h, n_w, C)
+    x = tf.transpose(x, [2, 4, 0, 1, 3, 5])
+    return tf.reshape(x, [t * t, -1]), geo
+
+
+def untile(y, m, n, n_h, n_w, k, out_h, out_w):
+    """Inverse of the tiling for outputs: (m*m, N*n_h*n_w*K) -> (N, out_h, out_w, K)."""
+    y = tf.reshape(y, [m, m, n, n_h, n_w, k])
+    y = tf.transpose(y, [2, 3, 0, 4, 1, 5])
+    y = tf.reshape(y, [n, n_h * m, n_w * m, k])
+    if (isinstance(out_h, int) and isinstance(n_h, int) and out_h == n_h * m
+            and isinstance(out_w, int) and isinstance(n_w, int) and out_w == n_w * m):
+        return y
+    return y[:, :out_h, :out_w, :]
+
+
+@tf_keras.utils.register_keras_serializable(package="wa_tf")
+class WinogradConv2D(tf_keras.layers.Layer):
+    """A Winograd-aware 2-D convolution, F(m x m, r x r), stride 1.
+
+    The layer's ``kernel`` has the shape and layout of a
+    ``tf_keras.layers.Conv2D`` kernel, ``(r, r, C_in, filters)``, so weights copy
+    between the two by name and shape.  The transforms ``A_t`` (m, t), ``B_t``
+    (t, t) and ``G`` (t, r) are variables initialised from
+    :func:`wa_tf.transforms.winograd_matrices`, trainable iff ``flex``.
+
+    Example:
+      >>> inputs = tf_keras.Input((32, 32, 16))
+      >>> y = WinogradConv2D(32, tile_size=4, flex=True)(inputs)
+
+    Args:
+      filters: Number of output channels.
+      kernel_size: Odd filter size r (an int or a square pair).
+      tile_size: Output tile size m of F(m x m, r x r).
+      flex: Learn the transforms (True) or keep them static (False).
+      padding: 'same' or 'valid', as ``Conv2D``.
+      use_bias: Add a bias after the convolution.
+      kernel_initializer: Initializer of ``kernel``.
+      kernel_regularizer: Regularizer of ``kernel``.
+      bias_initializer: Initializer of ``bias``.
+      points: Interpolation points for the transforms (see
+        :func:`wa_tf.transforms.winograd_matrices`); None for the defaults.
+      recompute: Recompute the Winograd pipeline in the backward pass
+        (``tf.recompute_grad``) instead of keeping its intermediate tensors:
+        less memory, more compute.  Float layers only.
+      strides: Must be 1 (accepted for Conv2D compatibility).
+      dilation_rate: Must be 1 (accepted for Conv2D compatibility).
+      quantization: None, or a dict ``{'bits': int, 'per_tap': bool,
+        'warmup': bool}`` to fake-quantize the Winograd-domain weights, the
+        Winograd-domain input and the element-wise stage.  Set by
+        :func:`wa_tf.quantization.quantize_model`; the input, the kernel, the
+        transforms and the output are quantized by its QuantizeConfig.
+      **kwargs: Standard layer arguments (name, dtype, trainable).
+    """
+
+    def __init__(self, filters: int, kernel_size=3, tile_size: int = 4, flex: bool = True,
+                 padding: str = "same", use_bias: bool = False,
+                 kernel_initializer="glorot_uniform", kernel_regularizer=None,
+                 bias_initializer="zeros", points: Optional[Sequence[float]] = None,
+                 recompute: bool = False, strides=1, dilation_rate=1,
+                 quantization: Optional[dict] = None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(filters, (int, np.integer)) or isinstance(filters, bool) or filters < 1:
+            raise ValueError(f"filters must be a positive integer, got {filters!r}")
+        kh, kw = _as_pair(kernel_size, "kernel_size")
+        if kh != kw or kh % 2 == 0 or kh < 1:
+            raise ValueError(
+                f"kernel_size must be odd and square (e.g. 3 or (3, 3)), got {kernel_size!r}")
+        if _as_pair(strides, "strides") != (1, 1):
+            raise ValueError(f"strides must be 1 for a Winograd convolution, got {strides!r} "
+                             "(use a pooling layer before the convolution instead)")
+        if _as_pair(dilation_rate, "dilation_rate") != (1, 1):
+            raise ValueError(f"dilation_rate must be 1 for a Winograd convolution, "
+                             f"got {dilation_rate!r}")
+        if not isinstance(tile_size, (int, np.integer)) or isinstance(tile_size, bool) or tile_size < 1:
+            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        padding = str(padding).lower()
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        if quantization is not None:
+            quantization = dict(quantization)
+            unknown = set(quantization) - {"bits", "per_tap", "warmup"}
+            if unknown or "bits" not in quantization:
+                raise ValueError("quantization must be None or a dict with 'bits' and optional "
+                                 f"'per_tap', 'warmup'; got {quantization!r}")
+            if recompute:
+                raise ValueError("recompute=True is only supported for float layers "
+                                 "(quantization=None)")
+        self.filters = int(filters)
+        self.kernel_size = (kh, kw)
+        self.tile_size = int(tile_size)
+        self.flex = bool(flex)
+        self.padding = padding
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = tf_keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = tf_keras.regularizers.get(kernel_regularizer)
+        self.bias_initializer = tf_keras.initializers.get(bias_initializer)
+        self.points = None if points is None else [float(p) for p in points]
+        self.recompute = bool(recompute)
+        self.quantization = quantization
+        # Validates points now, so bad input fails at construction.
+        self._matrices = transforms.winograd_matrices(self.tile_size, kh, self.points)
+        self.input_spec = tf_keras.layers.InputSpec(ndim=4)
+        self.stage_quantizers = {}
+
+    @property
+    def tile_input_size(self) -> int:
+        """t = m + r - 1, the input tile size."""
+        return self.tile_size + self.kernel_size[0] - 1
+
+    def build(self, input_shape):
+        input_shape = tf.TensorShape(input_shape)
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("WinogradConv2D needs a known number of input channels")
+        r = self.kernel_size[0]
+        self.input_spec = tf_keras.layers.InputSpec(ndim=4, axes={-1: channels})
+        self.kernel = self.add_weight(
+            "kernel", shape=(r, r, channels, self.filters), initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer, trainable=True, dtype=self.dtype)
+        a_t, b_t, g = self._matrices
+        for name, value in (("A_t", a_t), ("B_t", b_t), ("G", g)):
+            setattr(self, name, self.add_weight(
+                name, shape=value.shape, initializer=tf_keras.initializers.Constant(value),
+                trainable=self.flex, dtype=self.dtype))
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight("bias", shape=(self.filters,),
+                                        initializer=self.bias_initializer, trainable=True,
+                                        dtype=self.dtype)
+        if self.quantization:
+            self._build_stage_quantizers(int(channels))
+        super().build(input_shape)
+
+    def _build_stage_quantizers(self, channels):
+        # Imported here: quantizers are optional for float layers.
+        from wa_tf.quantizers import EMAQuantizer  # pylint: disable=import-outside-toplevel
+        q = self.quantization
+        t2 = self.tile_input_size ** 2
+        axis = 0 if q.get("per_tap", False) else None
+        shapes = {"weights_winograd": (t2, channels, self.filters),
+                  "input_winograd": (t2, None, channels),
+                  "hadamard": (t2, None, self.filters)}
+        for stage in STAGES:
+            quantizer = EMAQuantizer(num_bits=q["bits"], axis=axis,
+                                     warmup=q.get("warmup", False))
+            self.stage_quantizers[stage] = (
+                quantizer, quantizer.build(tf.TensorShape(shapes[stage]), stage, self))
+
+    def _quantize_stage(self, stage, x, training):
+        if stage not in self.stage_quantizers:
+            return x
+        quantizer, variables = self.stage_quantizers[stage]
+        return quantizer(x, training, variables)
+
+    def _winograd(self, x, kernel, a_t, b_t, g, training=None):
+        m, r = self.tile_size, self.kernel_size[0]
+        t = m + r - 1
+        n, c, k = _dim(x, 0), kernel.shape[2], self.filters
+        # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
+        u = tf.matmul(kron(g, g), tf.reshape(kernel, [r * r, c * k]))
+        u = self._quantize_stage("weights_winograd", tf.reshape(u, [t * t, c, k]), training)
+        # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
+        d, geo = extract_tiles(x, m, r, self.padding)
+        out_h, out_w, n_h, n_w = geo[:4]
+        v = tf.matmul(kron(b_t, b_t), d)
+        v = self._quantize_stage("input_winograd", tf.reshape(v, [t * t, -1, c]), training)
+        # Element-wise stage, summed over input channels: t*t GEMMs.
+        mm = self._quantize_stage("hadamard", tf.matmul(v, u), training)
+        # Output transform Y = A_t M A_t^T, then untile and crop.
+        y = tf.matmul(kron(a_t, a_t), tf.reshape(mm, [t * t, -1]))
+        return untile(y, m, n, n_h, n_w, k, out_h, out_w)
+
+    def call(self, inputs, training=None):
+        # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
+        # replaces them with their fake-quantized tensors before each call.
+        x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        weights = [tf.cast(w, self.compute_dtype) for w in (self.kernel, self.A_t, self.B_t, self.G)]
+        if self.recompute:
+            y = tf.recompute_grad(self._winograd)(x, *weights)
+        else:
+            y = self._winograd(x, *weights, training=training)
+        if self.use_bias:
+            y = y + tf.cast(self.bias, y.dtype)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tf.TensorShape(input_shape).as_list()
+        n, h, w = input_shape[:3]
+        if self.padding == "valid":
+            r = self.kernel_size[0]
+            h = None if h is None else h - r + 1
+            w = None if w is None else w - r + 1
+        return tf.TensorShape([n, h, w, self.filters])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "tile_size": self.tile_size,
+            "flex": self.flex,
+            "padding": self.padding,
+            "use_bias": self.use_bias,
+            "kernel_initializer": tf_keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": tf_keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_initializer": tf_keras.initializers.serialize(self.bias_initializer),
+            "points": self.points,
+            "recompute": self.recompute,
+            "quantization": self.quantization,
+        })
+        return config
