@@ -9,16 +9,17 @@ so that quantization error inside the pipeline can be trained around.  In
 ``flex`` mode the transforms ``A_t``, ``B_t`` and ``G`` are trainable.
 
 Layout, chosen for speed on CPUs and GPUs: the t x t Winograd positions are the
-*leading* axis of every Winograd-domain tensor, so each transform is one small
-GEMM with a Kronecker-product matrix, and the element-wise stage is ``t^2``
-batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
+*leading* axis of every Winograd-domain tensor (row-major, position a*t + b),
+so each transform is two small GEMMs (:func:`apply_transform`) and the
+element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
 
-    x (N, H, W, C) --tiles--> D (t^2, N*P*C) --kron(B_t, B_t)--> V (t^2, N*P, C)
-    g (r, r, C, K) --kron(G, G)--> U (t^2, C, K)
-    M = V @ U (t^2, N*P, K) --kron(A_t, A_t)--> (m^2, N*P*K) --untile--> y
+    x (N, H, W, C) --tiles--> D (t^2, N*P*C) --B_t . B_t^T--> V (t^2, N*P, C)
+    g (r, r, C, K) --G . G^T--> U (t^2, C, K)
+    M = V @ U (t^2, N*P, K) --A_t . A_t^T--> (m^2, N*P*K) --untile--> y
 
-Only two layout changes touch large tensors (tile gather and output untile),
-and both are reshapes, slices and one transpose, never gathers.
+The large layout changes (tile gather, output untile) are pads, splits,
+reshapes and one transpose each, never gathers or strided slices, whose
+gradients are an order of magnitude slower.
 """
 
 from typing import Optional, Sequence
@@ -39,11 +40,26 @@ def _dim(x, axis):
     return size if size is not None else tf.shape(x)[axis]
 
 
-def kron(a, b):
-    """Kronecker product of two matrices: kron(a, b)[i*s + k, j*u + l] = a[i, j] b[k, l]."""
-    p, q = a.shape
-    s, u = b.shape
-    return tf.reshape(a[:, None, :, None] * b[None, :, None, :], (p * s, q * u))
+def apply_transform(mat, x):
+    """Applies the 2-D transform ``Z = mat X mat^T`` to tiles stored column-major.
+
+    ``x`` has shape (q*q, X) with ``x[j*q + i] = X[i, j]`` (positions leading,
+    the tile's column index first); the result has shape (p*p, X) with
+    ``out[a*p + b] = Z[a, b]`` (row-major) for ``mat`` of shape (p, q).
+
+    Two GEMMs with ``mat`` on the left and one transpose in between: the
+    first contracts the leading index j, the transpose brings i to the front
+    for the second.  Against one GEMM with ``kron(mat, mat)`` this has a third
+    of the FLOPs at t = 6, and the gradient with respect to ``mat`` is a
+    plain GEMM rather than a (q*q x X) x (X x p*p) reduction, which matters
+    for trainable transforms (bench/layer_bench.py).  Batched matmuls with a
+    broadcast ``mat`` were slower still.
+    """
+    p, q = mat.shape
+    y = tf.matmul(mat, tf.reshape(x, [q, -1]))  # (b, i, X): contracts j
+    y = tf.transpose(tf.reshape(y, [p, q, -1]), [1, 0, 2])  # (i, b, X)
+    y = tf.matmul(mat, tf.reshape(y, [q, -1]))  # (a, b, X): contracts i
+    return tf.reshape(y, [p * p, -1])
 
 
 def _as_pair(value, name):
@@ -75,6 +91,20 @@ def tile_geometry(height, width, m, r, padding):
     return out_h, out_w, n_h, n_w, pad, pad, extra
 
 
+def _gather_tile_axis(x, axis, n, m, t, extra):
+    """(.., n + extra, m, ..) blocks -> (.., n, t, ..) overlapping tiles along `axis`."""
+    parts = []
+    for s in range(extra + 1):
+        length = min(m, t - s * m)
+        if length <= 0:
+            break
+        block = tf.split(x, [s, n, extra - s], axis=axis)[1] if extra else x
+        if length < m:
+            block = tf.split(block, [length, m - length], axis=axis + 1)[0]
+        parts.append(block)
+    return tf.concat(parts, axis=axis + 1) if len(parts) > 1 else parts[0]
+
+
 def extract_tiles(x, m, r, padding):
     """Gathers the overlapping t x t input tiles of a Winograd convolution.
 
@@ -88,8 +118,9 @@ def extract_tiles(x, m, r, padding):
       padding: 'same' or 'valid'.
 
     Returns:
-      (D, geometry) with D of shape (t*t, N * n_h * n_w * C), position-major,
-      and geometry from :func:`tile_geometry`.
+      (D, geometry) with D of shape (t*t, N * n_h * n_w * C), position-major
+      with the tile's column index first (``D[j*t + i]`` holds row i, column j,
+      as :func:`apply_transform` expects), and geometry from :func:`tile_geometry`.
     """
     t = m + r - 1
     n, height, width, c = (_dim(x, i) for i in range(4))
@@ -99,20 +130,22 @@ def extract_tiles(x, m, r, padding):
     x = tf.pad(x, [[0, 0], [pad_top, rows - height - pad_top],
                    [pad_left, cols - width - pad_left], [0, 0]])
     x = tf.reshape(x, [n, n_h + extra, m, n_w + extra, m, c])
-    # Row offset i of a tile is (block s, offset i - s*m) for s = i // m.
-    parts = [x[:, s:s + n_h, :min(m, t - s * m)] for s in range(extra + 1) if t > s * m]
-    x = tf.concat(parts, axis=2) if len(parts) > 1 else parts[0]
-    parts = [x[:, :, :, s:s + n_w, :min(m, t - s * m)] for s in range(extra + 1) if t > s * m]
-    x = tf.concat(parts, axis=4) if len(parts) > 1 else parts[0]
-    # (N, n_h, t, n_w, t, C) -> (t, t, N, n_h, n_w, C)
-    x = tf.transpose(x, [2, 4, 0, 1, 3, 5])
+    # Row offset i of a tile is offset i - s*m of block s + i // m.  tf.split
+    # rather than slicing: the gradient of a 6-D strided slice is ~10x slower.
+    x = _gather_tile_axis(x, 1, n_h, m, t, extra)
+    x = _gather_tile_axis(x, 3, n_w, m, t, extra)
+    # (N, n_h, t_i, n_w, t_j, C) -> (t_j, t_i, N, n_h, n_w, C)
+    x = tf.transpose(x, [4, 2, 0, 1, 3, 5])
     return tf.reshape(x, [t * t, -1]), geo
 
 
 def untile(y, m, n, n_h, n_w, k, out_h, out_w):
-    """Inverse of the tiling for outputs: (m*m, N*n_h*n_w*K) -> (N, out_h, out_w, K)."""
+    """Assembles output tiles: (m*m, N*n_h*n_w*K) column-major -> (N, out_h, out_w, K).
+
+    ``y[j*m + i]`` holds output row i, column j of every tile.
+    """
     y = tf.reshape(y, [m, m, n, n_h, n_w, k])
-    y = tf.transpose(y, [2, 3, 0, 4, 1, 5])
+    y = tf.transpose(y, [2, 3, 1, 4, 0, 5])
     y = tf.reshape(y, [n, n_h * m, n_w * m, k])
     if (isinstance(out_h, int) and isinstance(n_h, int) and out_h == n_h * m
             and isinstance(out_w, int) and isinstance(n_w, int) and out_w == n_w * m):
@@ -153,8 +186,9 @@ class WinogradConv2D(tf_keras.layers.Layer):
       dilation_rate: Must be 1 (accepted for Conv2D compatibility).
       quantization: None, or a dict ``{'bits': int, 'per_tap': bool,
         'warmup': bool}`` to fake-quantize the Winograd-domain weights, the
-        Winograd-domain input and the element-wise stage.  Set by
-        :func:`wa_tf.quantization.quantize_model`; the input, the kernel, the
+        Winograd-domain input and the element-wise stage, and static
+        (``flex=False``) transforms.  Set by
+        :func:`wa_tf.quantization.quantize_model`; the input, the kernel, flex
         transforms and the output are quantized by its QuantizeConfig.
       **kwargs: Standard layer arguments (name, dtype, trainable).
     """
@@ -208,6 +242,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         self._matrices = transforms.winograd_matrices(self.tile_size, kh, self.points)
         self.input_spec = tf_keras.layers.InputSpec(ndim=4)
         self.stage_quantizers = {}
+        self.transform_quantizer = None
 
     @property
     def tile_input_size(self) -> int:
@@ -240,8 +275,13 @@ class WinogradConv2D(tf_keras.layers.Layer):
 
     def _build_stage_quantizers(self, channels):
         # Imported here: quantizers are optional for float layers.
-        from wa_tf.quantizers import EMAQuantizer  # pylint: disable=import-outside-toplevel
+        from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer  # pylint: disable=import-outside-toplevel
         q = self.quantization
+        # Static transforms are constants: the layer quantizes them from their
+        # own range (as the reference's quantize-once-and-freeze).  Not in the
+        # QuantizeConfig: TF-MOT's wrapper makes every weight it quantizes trainable.
+        if not self.flex:
+            self.transform_quantizer = MaxAbsQuantizer(q["bits"])
         t2 = self.tile_input_size ** 2
         axis = 0 if q.get("per_tap", False) else None
         shapes = {"weights_winograd": (t2, channels, self.filters),
@@ -264,17 +304,21 @@ class WinogradConv2D(tf_keras.layers.Layer):
         t = m + r - 1
         n, c, k = _dim(x, 0), kernel.shape[2], self.filters
         # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
-        u = tf.matmul(kron(g, g), tf.reshape(kernel, [r * r, c * k]))
+        # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
+        g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
+        u = apply_transform(g, g_cm)
         u = self._quantize_stage("weights_winograd", tf.reshape(u, [t * t, c, k]), training)
         # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
         d, geo = extract_tiles(x, m, r, self.padding)
         out_h, out_w, n_h, n_w = geo[:4]
-        v = tf.matmul(kron(b_t, b_t), d)
+        v = apply_transform(b_t, d)
         v = self._quantize_stage("input_winograd", tf.reshape(v, [t * t, -1, c]), training)
         # Element-wise stage, summed over input channels: t*t GEMMs.
         mm = self._quantize_stage("hadamard", tf.matmul(v, u), training)
         # Output transform Y = A_t M A_t^T, then untile and crop.
-        y = tf.matmul(kron(a_t, a_t), tf.reshape(mm, [t * t, -1]))
+        # M is row-major, read as column-major: the output tiles come out
+        # transposed, (j, i), which untile undoes for free in its transpose.
+        y = apply_transform(a_t, tf.reshape(mm, [t * t, -1]))
         return untile(y, m, n, n_h, n_w, k, out_h, out_w)
 
     def call(self, inputs, training=None):
@@ -282,6 +326,8 @@ class WinogradConv2D(tf_keras.layers.Layer):
         # replaces them with their fake-quantized tensors before each call.
         x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
         weights = [tf.cast(w, self.compute_dtype) for w in (self.kernel, self.A_t, self.B_t, self.G)]
+        if self.transform_quantizer is not None:
+            weights[1:] = [self.transform_quantizer(w, training, {}) for w in weights[1:]]
         if self.recompute:
             y = tf.recompute_grad(self._winograd)(x, *weights)
         else:
