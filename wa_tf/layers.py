@@ -321,6 +321,10 @@ class WinogradConv2D(tf_keras.layers.Layer):
         y = apply_transform(a_t, tf.reshape(mm, [t * t, -1]))
         return untile(y, m, n, n_h, n_w, k, out_h, out_w)
 
+    # No autograph: the pipeline has no tensor-dependent Python control flow,
+    # and converting it made every symbolic call (each model clone in TF-MOT's
+    # quantize_apply) several times slower.
+    @tf.autograph.experimental.do_not_convert
     def call(self, inputs, training=None):
         # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
         # replaces them with their fake-quantized tensors before each call.
