@@ -8,6 +8,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["wa_tf", "wa_tf.*"]),
+    scripts=["bin/train.py", "bin/adapt.py"],
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16,<2.22",
@@ -16,6 +17,8 @@ setuptools.setup(
         "tensorflow-datasets>=4.9",
         "numpy",
         "absl-py",
+        "importlib_resources",  # needed by tensorflow-datasets' download path
+        "tensorboard",  # tf.summary: the training logs
     ],
     extras_require={
         "test": ["pytest", "scikit-learn", "matplotlib"],

@@ -4,6 +4,7 @@ Two virtual CPU devices are configured before TensorFlow initialises, so
 distribution tests can run MirroredStrategy on a machine without GPUs
 (the pattern of Larq's ``distribute_scope`` fixture).
 """
+import itertools
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -19,12 +20,20 @@ tf.config.set_logical_device_configuration(
 import wa_tf  # noqa: E402,F401
 
 
+_strategy_ids = itertools.count(1)
+
+
 @pytest.fixture(params=["default", "mirrored"])
 def distribute_scope(request):
     """Runs a test with no strategy and under MirroredStrategy on 2 virtual CPUs."""
     if request.param == "default":
         yield None
     else:
+        # Every MirroredStrategy numbers its collective ops from the same keys,
+        # so a later test's collectives would collide with an earlier test's
+        # (shape/type mismatch errors): give each strategy its own key range,
+        # as TensorFlow's own tests do.
+        tf.distribute.MirroredStrategy._collective_key_base = 1000 * next(_strategy_ids)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         with strategy.scope():
             yield strategy

@@ -1,0 +1,208 @@
+"""Tests of wa_tf.quantization: Winograd-aware QAT through TF-MOT."""
+import functools
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from wa_tf.layers import WinogradConv2D
+from wa_tf.quantization import custom_objects, quantize_model, quantize_scope
+
+Wrapper = tfmot.quantization.keras.QuantizeWrapperV2
+
+
+@functools.lru_cache(maxsize=None)
+def static_layer_error(tile_size, bits, per_tap):
+    """max|y_q - y| / max|y| of a fully quantized static layer vs tf.nn.conv2d,
+    ranges calibrated on the same batch (see bench/quant_error.py)."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((2, 12, 12, 16)), tf.float32)
+    kernel = tf.constant(rng.uniform(-0.1, 0.1, (3, 3, 16, 16)), tf.float32)
+    inputs = tf_keras.Input((12, 12, 16))
+    layer = WinogradConv2D(16, tile_size=tile_size, flex=False)
+    model = tf_keras.Model(inputs, layer(inputs))
+    layer.kernel.assign(kernel)
+    qmodel = quantize_model(model, bits=bits, per_tap=per_tap, quantize_first=True)
+    qmodel(x, training=True)
+    y_q = qmodel(x, training=False)
+    y = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+    return float(tf.reduce_max(tf.abs(y_q - y)) / tf.reduce_max(tf.abs(y)))
+
+
+def test_static_16_bits_close_to_float():
+    assert static_layer_error(2, 16, False) < 1e-3
+
+
+def test_static_8_bits_large_tiles_much_worse():
+    """The reference's finding: static F4/F6 lose far more accuracy at INT8 than F2."""
+    f2 = static_layer_error(2, 8, False)
+    assert static_layer_error(4, 8, False) > 3 * f2
+    assert static_layer_error(6, 8, False) > 3 * f2
+
+
+@pytest.mark.parametrize("tile_size", [4, 6])
+def test_per_tap_ranges_reduce_8_bit_error(tile_size):
+    assert static_layer_error(tile_size, 8, True) < static_layer_error(tile_size, 8, False)
+
+
+def _small_model(flex=True, tile_size=2):
+    """Conv2D stem, WinogradConv2D, BN, ReLU, pooling, two Dense."""
+    inputs = tf_keras.Input((8, 8, 3))
+    x = tf_keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = tf_keras.layers.BatchNormalization(name="bn0")(x)
+    x = tf_keras.layers.ReLU(name="relu0")(x)
+    x = WinogradConv2D(6, tile_size=tile_size, flex=flex, name="wino")(x)
+    x = tf_keras.layers.BatchNormalization(name="bn1")(x)
+    x = tf_keras.layers.ReLU(name="relu1")(x)
+    x = tf_keras.layers.MaxPooling2D(name="pool")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = tf_keras.layers.Dense(8, name="hidden")(x)
+    outputs = tf_keras.layers.Dense(3, name="fc")(x)
+    return tf_keras.Model(inputs, outputs, name="small")
+
+
+def _data(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 8, 8, 3)).astype(np.float32), np.arange(n) % 3
+
+
+def test_quantize_model_structure():
+    model = _small_model()
+    qmodel = quantize_model(model, bits=6, per_tap=True)
+    assert qmodel.name == "small"
+    wrapped = {layer.name: layer.quantize_config.get_config()
+               for layer in qmodel.layers if isinstance(layer, Wrapper)}
+    assert wrapped == {
+        "quant_wino_input_quant": {"num_bits": 6},
+        "quant_wino": {"num_bits": 6, "warmup": False},
+        "quant_hidden_input_quant": {"num_bits": 6},
+        "quant_hidden": {"num_bits": 6, "weight_attrs": ["kernel"], "warmup": False},
+    }
+    # Stem, BN, activations, pooling and the classifier stay float.
+    for name in ("stem", "bn0", "relu0", "bn1", "relu1", "pool", "gap", "fc"):
+        assert type(qmodel.get_layer(name)) is type(model.get_layer(name))
+    assert len(qmodel.layers) == len(model.layers) + 2
+    inner = qmodel.get_layer("quant_wino").layer
+    assert inner.quantization == {"bits": 6, "per_tap": True, "warmup": False}
+    assert qmodel.get_layer("quant_wino_input_quant").layer.name == "wino_input_quant"
+    for name in ("stem", "wino", "hidden"):
+        source = model.get_layer(name).kernel.numpy()
+        layer = qmodel.get_layer(name if name == "stem" else "quant_" + name)
+        np.testing.assert_array_equal(layer.trainable_weights[0].numpy(), source)
+
+    everything = quantize_model(_small_model(flex=False), warmup=True, quantize_first=True,
+                                quantize_last=True)
+    assert isinstance(everything.get_layer("quant_stem"), Wrapper)
+    assert isinstance(everything.get_layer("quant_fc"), Wrapper)
+    warm = everything.get_layer("quant_wino")
+    assert warm.quantize_config.warmup and warm.layer.quantization["warmup"]
+    assert not everything.get_layer("quant_hidden").quantize_config.warmup
+    # Static transforms stay non-trainable (the layer quantizes them itself).
+    names = [w.name.split("/")[-1] for w in warm.trainable_weights]
+    assert names == ["kernel:0"]
+
+
+def test_quantized_model_trains_and_round_trips(tmp_path):
+    x, y = _data()
+    qmodel = quantize_model(_small_model(flex=True), bits=8)
+    qmodel.compile(tf_keras.optimizers.Adam(1e-2),
+                   tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = qmodel.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    # Every quantizer saw training: wino's input, 3 stages, kernel + 3 flex
+    # transforms, output; hidden's input, kernel, output.
+    flags = {w.name: w.numpy() for w in qmodel.non_trainable_weights
+             if w.name.endswith("_initialized:0")}
+    assert len(flags) == 1 + 3 + 4 + 1 + 3 and all(v == 1.0 for v in flags.values()), flags
+    expected = qmodel.predict(x, verbose=0)
+
+    saved = os.path.join(tmp_path, "saved_model")
+    qmodel.save(saved)
+    with quantize_scope():
+        restored = tf_keras.models.load_model(saved)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+    restored = tf_keras.models.load_model(saved, custom_objects=custom_objects())
+    assert isinstance(restored.get_layer("quant_wino"), Wrapper)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+
+    prefix = os.path.join(tmp_path, "ckpt", "weights")
+    qmodel.save_weights(prefix)
+    fresh = quantize_model(_small_model(flex=True), bits=8)
+    fresh.load_weights(prefix).assert_existing_objects_matched().expect_partial()
+    np.testing.assert_array_equal(fresh.predict(x, verbose=0), expected)
+
+
+def test_flex_int8_training_lowers_loss():
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input((8, 8, 4))
+    x = WinogradConv2D(8, tile_size=4, flex=True, name="wino")(inputs)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(3)(x))
+    qmodel = quantize_model(model, bits=8, quantize_first=True, quantize_last=True)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((16, 8, 8, 4)).astype(np.float32)
+    labels = np.arange(16) % 3
+    # The wrapper holds the float variables; the wrapped layer's attributes are
+    # replaced by their quantized tensors at each call.
+    a_t_var, = [w for w in qmodel.get_layer("quant_wino").trainable_weights if "A_t" in w.name]
+    a_t = a_t_var.numpy()
+    qmodel.compile(tf_keras.optimizers.Adam(2e-2),
+                   tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = qmodel.fit(images, labels, batch_size=16, epochs=15, verbose=0).history["loss"]
+    assert loss[-1] < 0.7 * loss[0]
+    assert np.abs(a_t_var.numpy() - a_t).max() > 1e-3  # the transforms are learned
+
+
+def test_fit_ranges_match_single_device(distribute_scope):
+    """model.fit over replicas sets the same ranges as a full-batch call."""
+    x, y = _data()
+
+    def build():
+        tf_keras.utils.set_random_seed(1)
+        inputs = tf_keras.Input((8, 8, 3))
+        h = WinogradConv2D(4, tile_size=2, name="wino")(inputs)
+        h = tf_keras.layers.GlobalAveragePooling2D()(h)
+        model = tf_keras.Model(inputs, tf_keras.layers.Dense(3)(h))
+        return quantize_model(model, bits=8, per_tap=True, quantize_first=True)
+
+    fitted, reference = build(), build()
+    fitted.compile(tf_keras.optimizers.SGD(0.0),
+                   tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fitted.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    # In a tf.function as fit: Grappler rewrites divisions, so eager and graph
+    # may round a few ties differently.
+    tf.function(lambda images: reference(images, training=True))(x)
+    in_quant = fitted.get_layer("quant_wino_input_quant")
+    state = {w.name.split("/")[-1]: w.numpy() for w in in_quant.non_trainable_weights}
+    assert (state["output_min:0"], state["output_max:0"]) == (x.min(), x.max())
+    for got, want in zip(fitted.non_trainable_weights, reference.non_trainable_weights):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, err_msg=got.name)
+
+
+@pytest.mark.parametrize("bits", [1, 17, 8.0, True])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(_small_model(), bits=bits)
+
+
+def test_rejects_unsupported_models():
+    class Subclassed(tf_keras.Model):
+        def call(self, inputs):
+            return inputs
+
+    with pytest.raises(ValueError, match="functional or Sequential"):
+        quantize_model(Subclassed())
+    float_only = tf_keras.Sequential([tf_keras.Input((4, 4, 2)),
+                                      tf_keras.layers.Conv2D(2, 3), tf_keras.layers.Flatten()])
+    with pytest.raises(ValueError, match="no Conv2D"):
+        quantize_model(float_only)
+    inputs = tf_keras.Input((4, 4, 2))
+    recompute = tf_keras.Model(inputs, WinogradConv2D(2, recompute=True)(inputs))
+    with pytest.raises(ValueError, match="recompute"):
+        quantize_model(recompute, quantize_first=True)
+    model = tf_keras.Sequential([tf_keras.Input((4, 4, 2))] + float_only.layers
+                                + [tf_keras.layers.Dense(3)])
+    assert isinstance(quantize_model(model, quantize_last=True).layers[-1], Wrapper)

@@ -1,0 +1,193 @@
+"""Tests of wa_tf.quantizers against a NumPy reference of the reference quantizer."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, fake_quant
+
+
+def np_fake_quant(x, range_, bits):
+    """NumPy float32 version of the reference (WinogradAwareNets) Quantize op."""
+    x = np.asarray(x, np.float32)
+    range_ = np.asarray(range_, np.float32)
+    qmin, qmax = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    scale = np.maximum(range_ / np.float32((qmax - qmin) / 2), np.float32(1e-8))
+    scale = np.where(range_ > 0, scale, np.float32(1.0)).astype(np.float32)
+    return (np.clip(np.round(x / scale), qmin, qmax) * scale).astype(np.float32)
+
+
+def np_range(v_min, v_max):
+    return np.maximum(-np.minimum(v_min, 0), np.maximum(v_max, 0)).astype(np.float32)
+
+
+def _build(quantizer, shape):
+    holder = tf_keras.layers.Layer()
+    return quantizer.build(tf.TensorShape(shape), "act", holder)
+
+
+def _values(weights):
+    return (weights["min_var"].numpy(), weights["max_var"].numpy(),
+            weights["initialized_var"].numpy())
+
+
+# Golden values worked by hand: (bits, range, inputs, expected).
+GOLDEN = [
+    # scale 1/1.5: -1.5 rounds to -2 (half to even), 1.5 to 2, clipped to qmax 1.
+    (2, 1.0, [-1.0, -0.4, 0.3, 0.5, 1.0], [-4 / 3, -2 / 3, 0.0, 2 / 3, 2 / 3]),
+    # scale 1: half to even, clip to [-8, 7].
+    (4, 7.5, [0.5, 1.5, 2.5, -8.0, 9.0], [0.0, 2.0, 2.0, -8.0, 7.0]),
+    # range 0 (no statistics): scale 1, clip to [-128, 127].
+    (8, 0.0, [0.4, 0.6, 200.0, -300.0], [0.0, 1.0, 127.0, -128.0]),
+    (16, 32767.5, [1.5, -40000.0, 40000.0], [2.0, -32768.0, 32767.0]),
+]
+
+
+@pytest.mark.parametrize("bits,range_,inputs,expected", GOLDEN)
+def test_fake_quant_golden(bits, range_, inputs, expected):
+    y = fake_quant(tf.constant(inputs, tf.float32), range_, bits)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("per_axis", [False, True])
+def test_fake_quant_matches_numpy(bits, per_axis):
+    rng = np.random.default_rng(bits)
+    x = (rng.standard_normal((6, 5, 4)) * 3).astype(np.float32)
+    range_ = (np.abs(x).max(axis=(1, 2), keepdims=True) * 0.8 if per_axis
+              else np.float32(2.5)).astype(np.float32)
+    y = fake_quant(tf.constant(x), tf.constant(range_), bits).numpy()
+    np.testing.assert_array_equal(y, np_fake_quant(x, range_, bits))
+
+
+def test_fake_quant_straight_through_gradient():
+    x = tf.constant([-9.0, -0.3, 0.2, 0.7, 9.0])  # the ends are clipped
+    w = tf.constant([1.0, 2.0, 3.0, 4.0, 5.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(w * fake_quant(x, 1.0, 4))
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), w.numpy())
+
+
+@pytest.mark.parametrize("bad", [1, 17, 8.0, True, "8", None])
+def test_bad_bits(bad):
+    with pytest.raises(ValueError, match="bits"):
+        fake_quant(tf.ones(3), 1.0, bad)
+    with pytest.raises(ValueError, match="bits"):
+        EMAQuantizer(bad)
+    with pytest.raises(ValueError, match="bits"):
+        MaxAbsQuantizer(bad)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_ema_updates_match_numpy(axis):
+    """First batch initialises, later batches move min/max by momentum * (batch - v)."""
+    bits, momentum = 6, 0.01
+    rng = np.random.default_rng(0)
+    quantizer = EMAQuantizer(bits, momentum=momentum, axis=axis)
+    weights = _build(quantizer, (None, 3, 4))
+    reduce_axes = (0, 2) if axis == 1 else None
+    v_min = v_max = None
+    for step in range(4):
+        x = (rng.standard_normal((5, 3, 4)) * (step + 1) + step).astype(np.float32)
+        y = quantizer(tf.constant(x), True, weights).numpy()
+        b_min = x.min(axis=reduce_axes).astype(np.float32)
+        b_max = x.max(axis=reduce_axes).astype(np.float32)
+        if step == 0:
+            v_min, v_max = b_min, b_max
+        else:
+            v_min = (v_min + np.float32(momentum) * (b_min - v_min)).astype(np.float32)
+            v_max = (v_max + np.float32(momentum) * (b_max - v_max)).astype(np.float32)
+        got_min, got_max, initialized = _values(weights)
+        np.testing.assert_allclose(got_min, v_min, rtol=1e-6)
+        np.testing.assert_allclose(got_max, v_max, rtol=1e-6)
+        assert initialized == 1.0
+        range_ = np_range(got_min, got_max)
+        np.testing.assert_array_equal(
+            y, np_fake_quant(x, range_.reshape(1, 3, 1) if axis == 1 else range_, bits))
+
+
+def test_ema_frozen_at_inference_and_empty_state_means_unit_scale():
+    quantizer = EMAQuantizer(8)
+    weights = _build(quantizer, (None, 4))
+    x = tf.constant([[0.4, 0.6, -3.2, 300.0]])
+    # No statistics yet: scale 1, state untouched.
+    np.testing.assert_array_equal(quantizer(x, False, weights).numpy(), [[0.0, 1.0, -3.0, 127.0]])
+    assert _values(weights) == (0.0, 0.0, 0.0)
+    quantizer(tf.constant([[-1.0, 2.0]]), True, weights)
+    state = _values(weights)
+    y = quantizer(x, False, weights)
+    assert _values(weights) == state
+    np.testing.assert_array_equal(y.numpy(), np_fake_quant(x.numpy(), np.float32(2.0), 8))
+
+
+def test_warmup_initialises_at_inference_then_freezes():
+    quantizer = EMAQuantizer(8, warmup=True)
+    weights = _build(quantizer, (None, 3))
+    first = np.array([[-2.0, 0.5, 1.0]], np.float32)
+    y = quantizer(tf.constant(first), False, weights)
+    assert _values(weights) == (-2.0, 1.0, 1.0)
+    np.testing.assert_array_equal(y.numpy(), np_fake_quant(first, np.float32(2.0), 8))
+    quantizer(tf.constant([[-8.0, 9.0]]), False, weights)
+    assert _values(weights) == (-2.0, 1.0, 1.0)
+    quantizer(tf.constant([[-8.0, 9.0]]), True, weights)  # training: EMA as usual
+    np.testing.assert_allclose(_values(weights)[:2], (-2.06, 1.08), rtol=1e-6)
+
+
+def test_training_flag_as_tensor():
+    quantizer = EMAQuantizer(8, axis=0)
+    weights = _build(quantizer, (2, None))
+    x = tf.constant([[-1.0, 0.5], [3.0, 4.0]])
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.bool)])
+    def run(training):
+        return quantizer(x, training, weights)
+
+    run(tf.constant(False))
+    assert _values(weights)[2] == 0.0
+    y = run(tf.constant(True))
+    np.testing.assert_array_equal(_values(weights)[0], [-1.0, 3.0])
+    np.testing.assert_array_equal(_values(weights)[1], [0.5, 4.0])
+    np.testing.assert_array_equal(
+        y.numpy(), np_fake_quant(x.numpy(), np.array([[1.0], [4.0]], np.float32), 8))
+
+
+def test_ranges_do_not_depend_on_the_number_of_replicas(distribute_scope):
+    """Under MirroredStrategy each replica sees half the batch, yet the state and
+    the outputs equal a single device's on the global batch."""
+    quantizer = EMAQuantizer(8, axis=-1)
+    weights = _build(quantizer, (None, 3))
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((8, 3)).astype(np.float32) * s for s in (1.0, 4.0)]
+    for x in batches:
+        if distribute_scope is None:
+            y = quantizer(tf.constant(x), True, weights).numpy()
+        else:
+            strategy = distribute_scope
+            values = strategy.experimental_distribute_values_from_function(
+                lambda ctx, x=x: tf.constant(x[4 * ctx.replica_id_in_sync_group:][:4]))
+            run = tf.function(lambda v: strategy.run(lambda b: quantizer(b, True, weights),
+                                                     args=(v,)))
+            y = np.concatenate([t.numpy() for t in
+                                strategy.experimental_local_results(run(values))])
+    first, second = batches
+    v_min = first.min(0) + np.float32(0.01) * (second.min(0) - first.min(0))
+    v_max = first.max(0) + np.float32(0.01) * (second.max(0) - first.max(0))
+    np.testing.assert_allclose(_values(weights)[0], v_min, rtol=1e-6)
+    np.testing.assert_allclose(_values(weights)[1], v_max, rtol=1e-6)
+    np.testing.assert_allclose(y, np_fake_quant(second, np_range(v_min, v_max), 8), rtol=1e-6)
+
+
+def test_max_abs_quantizer_is_stateless():
+    a_t = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
+    quantizer = MaxAbsQuantizer(4)
+    assert quantizer.build((2, 4), "A_t", tf_keras.layers.Layer()) == {}
+    y = quantizer(tf.constant(a_t * 0.3), True, {})
+    np.testing.assert_array_equal(y.numpy(), np_fake_quant(a_t * 0.3, np.float32(0.3), 4))
+
+
+def test_config_round_trip():
+    for quantizer in (EMAQuantizer(5, momentum=0.1, axis=0, warmup=True), MaxAbsQuantizer(3)):
+        config = tf_keras.utils.legacy.serialize_keras_object(quantizer)
+        assert tf_keras.utils.legacy.deserialize_keras_object(config) == quantizer
+    assert EMAQuantizer(8) != EMAQuantizer(8, axis=0)

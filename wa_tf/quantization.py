@@ -1,0 +1,341 @@
+"""Quantization-aware training of Winograd-aware models through TF-MOT.
+
+What is quantized (as the reference, Fernandez-Marques et al., MLSys 2020),
+every tensor with its own :class:`~wa_tf.quantizers.EMAQuantizer`:
+
+* every quantized layer's input, by a TF-MOT ``QuantizeLayer`` named
+  ``<layer>_input_quant`` inserted in front of it (each consumer of a tensor
+  quantizes it separately, as the reference);
+* ``Conv2D`` and ``Dense``: the kernel and the output
+  (:class:`KernelOutputQuantizeConfig`);
+* ``WinogradConv2D``: the kernel, flex transforms ``A_t``, ``B_t``, ``G`` and
+  the output (:class:`WinogradQuantizeConfig`); the layer itself quantizes
+  the Winograd-domain weights and input, the element-wise stage (its
+  ``quantization`` dict, optionally per tap) and static transforms (from their
+  own range, i.e. quantized once and frozen).
+
+BatchNormalization, activations, pooling and other layers stay float, and so
+do, by default, the first convolution (stem) and the last ``Dense``.
+
+Example::
+
+    qmodel = quantize_model(model, bits=8)
+    qmodel.compile(...); qmodel.fit(...)
+    qmodel.save(path)                 # a SavedModel directory
+    with quantize_scope():
+        restored = tf_keras.models.load_model(path)
+"""
+
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+from wa_tf.layers import WinogradConv2D
+from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits
+
+_tfmot_q = tfmot.quantization.keras
+
+_INPUT_QUANT_SUFFIX = "_input_quant"
+
+
+@tf_keras.utils.register_keras_serializable(package="wa_tf")
+class KernelOutputQuantizeConfig(_tfmot_q.QuantizeConfig):
+    """Quantizes named weight attributes and the output of a layer.
+
+    Weights and output get :class:`~wa_tf.quantizers.EMAQuantizer` ranges, as
+    the reference's Conv2d/Linear; a fused activation is applied before the
+    output quantizer; the bias stays float.  In the style of TF-MOT's
+    ``Default8BitQuantizeConfig``, driven by attribute names.
+
+    Args:
+      num_bits: Bit-width, 2 to 16.
+      weight_attrs: Names of the layer attributes holding quantized weights.
+      warmup: Give the weight quantizers ``warmup=True``.
+    """
+
+    def __init__(self, num_bits=8, weight_attrs=("kernel",), warmup=False):
+        self.num_bits = check_bits(num_bits)
+        self.weight_attrs = tuple(weight_attrs)
+        self.warmup = bool(warmup)
+
+    def _weight_attrs(self, layer):
+        del layer
+        return self.weight_attrs
+
+    def get_weights_and_quantizers(self, layer):
+        return [(getattr(layer, attr), EMAQuantizer(self.num_bits, warmup=self.warmup))
+                for attr in self._weight_attrs(layer)]
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        for attr, weight in zip(self._weight_attrs(layer), quantize_weights):
+            setattr(layer, attr, weight)
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [EMAQuantizer(self.num_bits)]
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "weight_attrs": list(self.weight_attrs),
+                "warmup": self.warmup}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+@tf_keras.utils.register_keras_serializable(package="wa_tf")
+class WinogradQuantizeConfig(KernelOutputQuantizeConfig):
+    """QuantizeConfig of :class:`~wa_tf.layers.WinogradConv2D`.
+
+    Quantizes the kernel, in flex mode the transforms ``A_t``, ``B_t``, ``G``
+    (float master copies are learned, a quantized copy is used at each step),
+    and the output.  Static transforms are not listed: TF-MOT's wrapper makes
+    every weight it quantizes trainable, so the layer quantizes those
+    constants itself.
+
+    Args:
+      num_bits: Bit-width, 2 to 16.
+      warmup: Give the kernel and transform quantizers ``warmup=True``.
+    """
+
+    def __init__(self, num_bits=8, warmup=False):
+        super().__init__(num_bits, ("kernel",), warmup)
+
+    def _weight_attrs(self, layer):
+        return ("kernel", "A_t", "B_t", "G") if layer.flex else ("kernel",)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "warmup": self.warmup}
+
+
+@tf_keras.utils.register_keras_serializable(package="wa_tf")
+class OutputQuantizeConfig(_tfmot_q.QuantizeConfig):
+    """Quantizes only a layer's output (EMA range); on the inserted input quantizers.
+
+    Args:
+      num_bits: Bit-width, 2 to 16.
+    """
+
+    def __init__(self, num_bits=8):
+        self.num_bits = check_bits(num_bits)
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [EMAQuantizer(self.num_bits)]
+
+    def get_config(self):
+        return {"num_bits": self.num_bits}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self.num_bits == other.num_bits
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+class _IdentityLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
+    def apply(self, model, layer_quantize_map):
+        return model, layer_quantize_map
+
+
+class _AnnotatedOnlyRegistry(_tfmot_q.QuantizeRegistry):
+    def get_quantize_config(self, layer):
+        return None
+
+    def supports(self, layer):
+        return False
+
+
+class AnnotatedOnlyScheme(_tfmot_q.QuantizeScheme):
+    """A TF-MOT scheme that quantizes exactly the annotated layers.
+
+    TF-MOT's default 8-bit scheme would add what the reference does not have:
+    a ``QuantizeLayer`` at the model input with its own +-6-initialised 8-bit
+    quantizer (every quantized layer here already quantizes its input), Conv+BN
+    folding (BN stays float and separate), and 8-bit output quantizers on
+    unannotated layers feeding annotated ones.
+    """
+
+    def get_layout_transformer(self):
+        return _IdentityLayoutTransform()
+
+    def get_quantize_registry(self):
+        return _AnnotatedOnlyRegistry()
+
+
+def custom_objects():
+    """The classes quantized models reference, by class name (for ``load_model``)."""
+    return {"QuantizeWrapper": _tfmot_q.QuantizeWrapper,
+            "QuantizeWrapperV2": _tfmot_q.QuantizeWrapperV2,
+            "WinogradConv2D": WinogradConv2D, "EMAQuantizer": EMAQuantizer,
+            "MaxAbsQuantizer": MaxAbsQuantizer, "OutputQuantizeConfig": OutputQuantizeConfig,
+            "KernelOutputQuantizeConfig": KernelOutputQuantizeConfig,
+            "WinogradQuantizeConfig": WinogradQuantizeConfig}
+
+
+def quantize_scope():
+    """Context manager to deserialize quantized models (TF-MOT's scope plus wa_tf's)."""
+    return _tfmot_q.quantize_scope(custom_objects())
+
+
+def _is_conv(layer):
+    return isinstance(layer, WinogradConv2D) or type(layer) is tf_keras.layers.Conv2D
+
+
+def _layers_to_quantize(model, quantize_first, quantize_last):
+    convs = [layer for layer in model.layers if _is_conv(layer)]
+    denses = [layer for layer in model.layers if type(layer) is tf_keras.layers.Dense]
+    skip = set()
+    if convs and not quantize_first:
+        skip.add(convs[0].name)
+    if denses and not quantize_last:
+        skip.add(denses[-1].name)
+    return [layer for layer in model.layers
+            if (_is_conv(layer) or type(layer) is tf_keras.layers.Dense)
+            and layer.name not in skip]
+
+
+def _input_quant_entry(name, source):
+    # An identity layer; quantize_apply wraps it with an OutputQuantizeConfig.
+    entry = tf_keras.layers.serialize(tf_keras.layers.Activation("linear", name=name))
+    entry.update(name=name, inbound_nodes=[[[source[0], source[1], source[2], {}]]])
+    return entry
+
+
+def _rewrite_config(config, targets, winograd, quantization):
+    """Inserts an input quantizer before each of `targets` (layer names) and
+    sets `quantization` in the config of each of `winograd` (layer names)."""
+    names = {entry["name"] for entry in config["layers"]}
+    layers = []
+    for entry in config["layers"]:
+        name = entry["name"]
+        if name in targets:
+            nodes = entry["inbound_nodes"]
+            if len(nodes) != 1 or len(nodes[0]) != 1 or not isinstance(nodes[0][0], list):
+                raise ValueError(f"quantize_model needs layer {name!r} to be called once on "
+                                 f"one tensor; it has inbound nodes {nodes!r}")
+            quant_name = name + _INPUT_QUANT_SUFFIX
+            if quant_name in names:
+                raise ValueError(f"quantize_model inserts a layer named {quant_name!r}, "
+                                 "but the model already has one")
+            source = nodes[0][0]
+            layers.append(_input_quant_entry(quant_name, source))
+            call_kwargs = source[3] if len(source) > 3 else {}
+            entry = dict(entry, inbound_nodes=[[[quant_name, 0, 0, call_kwargs]]])
+            if name in winograd:
+                entry["config"] = dict(entry["config"], quantization=dict(quantization))
+        layers.append(entry)
+    return dict(config, layers=layers)
+
+
+def _weight_name(variable):
+    return variable.name.split(":")[0].split("/")[-1]
+
+
+def _copy_weights(source_model, target_model):
+    """Copies weights layer by layer and variable by (short) name."""
+    for layer in source_model.layers:
+        if not layer.weights:
+            continue
+        targets = {_weight_name(w): w for w in target_model.get_layer(layer.name).weights}
+        for weight in layer.weights:
+            target = targets.get(_weight_name(weight))
+            if target is None or target.shape != weight.shape:
+                raise ValueError(f"cannot copy weight {weight.name} {weight.shape} of layer "
+                                 f"{layer.name!r} into the quantized model")
+            target.assign(weight)
+
+
+def _to_functional(model):
+    inputs = tf_keras.Input(batch_shape=model.input_shape, dtype=model.inputs[0].dtype)
+    outputs = inputs
+    for layer in model.layers:
+        outputs = layer(outputs)
+    return tf_keras.Model(inputs, outputs, name=model.name)
+
+
+def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=False,
+                   quantize_last=False):
+    """Returns a TF-MOT quantization-aware copy of a built tf_keras model.
+
+    ``Conv2D``, ``Dense`` and ``WinogradConv2D`` layers are quantized (see the
+    module docstring); weights are copied from ``model``, quantizer ranges start
+    empty and are set by the first training batch (or, with ``warmup``, by the
+    first batch seen at all for the Winograd-specific quantizers).  Save and
+    load the result as a SavedModel directory or checkpoint; load inside
+    :func:`quantize_scope`.
+
+    Args:
+      model: A built functional or Sequential ``tf_keras`` model.
+      bits: Bit-width of every quantizer, 2 to 16.
+      per_tap: One range per Winograd position (t*t of them) for the
+        Winograd-domain weights and input and the element-wise stage.
+      warmup: Winograd-layer quantizers (kernel, transforms, Winograd stages)
+        take their range from the incoming batch until they have statistics;
+        for models adapted from a float checkpoint.
+      quantize_first: Quantize the first convolution too (float by default).
+      quantize_last: Quantize the last ``Dense`` too (float by default).
+
+    Returns:
+      A functional ``tf_keras.Model`` with the name of ``model``.
+
+    Raises:
+      ValueError: For bad arguments or a model that cannot be quantized.
+    """
+    bits = check_bits(bits, "bits")
+    warmup = bool(warmup)
+    if not isinstance(model, tf_keras.Model) or not getattr(model, "_is_graph_network", False):
+        raise ValueError("model must be a built functional or Sequential tf_keras.Model, "
+                         f"got {type(model).__name__}")
+    if isinstance(model, tf_keras.Sequential):
+        model = _to_functional(model)
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.Model):
+            raise ValueError(f"nested model {layer.name!r} is not supported by quantize_model")
+    configs = {}
+    for layer in _layers_to_quantize(model, quantize_first, quantize_last):
+        if isinstance(layer, WinogradConv2D):
+            if layer.recompute:
+                raise ValueError(f"layer {layer.name!r} has recompute=True, which only float "
+                                 "WinogradConv2D layers support; build it with "
+                                 "recompute=False to quantize it")
+            configs[layer.name] = WinogradQuantizeConfig(bits, warmup=warmup)
+        else:
+            configs[layer.name] = KernelOutputQuantizeConfig(bits)
+    if not configs:
+        raise ValueError("model has no Conv2D, Dense or WinogradConv2D layer to quantize "
+                         "(the first convolution and the last Dense stay float unless "
+                         "quantize_first / quantize_last)")
+    winograd = {name for name, c in configs.items() if isinstance(c, WinogradQuantizeConfig)}
+    config = _rewrite_config(model.get_config(), set(configs), winograd, {
+        "bits": bits, "per_tap": bool(per_tap), "warmup": warmup})
+    configs.update({name + _INPUT_QUANT_SUFFIX: OutputQuantizeConfig(bits)
+                    for name in list(configs)})
+    with quantize_scope():
+        rewritten = tf_keras.Model.from_config(config)
+        _copy_weights(model, rewritten)
+
+        def annotate(layer):
+            if layer.name not in configs:
+                return layer
+            return _tfmot_q.quantize_annotate_layer(layer, configs[layer.name])
+
+        annotated = tf_keras.models.clone_model(rewritten, clone_function=annotate)
+        return _tfmot_q.quantize_apply(annotated, scheme=AnnotatedOnlyScheme())

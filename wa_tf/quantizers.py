@@ -1,0 +1,253 @@
+"""Fake quantizers for Winograd-aware quantization-aware training.
+
+The quantizer follows Winograd-aware networks (Fernandez-Marques et al.,
+MLSys 2020): symmetric, signed, range ``max(|min|, |max|)`` where ``min`` and
+``max`` are tracked by an exponential moving average with momentum 0.01 and
+initialised from the first training batch, round half to even, and a
+straight-through gradient.  TF-MOT's ``MovingAverageQuantizer`` differs (decay
+0.999, ranges start at +-6), hence :class:`EMAQuantizer`.
+
+Both quantizers implement ``tfmot.quantization.keras.quantizers.Quantizer``:
+``build(shape, name, layer)`` creates the state on ``layer`` and returns it,
+``__call__(x, training, weights)`` quantizes.
+"""
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras
+
+_Quantizer = tfmot.quantization.keras.quantizers.Quantizer
+
+
+def check_bits(num_bits, name="num_bits"):
+    """Returns `num_bits` as an int, or raises ValueError unless it is 2..16."""
+    if (not isinstance(num_bits, (int, np.integer)) or isinstance(num_bits, bool)
+            or not 2 <= num_bits <= 16):
+        raise ValueError(f"{name} must be an integer from 2 to 16, got {num_bits!r}")
+    return int(num_bits)
+
+
+def fake_quant(x, range_, num_bits):
+    """Symmetric fake quantization with a straight-through gradient.
+
+    ``y = clip(round(x / s), qmin, qmax) * s`` with ``qmin = -2^(b-1)``,
+    ``qmax = 2^(b-1) - 1`` and ``s = range_ / ((qmax - qmin) / 2)``; ``s = 1``
+    where ``range_`` is 0 (no statistics yet), and ``s >= 1e-8``.  The gradient
+    with respect to ``x`` is the identity (not masked outside the range); no
+    gradient flows into ``range_``.
+
+    Args:
+      x: Tensor to quantize.
+      range_: Non-negative range, a scalar or a tensor broadcastable to ``x``
+        (per-axis ranges).
+      num_bits: Bit-width, 2 to 16.
+
+    Returns:
+      The fake-quantized tensor, same shape and dtype as ``x``.
+    """
+    num_bits = check_bits(num_bits)
+    qmin = -(2.0 ** (num_bits - 1))
+    qmax = 2.0 ** (num_bits - 1) - 1.0
+    x = tf.convert_to_tensor(x)
+    range_ = tf.stop_gradient(tf.cast(range_, x.dtype))
+    scale = tf.maximum(range_ / ((qmax - qmin) / 2.0), 1e-8)
+    scale = tf.where(range_ > 0, scale, tf.ones_like(scale))
+
+    @tf.custom_gradient
+    def _quantize(v):
+        y = tf.clip_by_value(tf.round(v / scale), qmin, qmax) * scale
+        return y, lambda dy: dy
+
+    return _quantize(x)
+
+
+def symmetric_range(min_value, max_value):
+    """The symmetric range ``max(-min(0, min), max(0, max))``."""
+    return tf.maximum(-tf.minimum(min_value, 0.0), tf.maximum(max_value, 0.0))
+
+
+def _static_bool(value):
+    """A Python bool for a Python/NumPy/constant value, None for a symbolic tensor."""
+    if isinstance(value, (bool, int, np.bool_, np.integer)):
+        return bool(value)
+    static = tf.get_static_value(value)
+    return None if static is None else bool(static)
+
+
+def _select(pred, if_true, if_false):
+    """``if_true if pred else if_false``, branch-free when ``pred`` is a tensor.
+
+    No ``tf.cond``: variable updates and cross-replica reductions then stay out
+    of control flow, which ``MirroredStrategy`` does not allow around
+    synchronisation points.
+    """
+    static = _static_bool(pred)
+    if static is not None:
+        return if_true if static else if_false
+    return tf.where(tf.cast(pred, tf.bool), if_true, if_false)
+
+
+def _cross_replica_min_max(batch_min, batch_max):
+    """Global min/max over all replicas, so ranges do not depend on the device count."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return batch_min, batch_max
+    # ReduceOp has no MAX: gather one row per replica and reduce locally.
+    stacked = tf.stack([-batch_min, batch_max])[None]
+    gathered = tf.reduce_max(ctx.all_gather(stacked, axis=0), axis=0)
+    return -gathered[0], gathered[1]
+
+
+@tf_keras.utils.register_keras_serializable(package="wa_tf")
+class EMAQuantizer(_Quantizer):
+    """Symmetric quantizer whose range is an EMA of batch min/max.
+
+    In training, the batch min and max (over all replicas under
+    ``tf.distribute``) initialise the state on the first batch and then update
+    it as ``v += momentum * (batch - v)``; the tensor is quantized with the
+    updated range.  At inference the state is frozen.  With ``warmup``, an
+    uninitialised quantizer also initialises from the incoming batch at
+    inference (for models adapted from float checkpoints that hold no
+    statistics for it).
+
+    State created by ``build(shape, name, layer)`` on ``layer``, all
+    non-trainable float32 (``synchronization=ON_READ`` as BatchNormalization's
+    moving statistics, so each replica updates its own copy in replica context;
+    the copies stay identical because the statistics are reduced across
+    replicas): ``{name}_min``, ``{name}_max`` (scalars, or ``(n,)`` per
+    position of ``axis``) and ``{name}_initialized`` (0 or 1).
+
+    Args:
+      num_bits: Bit-width, 2 to 16.
+      momentum: EMA momentum in (0, 1]; 0.01 as the reference.
+      axis: None for one range per tensor, or the axis that gets one range per
+        position (min/max reduced over all other axes).
+      warmup: Initialise from the incoming batch at inference too.
+    """
+
+    def __init__(self, num_bits=8, momentum=0.01, axis=None, warmup=False):
+        self.num_bits = check_bits(num_bits)
+        if not 0.0 < float(momentum) <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
+        if axis is not None and (not isinstance(axis, (int, np.integer)) or isinstance(axis, bool)):
+            raise ValueError(f"axis must be None or an int, got {axis!r}")
+        self.momentum = float(momentum)
+        self.axis = None if axis is None else int(axis)
+        self.warmup = bool(warmup)
+
+    def build(self, tensor_shape, name, layer):
+        shape = ()
+        if self.axis is not None:
+            tensor_shape = tf.TensorShape(tensor_shape)
+            if tensor_shape.rank is None or not -tensor_shape.rank <= self.axis < tensor_shape.rank:
+                raise ValueError(f"axis {self.axis} is out of range for the shape "
+                                 f"{tensor_shape} of {name!r}")
+            size = tensor_shape[self.axis]
+            if size is None:
+                raise ValueError(f"axis {self.axis} of {name!r} needs a known size, "
+                                 f"got shape {tensor_shape}")
+            shape = (int(size),)
+
+        def state(suffix, var_shape):
+            return layer.add_weight(
+                f"{name}_{suffix}", shape=var_shape, dtype=tf.float32, initializer="zeros",
+                trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.MEAN)
+
+        return {"min_var": state("min", shape), "max_var": state("max", shape),
+                "initialized_var": state("initialized", ())}
+
+    def _batch_min_max(self, x):
+        x = tf.stop_gradient(tf.cast(x, tf.float32))
+        if self.axis is None:
+            batch_min, batch_max = tf.reduce_min(x), tf.reduce_max(x)
+        else:
+            axis = self.axis % x.shape.rank
+            others = [i for i in range(x.shape.rank) if i != axis]
+            batch_min = tf.reduce_min(x, axis=others)
+            batch_max = tf.reduce_max(x, axis=others)
+        return _cross_replica_min_max(batch_min, batch_max)
+
+    def _broadcast(self, range_, x):
+        if self.axis is None:
+            return range_
+        rank = x.shape.rank
+        shape = [1] * rank
+        shape[self.axis % rank] = -1
+        return tf.reshape(range_, shape)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if training is None:
+            training = tf_keras.backend.learning_phase()
+        min_var, max_var = weights["min_var"], weights["max_var"]
+        initialized_var = weights["initialized_var"]
+        static_training = _static_bool(training)
+        if static_training is False and not self.warmup:
+            range_ = symmetric_range(min_var, max_var)
+            return fake_quant(inputs, self._broadcast(range_, inputs), self.num_bits)
+
+        batch_min, batch_max = self._batch_min_max(inputs)
+        old_min, old_max = tf.identity(min_var), tf.identity(max_var)
+        initialized = tf.identity(initialized_var) > 0
+        # Training: initialise from the first batch, EMA afterwards.
+        train_min = tf.where(initialized, old_min + self.momentum * (batch_min - old_min),
+                             batch_min)
+        train_max = tf.where(initialized, old_max + self.momentum * (batch_max - old_max),
+                             batch_max)
+        # Inference: frozen, except that warm-up fills an empty state.
+        if self.warmup:
+            infer_min = tf.where(initialized, old_min, batch_min)
+            infer_max = tf.where(initialized, old_max, batch_max)
+            infer_initialized = tf.ones_like(initialized_var)
+        else:
+            infer_min, infer_max, infer_initialized = old_min, old_max, initialized_var
+        new_min = _select(training, train_min, infer_min)
+        new_max = _select(training, train_max, infer_max)
+        new_initialized = _select(training, tf.ones_like(initialized_var), infer_initialized)
+        with tf.control_dependencies([min_var.assign(new_min), max_var.assign(new_max),
+                                      initialized_var.assign(new_initialized)]):
+            range_ = tf.identity(symmetric_range(new_min, new_max))
+        return fake_quant(inputs, self._broadcast(range_, inputs), self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits, "momentum": self.momentum, "axis": self.axis,
+                "warmup": self.warmup}
+
+    def __eq__(self, other):
+        return isinstance(other, EMAQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+@tf_keras.utils.register_keras_serializable(package="wa_tf")
+class MaxAbsQuantizer(_Quantizer):
+    """Stateless symmetric quantizer with the range ``max|x|`` of the tensor itself.
+
+    For constant tensors such as static Winograd transforms: the reference
+    quantizes them once from their own min/max and then freezes them, which for
+    a constant is the same as quantizing with ``max|x|`` at every step.
+
+    Args:
+      num_bits: Bit-width, 2 to 16.
+    """
+
+    def __init__(self, num_bits=8):
+        self.num_bits = check_bits(num_bits)
+
+    def build(self, tensor_shape, name, layer):
+        return {}
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        inputs = tf.convert_to_tensor(inputs)
+        return fake_quant(inputs, tf.reduce_max(tf.abs(inputs)), self.num_bits)
+
+    def get_config(self):
+        return {"num_bits": self.num_bits}
+
+    def __eq__(self, other):
+        return isinstance(other, MaxAbsQuantizer) and self.num_bits == other.num_bits
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
