@@ -91,7 +91,6 @@ def test_width_multiplier_one_adds_first_stage_shortcut():
     ({"bits": 8.0}, "bits"),
     ({"num_classes": 0}, "num_classes"),
     ({"input_shape": (4, 4, 3)}, "input_shape"),
-    ({"conv": "flex", "bits": 8, "recompute": True}, "recompute"),
 ])
 def test_bad_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=argument):

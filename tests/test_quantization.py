@@ -199,10 +199,37 @@ def test_rejects_unsupported_models():
                                       tf_keras.layers.Conv2D(2, 3), tf_keras.layers.Flatten()])
     with pytest.raises(ValueError, match="no Conv2D"):
         quantize_model(float_only)
-    inputs = tf_keras.Input((4, 4, 2))
-    recompute = tf_keras.Model(inputs, WinogradConv2D(2, recompute=True)(inputs))
-    with pytest.raises(ValueError, match="recompute"):
-        quantize_model(recompute, quantize_first=True)
     model = tf_keras.Sequential([tf_keras.Input((4, 4, 2))] + float_only.layers
                                 + [tf_keras.layers.Dense(3)])
     assert isinstance(quantize_model(model, quantize_last=True).layers[-1], Wrapper)
+
+
+@pytest.mark.parametrize("per_tap", [False, True])
+def test_recompute_matches_stored_pipeline(per_tap):
+    """recompute=True: same outputs, gradients and quantizer state after two steps.
+
+    Two different batches: a recomputation that updated the ranges again
+    would move the EMA state twice in the second step.
+    """
+    batches = [tf.random.stateless_normal((4, 9, 9, 3), seed=(11, i)) * (i + 1)
+               for i in range(2)]
+    initial, results = None, []
+    for recompute in (False, True):
+        inputs = tf_keras.Input((9, 9, 3))
+        y = WinogradConv2D(4, tile_size=4, recompute=recompute, name="wa")(inputs)
+        model = quantize_model(tf_keras.Model(inputs, y), bits=8, per_tap=per_tap,
+                               quantize_first=True)
+        if initial is None:
+            initial = model.get_weights()
+        model.set_weights(initial)
+        for x in batches:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(x, training=True) ** 2)
+            grads = tape.gradient(loss, model.trainable_weights)
+        results.append((model.get_weights(), [loss] + grads))
+    (w_a, g_a), (w_b, g_b) = results
+    assert not all(np.array_equal(a, b) for a, b in zip(initial, w_a))  # ranges were updated
+    for a, b in zip(w_a, w_b):  # ... once, identically
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_a, g_b):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

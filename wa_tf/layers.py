@@ -179,9 +179,9 @@ class WinogradConv2D(tf_keras.layers.Layer):
       bias_initializer: Initializer of ``bias``.
       points: Interpolation points for the transforms (see
         :func:`wa_tf.transforms.winograd_matrices`); None for the defaults.
-      recompute: Recompute the Winograd pipeline in the backward pass
-        (``tf.recompute_grad``) instead of keeping its intermediate tensors:
-        less memory, more compute.  Float layers only.
+      recompute: Recompute the Winograd pipeline in the backward pass instead
+        of keeping its intermediate tensors: less memory, more compute.  Works
+        with quantization (the recomputation reuses the step's ranges).
       strides: Must be 1 (accepted for Conv2D compatibility).
       dilation_rate: Must be 1 (accepted for Conv2D compatibility).
       quantization: None, or a dict ``{'bits': int, 'per_tap': bool,
@@ -223,9 +223,6 @@ class WinogradConv2D(tf_keras.layers.Layer):
             if unknown or "bits" not in quantization:
                 raise ValueError("quantization must be None or a dict with 'bits' and optional "
                                  f"'per_tap', 'warmup'; got {quantization!r}")
-            if recompute:
-                raise ValueError("recompute=True is only supported for float layers "
-                                 "(quantization=None)")
         self.filters = int(filters)
         self.kernel_size = (kh, kw)
         self.tile_size = int(tile_size)
@@ -293,13 +290,51 @@ class WinogradConv2D(tf_keras.layers.Layer):
             self.stage_quantizers[stage] = (
                 quantizer, quantizer.build(tf.TensorShape(shapes[stage]), stage, self))
 
-    def _quantize_stage(self, stage, x, training):
-        if stage not in self.stage_quantizers:
-            return x
-        quantizer, variables = self.stage_quantizers[stage]
-        return quantizer(x, training, variables)
+    def _stage_ranges(self, training, ranges):
+        """A stage hook for `_winograd` that updates each stage's range and records it."""
+        from wa_tf.quantizers import fake_quant  # pylint: disable=import-outside-toplevel
 
-    def _winograd(self, x, kernel, a_t, b_t, g, training=None):
+        def quantize(stage, x):
+            if stage not in self.stage_quantizers:
+                return x
+            quantizer, variables = self.stage_quantizers[stage]
+            ranges[stage] = quantizer.update_range(x, training, variables)
+            return fake_quant(x, ranges[stage], quantizer.num_bits)
+        return quantize
+
+    def _fixed_ranges(self, ranges):
+        """A stage hook that quantizes with ranges recorded by `_stage_ranges`."""
+        from wa_tf.quantizers import fake_quant  # pylint: disable=import-outside-toplevel
+
+        def quantize(stage, x):
+            if stage not in ranges:
+                return x
+            return fake_quant(x, ranges[stage], self.stage_quantizers[stage][0].num_bits)
+        return quantize
+
+    def _recomputed(self, x, weights, training):
+        """The pipeline with a gradient that recomputes it instead of storing it.
+
+        Only the inputs and the (tiny) stage ranges are kept for the backward
+        pass.  Unlike ``tf.recompute_grad``, the recomputation reuses the ranges
+        of the forward pass, so quantizer state is updated once per step.
+        """
+        ranges = {}
+
+        @tf.custom_gradient
+        def run(x, *weights):
+            y = self._winograd(x, *weights, quantize=self._stage_ranges(training, ranges))
+
+            def grad(dy):
+                with tf.GradientTape() as tape:
+                    tape.watch([x, *weights])
+                    y2 = self._winograd(x, *weights, quantize=self._fixed_ranges(ranges))
+                return tape.gradient(y2, [x, *weights], output_gradients=dy)
+            return y, grad
+        return run(x, *weights)
+
+    def _winograd(self, x, kernel, a_t, b_t, g, quantize):
+        """The Winograd pipeline; ``quantize(stage, tensor)`` fake-quantizes each stage."""
         m, r = self.tile_size, self.kernel_size[0]
         t = m + r - 1
         n, c, k = _dim(x, 0), kernel.shape[2], self.filters
@@ -307,14 +342,14 @@ class WinogradConv2D(tf_keras.layers.Layer):
         # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
         g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
         u = apply_transform(g, g_cm)
-        u = self._quantize_stage("weights_winograd", tf.reshape(u, [t * t, c, k]), training)
+        u = quantize("weights_winograd", tf.reshape(u, [t * t, c, k]))
         # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
         d, geo = extract_tiles(x, m, r, self.padding)
         out_h, out_w, n_h, n_w = geo[:4]
         v = apply_transform(b_t, d)
-        v = self._quantize_stage("input_winograd", tf.reshape(v, [t * t, -1, c]), training)
+        v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
         # Element-wise stage, summed over input channels: t*t GEMMs.
-        mm = self._quantize_stage("hadamard", tf.matmul(v, u), training)
+        mm = quantize("hadamard", tf.matmul(v, u))
         # Output transform Y = A_t M A_t^T, then untile and crop.
         # M is row-major, read as column-major: the output tiles come out
         # transposed, (j, i), which untile undoes for free in its transpose.
@@ -338,9 +373,9 @@ class WinogradConv2D(tf_keras.layers.Layer):
         if self.transform_quantizer is not None:
             weights[1:] = [self.transform_quantizer(w, training, {}) for w in weights[1:]]
         if self.recompute:
-            y = tf.recompute_grad(self._winograd)(x, *weights)
+            y = self._recomputed(x, weights, training)
         else:
-            y = self._winograd(x, *weights, training=training)
+            y = self._winograd(x, *weights, quantize=self._stage_ranges(training, {}))
         if self.use_bias:
             y = y + tf.cast(self.bias, y.dtype)
         return y

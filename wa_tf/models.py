@@ -127,7 +127,7 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
       warmup: Start the Winograd-domain quantizers in warm-up mode (for
         adapting a pretrained model).
       recompute: Recompute Winograd layers in the backward pass to save
-        memory (float models only).
+        memory (also with quantization).
 
     Returns:
       A functional ``tf_keras.Model`` named 'ResNet18Like' or 'ResNet18LikeF{m}'.
@@ -154,8 +154,6 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
     if len(input_shape) != 3 or min(input_shape) < 1 or min(input_shape[:2]) < 8:
         raise ValueError("input_shape must be (height, width, channels) with height and "
                          f"width >= 8 (three 2x2 poolings); got {input_shape!r}")
-    if recompute and bits is not None:
-        raise ValueError("recompute=True is only supported for float models (bits=None)")
 
     inputs = tf_keras.Input(input_shape, name="image")
     x = tf_keras.layers.Conv2D(STEM_CHANNELS, 3, padding="same", use_bias=False,

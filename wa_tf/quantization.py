@@ -312,10 +312,6 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     configs = {}
     for layer in _layers_to_quantize(model, quantize_first, quantize_last):
         if isinstance(layer, WinogradConv2D):
-            if layer.recompute:
-                raise ValueError(f"layer {layer.name!r} has recompute=True, which only float "
-                                 "WinogradConv2D layers support; build it with "
-                                 "recompute=False to quantize it")
             configs[layer.name] = WinogradQuantizeConfig(bits, warmup=warmup)
         else:
             configs[layer.name] = KernelOutputQuantizeConfig(bits)

@@ -178,14 +178,22 @@ class EMAQuantizer(_Quantizer):
         return tf.reshape(range_, shape)
 
     def __call__(self, inputs, training, weights, **kwargs):
+        return fake_quant(inputs, self.update_range(inputs, training, weights), self.num_bits)
+
+    def update_range(self, inputs, training, weights):
+        """Updates the state from ``inputs`` as ``__call__`` does; returns the range to use.
+
+        The range is broadcastable to ``inputs``.  Layers that recompute their
+        forward pass in the backward pass (``WinogradConv2D(recompute=True)``)
+        quantize with this range again rather than updating the state twice.
+        """
         if training is None:
             training = tf_keras.backend.learning_phase()
         min_var, max_var = weights["min_var"], weights["max_var"]
         initialized_var = weights["initialized_var"]
         static_training = _static_bool(training)
         if static_training is False and not self.warmup:
-            range_ = symmetric_range(min_var, max_var)
-            return fake_quant(inputs, self._broadcast(range_, inputs), self.num_bits)
+            return self._broadcast(symmetric_range(min_var, max_var), inputs)
 
         batch_min, batch_max = self._batch_min_max(inputs)
         old_min, old_max = tf.identity(min_var), tf.identity(max_var)
@@ -208,7 +216,7 @@ class EMAQuantizer(_Quantizer):
         with tf.control_dependencies([min_var.assign(new_min), max_var.assign(new_max),
                                       initialized_var.assign(new_initialized)]):
             range_ = tf.identity(symmetric_range(new_min, new_max))
-        return fake_quant(inputs, self._broadcast(range_, inputs), self.num_bits)
+        return self._broadcast(range_, inputs)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "momentum": self.momentum, "axis": self.axis,
