@@ -326,10 +326,15 @@ class WinogradConv2D(tf_keras.layers.Layer):
             y = self._winograd(x, *weights, quantize=self._stage_ranges(training, ranges))
 
             def grad(dy):
+                # The dependency on dy keeps the executor from recomputing every
+                # layer as soon as the forward pass ends, which would hold all
+                # recomputed tensors at once (tf.recompute_grad does the same).
+                with tf.control_dependencies([dy]):
+                    inputs = [tf.identity(v) for v in (x, *weights)]
                 with tf.GradientTape() as tape:
-                    tape.watch([x, *weights])
-                    y2 = self._winograd(x, *weights, quantize=self._fixed_ranges(ranges))
-                return tape.gradient(y2, [x, *weights], output_gradients=dy)
+                    tape.watch(inputs)
+                    y2 = self._winograd(*inputs, quantize=self._fixed_ranges(ranges))
+                return tape.gradient(y2, inputs, output_gradients=dy)
             return y, grad
         return run(x, *weights)
 
