@@ -172,8 +172,7 @@ def test_fit_ranges_match_single_device(distribute_scope):
     fitted.compile(tf_keras.optimizers.SGD(0.0),
                    tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     fitted.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    # In a tf.function as fit: Grappler rewrites divisions, so eager and graph
-    # may round a few ties differently.
+    # In a tf.function, as fit runs it.
     tf.function(lambda images: reference(images, training=True))(x)
     in_quant = fitted.get_layer("quant_wino_input_quant")
     state = {w.name.split("/")[-1]: w.numpy() for w in in_quant.non_trainable_weights}

@@ -12,7 +12,8 @@ def np_fake_quant(x, range_, bits):
     x = np.asarray(x, np.float32)
     range_ = np.asarray(range_, np.float32)
     qmin, qmax = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
-    scale = np.maximum(range_ / np.float32((qmax - qmin) / 2), np.float32(1e-8))
+    # The reciprocal form, exactly as wa_tf computes it (see fake_quant).
+    scale = np.maximum(range_ * np.float32(1.0 / ((qmax - qmin) / 2)), np.float32(1e-8))
     scale = np.where(range_ > 0, scale, np.float32(1.0)).astype(np.float32)
     return (np.clip(np.round(x / scale), qmin, qmax) * scale).astype(np.float32)
 
@@ -191,3 +192,14 @@ def test_config_round_trip():
         config = tf_keras.utils.legacy.serialize_keras_object(quantizer)
         assert tf_keras.utils.legacy.deserialize_keras_object(config) == quantizer
     assert EMAQuantizer(8) != EMAQuantizer(8, axis=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_eager_and_graph_quantize_identically(bits):
+    """Values at the end of their own range are rounding ties: both modes must agree."""
+    rng = np.random.default_rng(bits)
+    graph_fq = tf.function(lambda x, r: fake_quant(x, r, bits))
+    for _ in range(20):
+        x = tf.constant(rng.standard_normal((7, 50)).astype("float32") * rng.uniform(0.01, 100))
+        for range_ in (tf.reduce_max(tf.abs(x)), tf.reduce_max(tf.abs(x), axis=1, keepdims=True)):
+            np.testing.assert_array_equal(fake_quant(x, range_, bits), graph_fq(x, range_))

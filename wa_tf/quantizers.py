@@ -51,7 +51,10 @@ def fake_quant(x, range_, num_bits):
     qmax = 2.0 ** (num_bits - 1) - 1.0
     x = tf.convert_to_tensor(x)
     range_ = tf.stop_gradient(tf.cast(range_, x.dtype))
-    scale = tf.maximum(range_ / ((qmax - qmin) / 2.0), 1e-8)
+    # Multiply by the reciprocal rather than divide by the constant: graphs
+    # (Grappler) rewrite the division so, and eager and graph runs (and
+    # wa_tf.integer) must agree on the scale to the last bit.
+    scale = tf.maximum(range_ * (1.0 / ((qmax - qmin) / 2.0)), 1e-8)
     scale = tf.where(range_ > 0, scale, tf.ones_like(scale))
 
     @tf.custom_gradient
