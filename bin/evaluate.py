@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Accuracy and loss of a training run, and the Winograd error report.
+
+  # test accuracy of the best checkpoint
+  bin/evaluate.py --modelDir experiments/ResNet18LikeF4/Flex/mult_0.5/bits_8/lr_0.001/<time>
+  # an exported SavedModel on the validation split (dataset from --modelDir)
+  bin/evaluate.py --modelDir DIR --savedmodel exported/f4_flex_int8 --split validation
+  # per-layer error of every Winograd-aware layer against a float convolution
+  bin/evaluate.py --modelDir DIR --error_report [--report_dir DIR/error_report]
+
+The error report (table, PNG plot, JSON) is explained in docs/export_evaluate.md.
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+
+import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
+from wa_tf import evaluate
+from wa_tf.training import flags as wa_flags
+
+evaluate.define_run_flags()
+flags.adopt_module_key_flags(evaluate)
+flags.DEFINE_string("split", "test", "Split to evaluate: test or validation.")
+flags.DEFINE_string("savedmodel", None, "Evaluate this SavedModel (bin/export.py) instead of "
+                    "the checkpoint; the dataset comes from --modelDir.")
+flags.DEFINE_boolean("error_report", False, "Also report each Winograd-aware layer's output "
+                     "error against a float convolution (uses the checkpoint).")
+flags.DEFINE_integer("error_images", 256, "Images of --split fed to the error report.")
+flags.DEFINE_string("report_dir", None, "Where the error report goes (error_report.txt, .png, "
+                    ".json); default: <modelDir>/error_report.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    evaluate.run_cli(_evaluate)
+
+
+def _evaluate():
+    if FLAGS.split not in evaluate.SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(evaluate.SPLITS)}; "
+                         f"got {FLAGS.split!r}")
+    if FLAGS.error_images < 1:
+        raise ValueError(f"--error_images must be a positive integer; got {FLAGS.error_images}")
+    # The Keras model is rebuilt only when it is evaluated or analysed.
+    model = None
+    if FLAGS.savedmodel and not FLAGS.error_report:
+        config = evaluate.read_run_flags()
+    else:
+        model, config = evaluate.load_run()
+    dataset, _ = evaluate.split_dataset(config, FLAGS.split)
+    if FLAGS.savedmodel:
+        from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
+        source, predict = f"SavedModel {FLAGS.savedmodel}", load_serving(FLAGS.savedmodel)
+    else:
+        source, predict = f"{model.name}, checkpoint {FLAGS.checkpoint}", \
+            evaluate.keras_predict(model)
+    result = evaluate.evaluate(predict, dataset)
+    print(f"{source} on {FLAGS.split}: accuracy {result['accuracy']:.4f}, "
+          f"loss {result['loss']:.4f} ({result['examples']} examples)")
+    if FLAGS.error_report:
+        _error_report(model, dataset)
+
+
+def _error_report(model, dataset):
+    images = evaluate.take_images(dataset, FLAGS.error_images)
+    rows = evaluate.error_report(model, images)
+    table = evaluate.format_report(rows)
+    report_dir = FLAGS.report_dir or os.path.join(FLAGS.modelDir, "error_report")
+    os.makedirs(report_dir, exist_ok=True)
+    title = f"{model.name} ({FLAGS.checkpoint}), {len(images)} {FLAGS.split} images"
+    with open(os.path.join(report_dir, "error_report.txt"), "w", encoding="utf-8") as f:
+        f.write(title + "\n" + table + "\n")
+    with open(os.path.join(report_dir, "error_report.json"), "w", encoding="utf-8") as f:
+        json.dump(evaluate.report_dict(rows), f, indent=2)
+    plot = evaluate.plot_report(rows, os.path.join(report_dir, "error_report.png"), title)
+    print(f"Winograd error report: {title}\n{table}\nwritten to {report_dir} ({plot})")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=wa_flags.parse_argv)

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Exports a training run's checkpoint as a self-contained SavedModel.
+
+The SavedModel runs with TensorFlow alone (no wa_tf, tf_keras or TF-MOT):
+
+  bin/export.py --modelDir experiments/ResNet18LikeF4/Flex/mult_0.5/bits_8/lr_0.001/<time>
+      --export_dir exported/f4_flex_int8 [--checkpoint best|final] [--npz_dir exported/layers]
+
+Signatures: ``serving_default`` takes float32 images normalised as in training;
+``serving_raw`` (unless --noraw_signature) takes uint8 0-255 images and applies
+the dataset's normalisation first.  --npz_dir also writes the integer deployment
+file of every quantized Winograd-aware layer (see docs/export_evaluate.md).
+"""
+import os
+
+from absl import app
+from absl import flags
+
+import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
+from wa_tf import evaluate
+from wa_tf.training import flags as wa_flags
+
+evaluate.define_run_flags()
+flags.adopt_module_key_flags(evaluate)
+flags.DEFINE_string("export_dir", None, "Output folder of the SavedModel (must not exist, or "
+                    "be empty).")
+flags.DEFINE_boolean("raw_signature", True, "Add the 'serving_raw' signature (uint8 0-255 "
+                     "images, dataset normalisation folded in).")
+flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
+                    "file of every quantized WinogradConv2D.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    evaluate.run_cli(_export)
+
+
+def _export():
+    from wa_tf import export, integer  # pylint: disable=import-outside-toplevel
+    if not FLAGS.export_dir:
+        raise ValueError("--export_dir is required: the SavedModel's output folder")
+    if os.path.exists(FLAGS.export_dir) and (not os.path.isdir(FLAGS.export_dir)
+                                             or os.listdir(FLAGS.export_dir)):
+        raise ValueError(f"--export_dir: {FLAGS.export_dir} exists and is not an empty folder")
+    model, config = evaluate.load_run()
+    normalization = evaluate.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \
+        else None
+    export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization)
+    signatures = [export.DEFAULT_SIGNATURE] + ([export.RAW_SIGNATURE] if normalization else [])
+    print(f"SavedModel: {FLAGS.export_dir} (signatures: {', '.join(signatures)}; "
+          f"input {list(model.input_shape)}, output 'logits')")
+    if FLAGS.npz_dir:
+        for name, path in integer.export_model_npz(model, FLAGS.npz_dir).items():
+            print(f"layer {name}: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=wa_flags.parse_argv)

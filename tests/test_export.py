@@ -1,0 +1,125 @@
+"""Tests of wa_tf.export: self-contained SavedModels of float and INT8 models."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tf_keras
+
+from wa_tf import WinogradConv2D, export, quantization
+
+# Runs in a fresh interpreter that cannot import wa_tf, tf_keras or TF-MOT:
+# loads each SavedModel with TensorFlow alone and writes its outputs.
+_SERVE = textwrap.dedent("""
+    import importlib.abc, json, sys
+    import numpy as np
+
+    BLOCKED = ("wa_tf", "tf_keras", "tensorflow_model_optimization")
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"blocked: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    for name in BLOCKED:
+        try:
+            __import__(name)
+        except ImportError:
+            continue
+        raise SystemExit(f"{name} is importable")
+
+    import tensorflow as tf
+    jobs = json.loads(sys.argv[1])
+    for path, signature, inputs, output in jobs:
+        fn = tf.saved_model.load(path).signatures[signature]
+        x = np.load(inputs)
+        np.save(output, fn(images=tf.constant(x))["logits"].numpy())
+    assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
+""")
+
+
+def _serve_in_fresh_process(tmp_path, jobs):
+    """[(savedmodel, signature, images)] -> outputs, computed without wa_tf."""
+    specs = []
+    for i, (path, signature, images) in enumerate(jobs):
+        np.save(tmp_path / f"in{i}.npy", images)
+        specs.append([str(path), signature, str(tmp_path / f"in{i}.npy"),
+                      str(tmp_path / f"out{i}.npy")])
+    env = {"PATH": os.environ.get("PATH", ""), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # -I: isolated mode (no PYTHONPATH, no user site, script dir not on sys.path).
+    proc = subprocess.run([sys.executable, "-I", "-c", _SERVE, json.dumps(specs)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [np.load(spec[3]) for spec in specs]
+
+
+def _model(tile_size=4, flex=True):
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input((10, 10, 3))
+    x = tf_keras.layers.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    x = tf_keras.layers.BatchNormalization(name="bn")(x)
+    x = tf_keras.layers.ReLU()(x)
+    x = WinogradConv2D(8, tile_size=tile_size, flex=flex, name="wa")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="fc")(x))
+
+
+def test_savedmodel_runs_without_wa_tf_and_matches_keras(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(5, 10, 10, 3)).astype(np.float32)
+    raw = rng.integers(0, 256, size=(3, 10, 10, 3)).astype(np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+    float_model = _model(tile_size=6)
+    export.export_saved_model(float_model, str(tmp_path / "float"),
+                              raw_normalization=(mean, std))
+
+    int8_model = quantization.quantize_model(_model(tile_size=4), bits=8, per_tap=True)
+    for _ in range(2):  # calibrate the quantizer ranges
+        int8_model(rng.normal(size=(4, 10, 10, 3)).astype(np.float32), training=True)
+    export.export_saved_model(int8_model, str(tmp_path / "int8"))
+
+    float_out, raw_out, int8_out = _serve_in_fresh_process(tmp_path, [
+        (tmp_path / "float", "serving_default", images),
+        (tmp_path / "float", "serving_raw", raw),
+        (tmp_path / "int8", "serving_default", images[:2]),  # another batch size
+    ])
+    np.testing.assert_allclose(float_out, float_model(images, training=False).numpy(),
+                               atol=1e-5, rtol=0)
+    normalised = (raw / 255.0 - np.array(mean)) / np.array(std)
+    np.testing.assert_allclose(raw_out, float_model(normalised.astype(np.float32),
+                                                    training=False).numpy(), atol=1e-5, rtol=0)
+    # The INT8 model's fake-quantized inference with frozen ranges, in a graph
+    # as model.predict runs it.
+    expected = int8_model.predict(images[:2], verbose=0)
+    np.testing.assert_allclose(int8_out, expected, atol=1e-5, rtol=0)
+    # Serving did not update the ranges: the same output again.
+    np.testing.assert_array_equal(int8_model.predict(images[:2], verbose=0), expected)
+
+
+def test_load_serving(tmp_path):
+    model = _model(tile_size=2, flex=False)
+    path = export.export_saved_model(model, str(tmp_path / "m"))
+    x = np.random.default_rng(0).normal(size=(2, 10, 10, 3)).astype(np.float32)
+    predict = export.load_serving(path)
+    np.testing.assert_allclose(predict(x).numpy(), model(x, training=False).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="signature must be one of"):
+        export.load_serving(path, "serving_raw")
+    with pytest.raises(ValueError, match="no SavedModel"):
+        export.load_serving(str(tmp_path))
+
+
+def test_export_rejects_bad_input(tmp_path):
+    model = _model(tile_size=2, flex=False)
+    with pytest.raises(ValueError, match="raw_normalization"):
+        export.export_saved_model(model, str(tmp_path / "a"), raw_normalization=((0.5,), (0.2,)))
+    a, b = tf_keras.Input((4, 4, 3)), tf_keras.Input((4, 4, 3))
+    two_inputs = tf_keras.Model([a, b], tf_keras.layers.Add()([a, b]))
+    with pytest.raises(ValueError, match="single image input"):
+        export.export_saved_model(two_inputs, str(tmp_path / "b"))

@@ -1,0 +1,130 @@
+"""SavedModel export of a (quantized) Winograd-aware tf_keras model.
+
+The exported SavedModel is self-contained: it holds the model's variables and
+traced inference graph only (no Keras metadata), so ``tf.saved_model.load``
+runs it in a process where neither wa_tf, tf_keras nor TF-MOT is installed.
+Quantizer ranges are exported as they are and frozen (inference mode,
+``training=False``), so an INT8 model serves exactly its fake-quantized
+inference computation.
+
+Signatures:
+
+``serving_default``
+  ``images``: float32 ``(batch, H, W, C)`` as the model itself takes them
+  (already normalised) -> ``{'logits': float32 (batch, classes)}``.
+
+``serving_raw`` (only when ``raw_normalization`` is given, as ``bin/export.py``
+does with the dataset's statistics)
+  ``images``: uint8 ``(batch, H, W, C)`` with values 0-255 -> ``{'logits': ...}``;
+  normalises ``(images / 255 - mean) / std`` (computed as
+  ``images * (1 / (255 std)) - mean / std``, exactly as :func:`wa_tf.data.pipeline`)
+  and then runs the model.
+
+Example:
+  >>> export_saved_model(model, "/tmp/exported")
+  >>> served = tf.saved_model.load("/tmp/exported")  # no wa_tf needed
+  >>> logits = served.signatures["serving_default"](images=x)["logits"]
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+DEFAULT_SIGNATURE = "serving_default"
+RAW_SIGNATURE = "serving_raw"
+
+
+def _input_spec(model: tf_keras.Model) -> tf.TensorShape:
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ValueError(f"model must have a single image input, got input shapes {shape}")
+    if len(shape) != 4:
+        raise ValueError(f"model must take NHWC images (rank 4), got input shape {shape}")
+    return tf.TensorShape([None] + list(shape[1:]))
+
+
+def _logits(model, images):
+    outputs = model(images, training=False)
+    if isinstance(outputs, (list, tuple, dict)):
+        raise ValueError("model must have a single (logits) output")
+    return {"logits": tf.cast(outputs, tf.float32)}
+
+
+def export_saved_model(model: tf_keras.Model, path: str,
+                       raw_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None
+                       ) -> str:
+    """Writes ``model``'s inference computation as a self-contained SavedModel.
+
+    Args:
+      model: A built tf_keras model with one NHWC image input and one logits
+        output (float or quantized through :mod:`wa_tf.quantization`).
+      path: Output directory (created; an existing SavedModel is replaced).
+      raw_normalization: Optional ``(mean, std)`` per channel, on the [0, 1]
+        scale; adds the ``serving_raw`` signature taking uint8 0-255 images.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      ValueError: if the model's input or output is not a single NHWC image
+        tensor / logits tensor, or ``raw_normalization`` does not match the
+        number of channels.
+    """
+    shape = _input_spec(model)
+    module = tf.Module()
+    # Track the variables only, not the Keras model: the SavedModel then holds
+    # no Keras objects, so loading it needs neither tf_keras nor wa_tf.
+    module.model_variables = list(model.variables)
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
+    def serve(images):
+        return _logits(model, images)
+
+    signatures = {DEFAULT_SIGNATURE: serve}
+    module.serve = serve
+    if raw_normalization is not None:
+        mean, std = (np.asarray(v, np.float64) for v in raw_normalization)
+        channels = shape[-1]
+        if mean.shape != (channels,) or std.shape != (channels,) or not np.all(std > 0):
+            raise ValueError(f"raw_normalization must be (mean, std) with {channels} values each "
+                             f"and std > 0, got {raw_normalization!r}")
+        scale = tf.constant(1.0 / (255.0 * std), tf.float32)
+        offset = tf.constant(-mean / std, tf.float32)
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")])
+        def serve_raw(images):
+            # Calls the traced `serve`, so the model is traced once.
+            return serve(tf.cast(images, tf.float32) * scale + offset)
+
+        signatures[RAW_SIGNATURE] = serve_raw
+        module.serve_raw = serve_raw
+    tf.saved_model.save(module, path, signatures=signatures)
+    return path
+
+
+def load_serving(path: str, signature: str = DEFAULT_SIGNATURE):
+    """Loads a SavedModel written by :func:`export_saved_model`.
+
+    Args:
+      path: SavedModel directory.
+      signature: Signature name.
+
+    Returns:
+      A function ``images -> logits`` (a float32 tensor).
+
+    Raises:
+      ValueError: if ``path`` is not a SavedModel or lacks ``signature``.
+    """
+    if not tf.saved_model.contains_saved_model(path):
+        raise ValueError(f"savedmodel: no SavedModel found in {path!r}")
+    loaded = tf.saved_model.load(path)
+    if signature not in loaded.signatures:
+        raise ValueError(f"signature must be one of {sorted(loaded.signatures)}, got {signature!r}")
+
+    def predict(images):
+        # Reads the signature through `loaded`, whose lifetime owns the variables.
+        return loaded.signatures[signature](images=images)["logits"]
+
+    return predict
