@@ -334,4 +334,23 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
             return _tfmot_q.quantize_annotate_layer(layer, configs[layer.name])
 
         annotated = tf_keras.models.clone_model(rewritten, clone_function=annotate)
-        return _tfmot_q.quantize_apply(annotated, scheme=AnnotatedOnlyScheme())
+        quantized = _tfmot_q.quantize_apply(annotated, scheme=AnnotatedOnlyScheme())
+    _restore_synchronized_batchnorm(model, quantized)
+    return quantized
+
+
+def _restore_synchronized_batchnorm(original, quantized):
+    """Re-enables ``synchronized`` BatchNormalization lost by cloning.
+
+    tf_keras' ``BatchNormalization.get_config`` omits ``synchronized``, so every
+    rebuild from config (ours and TF-MOT's) falls back to per-replica batch
+    statistics, and distributed training would then depend on the number of
+    replicas.  A synchronized layer is never fused, hence ``fused = False``.
+    """
+    synced = {layer.name for layer in original.layers
+              if isinstance(layer, tf_keras.layers.BatchNormalization)
+              and getattr(layer, "synchronized", False)}
+    for layer in quantized.layers:
+        if isinstance(layer, tf_keras.layers.BatchNormalization) and layer.name in synced:
+            layer.synchronized = True
+            layer.fused = False

@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Training-step time and peak memory of the whole ResNet-18-like model.
+
+For normal / static / flex convolutions x F2, F4, F6 x FP32 / INT8 (and
+optional XLA and recompute rows), each configuration runs in its own
+subprocess, all in one invocation so the ratios to normal convolution compare
+like with like.  One training step is what ``model.fit`` runs: forward,
+backward and the AdamL2 update (wa_tf.training.train_lib.compile_model) on a
+fixed random batch.
+
+* step time: median over ``--steps`` steps after ``--warmup`` steps (the first
+  traces and compiles the step);
+* peak memory: TensorFlow's allocator peak during the timed steps
+  (``tf.config.experimental.get_memory_info``, on the GPU or the CPU): weights,
+  optimizer state, activations kept for the backward pass and temporaries;
+* RSS growth: the growth of the process's peak resident set size from just
+  before the model is built, which adds tracing, graphs and allocator caches.
+
+Examples:
+  bench/train_bench.py                       # the full table, batch 64, width 0.5
+  bench/train_bench.py --quick --steps 5     # normal and flex F4, FP32 and INT8
+  bench/train_bench.py --jit_compile --recompute
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("batch_size", 64, "Batch size of a training step.")
+flags.DEFINE_float("mult", 0.5, "Width multiplier of the model.")
+flags.DEFINE_integer("steps", 10, "Timed steps per configuration (median reported).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, allocator warm-up).")
+flags.DEFINE_boolean("quick", False, "Only normal and flex F4, FP32 and INT8.")
+flags.DEFINE_list("configs", None, "Only these configurations, as named in the table "
+                  "(e.g. normal-FP32,flex-F4-INT8).")
+flags.DEFINE_boolean("jit_compile", False, "Add rows with the step compiled by XLA.")
+flags.DEFINE_boolean("recompute", False, "Add Winograd rows with recompute=True "
+                     "(the backward pass recomputes the Winograd pipeline).")
+flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+flags.DEFINE_string("worker", None, "Internal: measure one configuration (JSON) and print "
+                    "the result as JSON.")
+
+
+def configurations():
+    """(name, spec) of every configuration to measure, normal ones first."""
+    modes = [("normal", None)] + [(c, f) for c in ("static", "flex") for f in (2, 4, 6)]
+    if FLAGS.quick:
+        modes = [("normal", None), ("flex", 4)]
+    specs = []
+    for conv, tile in modes:
+        for bits in (None, 8):
+            specs.append({"conv": conv, "tile_size": tile or 4, "bits": bits, "jit": False,
+                          "recompute": False, "F": tile})
+            if FLAGS.jit_compile:
+                specs.append(dict(specs[-1], jit=True))
+            if FLAGS.recompute and conv != "normal":
+                specs.append(dict(specs[-1], jit=False, recompute=True))
+    named = [(name_of(s), s) for s in specs]
+    if FLAGS.configs:
+        unknown = set(FLAGS.configs) - {n for n, _ in named}
+        if unknown:
+            raise app.UsageError(f"--configs: unknown {sorted(unknown)}; known: "
+                                 f"{', '.join(n for n, _ in named)}")
+        named = [(n, s) for n, s in named if n in FLAGS.configs]
+    return named
+
+
+def name_of(spec):
+    parts = [spec["conv"]] + ([f"F{spec['F']}"] if spec["F"] else [])
+    parts.append("INT8" if spec["bits"] else "FP32")
+    parts += ["XLA"] * spec["jit"] + ["recompute"] * spec["recompute"]
+    return "-".join(parts)
+
+
+def _peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def measure(spec):
+    """Runs one configuration in this process; returns its measurements."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    import wa_tf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from wa_tf import models  # pylint: disable=import-outside-toplevel
+    from wa_tf.training import train_lib  # pylint: disable=import-outside-toplevel
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(FLAGS.batch_size, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, size=FLAGS.batch_size).astype(np.int64)
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
+    rss_before = _peak_rss_bytes()
+
+    model = models.resnet18_like(spec["conv"], tile_size=spec["tile_size"],
+                                 width_multiplier=FLAGS.mult, bits=spec["bits"],
+                                 recompute=spec["recompute"])
+    train_lib.compile_model(model, lr=1e-3, jit_compile=spec["jit"])
+    step = model.make_train_function()
+    for _ in range(FLAGS.warmup):
+        float(step(iterator)["loss"])
+    tf.config.experimental.reset_memory_stats(device)
+    times = []
+    for _ in range(FLAGS.steps):
+        start = time.perf_counter()
+        float(step(iterator)["loss"])  # reading the loss waits for the step
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times),
+            "peak_bytes": int(tf.config.experimental.get_memory_info(device)["peak"]),
+            "rss_growth_bytes": int(_peak_rss_bytes() - rss_before), "device": device}
+
+
+def run_config(name, spec):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}",
+           f"--batch_size={FLAGS.batch_size}", f"--mult={FLAGS.mult}",
+           f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"name": name, "error": tail}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, name=name, **spec)
+
+
+def table(results):
+    """Markdown table with ratios to the normal convolution of the same precision/XLA."""
+    base = {(r["bits"], r["jit"]): r for r in results
+            if r.get("conv") == "normal" and "error" not in r}
+    lines = ["| config | step (s) | x normal | peak memory (MiB) | x normal | RSS growth (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | |")
+            continue
+        ref = base.get((r["bits"], r["jit"]))
+        step_ratio = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
+        mem_ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" \
+            if ref and ref["peak_bytes"] > 0 else "-"
+        lines.append(f"| {r['name']} | {r['step_s']:.3f} | {step_ratio} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {mem_ratio} | "
+                     f"{r['rss_growth_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        print(json.dumps(measure(json.loads(FLAGS.worker))))
+        return
+    results = []
+    for name, spec in configurations():
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        results.append(run_config(name, spec))
+    device = next((r["device"] for r in results if "device" in r), "?")
+    print(f"Training step of ResNet18-like, batch {FLAGS.batch_size}, width {FLAGS.mult}, "
+          f"on {device}: median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up steps")
+    print(table(results))
+    if FLAGS.json:
+        with open(FLAGS.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

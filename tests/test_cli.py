@@ -1,0 +1,205 @@
+"""End-to-end tests of bin/train.py and bin/adapt.py, and their handling of bad input."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tf_keras
+from absl import flags as absl_flags
+
+from wa_tf import models
+from wa_tf.evaluate import evaluate_checkpoint
+from wa_tf.training import experiment, train_lib
+from wa_tf.training import flags as wa_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset=digits", "--mult=0.125", "--steps_per_epoch=2"]
+RESULT = re.compile(r"Test set \((final model|best model, epoch \d+)\): Average loss: ([\d.]+), "
+                    r"Accuracy: (\d+)/(\d+) \(([\d.]+)%\)")
+
+
+def _bin(program, *args, check=True):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bin", f"{program}.py"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _output_dir(stdout):
+    return re.search(r"^Output dir: (.+)$", stdout, re.M).group(1)
+
+
+def _check_results(stdout, metrics):
+    """The printed test accuracies are those of metrics.json."""
+    printed = {m.group(1).split(",")[0]: m for m in RESULT.finditer(stdout)}
+    assert set(printed) == {"final model", "best model"}, stdout[-2000:]
+    for name, key in (("final model", "final"), ("best model", "best")):
+        m, result = printed[name], metrics["test"][key]
+        assert int(m.group(4)) == result["examples"] == 359  # digits' test split
+        assert int(m.group(3)) == round(result["accuracy"] * 359)
+        assert float(m.group(5)) == pytest.approx(100 * result["accuracy"], abs=0.006)
+
+
+def _check_folder(path, epochs):
+    for name in ("FLAGS.txt", "report.txt", "metrics.json", "checkpoints/best.index",
+                 "checkpoints/final.index"):
+        assert os.path.isfile(os.path.join(path, name)), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(path, "logs")))
+    assert not os.path.exists(os.path.join(path, "backup"))  # removed once finished
+    assert not os.path.exists(os.path.join(path, ".lock"))
+    metrics = experiment.read_metrics(path)
+    assert metrics["status"] == experiment.FINISHED and len(metrics["history"]) == epochs
+    report = open(os.path.join(path, "report.txt"), encoding="utf-8").read()
+    assert "TRAINABLE VARIABLES INFORMATION" in report and "Test set (final model)" in report
+    return metrics
+
+
+def test_train_normal_then_adapt_to_flex_int8(tmp_path):
+    out = str(tmp_path / "experiments")
+    train = _bin("train", "--use_normal_conv", "--epochs=2", f"--outDir={out}", *TINY)
+    assert "TRAINABLE VARIABLES INFORMATION - arch: ResNet18Like" in train.stdout
+    assert "Learning rate decay at: [1.2, 1.6]" in train.stdout
+    normal_dir = _output_dir(train.stdout)
+    assert os.path.relpath(os.path.dirname(normal_dir), out) == os.path.join(
+        "ResNet18Like", "mult_0.125", "bits_FP", "lr_0.001")
+    metrics = _check_folder(normal_dir, epochs=2)
+    _check_results(train.stdout, metrics)
+    assert len(re.findall(r"^Val set: Average loss", train.stdout, re.M)) == 2
+    flags = experiment.read_flags(normal_dir)
+    assert flags["use_normal_conv"] and flags["mult"] == 0.125 and flags["dataset"] == "digits"
+    # The best checkpoint reloads from FLAGS.txt alone and scores what was printed.
+    reloaded = evaluate_checkpoint(normal_dir, "test", checkpoint="best")
+    assert reloaded["accuracy"] == pytest.approx(metrics["test"]["best"]["accuracy"], abs=1e-9)
+    tf_keras.backend.clear_session()
+
+    adapt = _bin("adapt", f"--modelDir={normal_dir}", "--flex", "--F=4", "--Q", "--bits=8",
+                 "--epochs=1", "--steps_per_epoch=2", f"--outDir={out}")
+    assert "TRAINABLE VARIABLES INFORMATION - arch: ResNet18LikeF4" in adapt.stdout
+    assert f"Adapted from {normal_dir}" in adapt.stdout
+    flex_dir = _output_dir(adapt.stdout)
+    assert os.path.relpath(os.path.dirname(flex_dir), out) == os.path.join(
+        "ResNet18LikeF4", "Flex", "mult_0.125", "bits_8", "lr_0.001")
+    metrics = _check_folder(flex_dir, epochs=1)
+    _check_results(adapt.stdout, metrics)
+    adapted = metrics["adapted_from"]
+    assert adapted["model_dir"] == normal_dir
+    assert "layer1.0.conv1/kernel" in adapted["copied"] and "conv1/kernel" in adapted["copied"]
+    assert "layer1.0.conv1/A_t" in adapted["not_found"]
+    # Width and dataset came from --modelDir's FLAGS.txt.
+    flags = experiment.read_flags(flex_dir)
+    assert flags["mult"] == 0.125 and flags["dataset"] == "digits" and flags["modelDir"] == normal_dir
+    assert experiment.read_metrics(normal_dir)["status"] == experiment.FINISHED  # untouched
+
+
+def _cli(program, argv, capsys):
+    """Runs a binary's flag parsing and main in-process; returns (exit code, stderr)."""
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    fn = train_lib.run if program == "train" else train_lib.adapt
+    with pytest.raises(SystemExit) as exit_info:
+        wa_flags.parse_argv([program] + argv, values)
+        wa_flags.run_main(fn, program, values)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def wrong_run(tmp_path_factory):
+    """An experiment folder whose final checkpoint belongs to a wider model than its FLAGS.txt."""
+    path = str(tmp_path_factory.mktemp("wrong_run"))
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    values(["x", "--use_normal_conv", *TINY])
+    experiment.write_flags(path, wa_flags.as_dict(values))
+    experiment.write_metrics(path, {"status": experiment.FINISHED,
+                                    "dataset": {"num_classes": 10, "image_shape": [32, 32, 3]}})
+    models.resnet18_like("normal", width_multiplier=0.25).save_weights(
+        os.path.join(path, "checkpoints", "final"))
+    tf_keras.backend.clear_session()
+    return path
+
+
+BAD_INPUT = [
+    ("train", ["--flex", "--F=3"], "--F must be one of 2, 4, 6"),
+    ("train", ["--flex", "--F=abc"], "--F=abc"),
+    ("train", ["--flex", "--Q", "--bits=17"], "--bits must be an integer from 2 to 16"),
+    ("train", ["--flex", "--bits=1"], "--bits must be an integer from 2 to 16"),
+    ("train", ["--flex", "--mult=0"], "--mult must be in (0, 1]"),
+    ("train", ["--flex", "--mult=1.5"], "--mult must be in (0, 1]"),
+    ("train", ["--flex", "--static"], "exactly one of --use_normal_conv, --static, --flex"),
+    ("train", [], "exactly one of --use_normal_conv, --static, --flex is required; got none"),
+    ("train", ["--flex", "--dataset=image_folder"], "--data_dir is required"),
+    ("train", ["--flex", "--dataset=image_folder", "--data_dir=/no/such/dir"], "--data_dir"),
+    ("train", ["--flex", "--no_such_flag"], "no_such_flag"),
+    ("adapt", ["--flex"], "--modelDir is required"),
+    ("adapt", ["--flex", "--modelDir=/no/such/run"], "--modelDir: '/no/such/run' is not a directory"),
+    ("adapt", ["--flex", "--modelDir={empty}"], "has no FLAGS.txt"),
+    ("adapt", ["--flex", "--modelDir={wrong}", "--modelToLoad=best"], "--modelToLoad: no checkpoint"),
+    ("adapt", ["--flex", "--modelDir={wrong}"], "--modelToLoad: checkpoint"),
+    ("adapt", ["--flex", "--modelDir={wrong}", "--mult=0.5"], "--mult is fixed by --modelDir"),
+]
+
+
+@pytest.mark.parametrize("program,argv,message", BAD_INPUT,
+                         ids=[f"{p}:{' '.join(a)}" for p, a, _ in BAD_INPUT])
+def test_bad_input_exits_with_one_line_naming_the_flag(program, argv, message, tmp_path,
+                                                       wrong_run, capsys):
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = sorted(os.listdir(wrong_run))
+    argv = [a.format(empty=empty, wrong=wrong_run) for a in argv] + [f"--outDir={out}"]
+    code, err = _cli(program, argv, capsys)
+    assert code == wa_flags.EXIT_BAD_INPUT
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not out.exists()  # nothing written
+    assert sorted(os.listdir(wrong_run)) == before
+
+
+# TensorFlow's C++ runtime logs a few lines to stderr when it loads, whatever
+# TF_CPP_MIN_LOG_LEVEL says (TF 2.21); they are not the program's output.
+_TF_NATIVE_LOG = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl|"
+                            r"To enable the following instructions)")
+
+
+def test_binaries_report_bad_input_without_traceback(tmp_path):
+    for program, argv, start in (("train", ["--flex", "--static"], "error: exactly one of"),
+                                 ("adapt", ["--flex", "--F=5"], "error: --F must be")):
+        proc = _bin(program, *argv, f"--outDir={tmp_path}", check=False)
+        assert proc.returncode == wa_flags.EXIT_BAD_INPUT
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        lines = [line for line in proc.stderr.splitlines() if not _TF_NATIVE_LOG.match(line)]
+        assert len(lines) == 1 and lines[0].startswith(start), proc.stderr
+    assert not os.listdir(tmp_path)
+
+
+def test_flagfile_reruns_the_same_configuration(tmp_path):
+    """FLAGS.txt is an absl flagfile: bin/train.py --flagfile=FLAGS.txt parses to the same flags."""
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    values(["x", "--static", "--F=2", "--Q", "--bits=6", *TINY])
+    config = wa_flags.as_dict(values)
+    experiment.write_flags(str(tmp_path), config)
+    again = absl_flags.FlagValues()
+    wa_flags.define_flags(again)
+    wa_flags.parse_argv(["x", f"--flagfile={tmp_path / 'FLAGS.txt'}"], again)
+    assert wa_flags.as_dict(again) == config
+    assert np.isclose(again["mult"].value, 0.125)
+
+
+@pytest.mark.parametrize("path", sorted(
+    os.path.join("configs", f) for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".flags")))
+def test_config_flagfiles_are_valid(path):
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    wa_flags.parse_argv(["x", f"--flagfile={os.path.join(ROOT, path)}"], values)
+    program = "adapt" if os.path.basename(path).startswith("adapt") else "train"
+    config = wa_flags.as_dict(values)
+    if program == "adapt":
+        config["modelDir"] = "<the run to adapt>"  # given on the command line
+    wa_flags.validate(config, program)
+    assert any(values[name].present for name in wa_flags.MODES)

@@ -1,0 +1,106 @@
+"""Fault tolerance: SIGKILL and re-run resumes exactly; a NaN loss stops cleanly."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags as absl_flags
+
+from wa_tf import data
+from wa_tf.training import experiment, train_lib
+from wa_tf.training import flags as wa_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMAND = ["--use_normal_conv", "--Q", "--dataset=digits", "--mult=0.125", "--epochs=3",
+           "--steps_per_epoch=3"]
+
+
+def _train_cmd(out_dir):
+    return [sys.executable, os.path.join(ROOT, "bin", "train.py"), *COMMAND,
+            f"--outDir={out_dir}"]
+
+
+def _runs(out_dir):
+    return [dp for dp, _, files in os.walk(out_dir) if "FLAGS.txt" in files]
+
+
+def _comparable(metrics):
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in metrics["history"]]
+    return history, metrics["best"], metrics["test"]
+
+
+def test_sigkill_then_same_command_resumes_to_identical_metrics(tmp_path):
+    uninterrupted = subprocess.run(_train_cmd(tmp_path / "a"), cwd=ROOT, capture_output=True,
+                                   text=True, timeout=900)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_train_cmd(out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    # Kill as soon as the first epoch's backup exists (mid-run, with the lock held).
+    while not [r for r in _runs(out) if os.path.isfile(os.path.join(r, "backup", "checkpoint"))]:
+        assert proc.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed_dir,) = _runs(out)
+    assert experiment.read_metrics(killed_dir)["status"] == experiment.RUNNING
+
+    resumed = subprocess.run(_train_cmd(out), cwd=ROOT, capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf"Resuming the unfinished run in {re.escape(killed_dir)} after epoch [12]/3",
+                     resumed.stdout)
+    assert _runs(out) == [killed_dir]  # the same folder, no new one
+    expected = experiment.read_metrics(_runs(tmp_path / "a")[0])
+    got = experiment.read_metrics(killed_dir)
+    assert got["status"] == experiment.FINISHED
+    assert _comparable(got) == _comparable(expected)
+    assert not os.path.exists(os.path.join(killed_dir, "backup"))
+
+
+def _config(out_dir):
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    values(["test", "--use_normal_conv", "--dataset=digits", "--mult=0.125", "--epochs=3",
+            "--steps_per_epoch=2", f"--outDir={out_dir}"])
+    return values
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    pipeline = data.pipeline
+    nan_epoch = 1  # 0-based: the second epoch's data is poisoned
+
+    def poisoned(ds, batch_size, info, training, seed=1, input_context=None):
+        batches = pipeline(ds, batch_size, info, training, seed, input_context)
+        if training and seed == 1 + train_lib._EPOCH_SEED_STRIDE * nan_epoch:  # pylint: disable=protected-access
+            batches = batches.map(lambda x, y: (x * np.nan, y))
+        return batches
+
+    monkeypatch.setattr(data, "pipeline", poisoned)
+    values = _config(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        wa_flags.run_main(train_lib.run, "train", values)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the loss is NaN at epoch 2, step 1" in err[0], err
+    assert "the last good state (the end of epoch 1)" in err[0]
+
+    (run,) = _runs(tmp_path)
+    metrics = experiment.read_metrics(run)
+    assert metrics["status"] == experiment.NAN_LOSS and len(metrics["history"]) == 1
+    assert not os.path.exists(os.path.join(run, "checkpoints", "final.index"))
+    # Neither the backup nor the best checkpoint holds NaN weights.
+    backup = tf.train.latest_checkpoint(os.path.join(run, "backup"))
+    for path in (backup, os.path.join(run, "checkpoints", "best")):
+        reader = tf.train.load_checkpoint(path)
+        for name, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype.is_floating:
+                assert np.isfinite(reader.get_tensor(name)).all(), (path, name)
+    assert tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1

@@ -1,0 +1,198 @@
+"""Tests of wa_tf.training: optimizer, schedule, flags, experiment folders, weight copying."""
+import datetime
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+from absl import flags as absl_flags
+
+from wa_tf import models
+from wa_tf.training import experiment
+from wa_tf.training import flags as wa_flags
+from wa_tf.training import train_lib
+from wa_tf.training.optimizer import AdamL2
+
+
+def _config(**overrides):
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    values(["test"])
+    config = wa_flags.as_dict(values)
+    config.update(overrides)
+    return config
+
+
+def _torch_adam_l2(params, grads_per_step, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """numpy transcription of torch.optim.Adam(weight_decay=wd)'s update rule."""
+    p = params.astype(np.float64).copy()
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads_per_step, start=1):
+        g = g + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+def test_adam_l2_matches_torch_adam_with_weight_decay():
+    rng = np.random.default_rng(0)
+    init = rng.normal(size=(5, 3)).astype(np.float32)
+    grads = [rng.normal(size=(5, 3)).astype(np.float32) * 1e-3 for _ in range(4)]
+    var = tf.Variable(init)
+    opt = AdamL2(learning_rate=0.01, l2=0.1)
+    for g in grads:
+        opt.apply_gradients([(tf.constant(g), var)])
+    expected = _torch_adam_l2(init, grads, lr=0.01, wd=0.1)
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # The decay matters here: without it the result is measurably different.
+    assert np.abs(_torch_adam_l2(init, grads, 0.01, 0.0) - expected).max() > 1e-4
+
+
+@pytest.fixture
+def fresh_collective_keys():
+    """Gives the test's MirroredStrategy collective keys no other strategy in the
+    process uses (instances otherwise reuse the same keys and can collide)."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000  # pylint: disable=protected-access
+    yield
+    tf.distribute.MirroredStrategy._collective_key_base += 100_000  # pylint: disable=protected-access
+
+
+@pytest.mark.usefixtures("fresh_collective_keys")
+def test_adam_l2_decay_counted_once_under_mirrored_strategy():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    init = np.array([1.0, -2.0, 3.0], np.float32)
+    with strategy.scope():
+        var = tf.Variable(init)
+        opt = AdamL2(learning_rate=0.1, l2=0.5)
+
+    @tf.function
+    def step():
+        def replica_fn():
+            # The same per-replica loss: the summed gradient is 2x, plus 0.5 * w once.
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(var) / strategy.num_replicas_in_sync
+            opt.apply_gradients([(tape.gradient(loss, var), var)])
+        strategy.run(replica_fn)
+
+    step()
+    expected = _torch_adam_l2(init, [np.ones(3, np.float32)], lr=0.1, wd=0.5)
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("epochs,expected", [
+    (10, [1e-3] * 6 + [1e-4] * 2 + [1e-5] * 2),  # milestones 6 and 8, as MultiStepLR
+    (5, [1e-3] * 3 + [1e-4] + [1e-5]),
+    # Milestones 7.2 and 9.6: the first epochs after them (the reference never decays).
+    (12, [1e-3] * 8 + [1e-4] * 2 + [1e-5] * 2),
+])
+def test_learning_rate_schedule(epochs, expected):
+    got = [train_lib.learning_rate(e, epochs, 1e-3) for e in range(epochs)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_flags_validation_names_the_flag():
+    wa_flags.validate(_config(flex=True))
+    cases = {
+        "--F": _config(flex=True, F=3),
+        "--bits": _config(flex=True, bits=17),
+        "--mult": _config(flex=True, mult=0.0),
+        "exactly one of": _config(flex=True, static=True),
+        "--data_dir": _config(flex=True, dataset="image_folder"),
+        "--dataset": _config(flex=True, dataset="mnist"),
+        "--distribution_strategy": _config(flex=True, distribution_strategy="tpu"),
+    }
+    for needle, config in cases.items():
+        with pytest.raises(wa_flags.FlagError, match=needle):
+            wa_flags.validate(config)
+    with pytest.raises(wa_flags.FlagError, match="--modelDir"):
+        wa_flags.validate(_config(flex=True), program="adapt")
+
+
+def test_flagfile_round_trip(tmp_path):
+    config = _config(flex=True, F=6, Q=True, bits=6, mult=0.25, lr=0.01, dataset="digits",
+                     data_dir="/some where/data", steps_per_epoch=3, resume=False)
+    experiment.write_flags(str(tmp_path), config)
+    assert experiment.read_flags(str(tmp_path)) == config
+    text = (tmp_path / "FLAGS.txt").read_text()
+    assert "--flex\n" in text and "--nouse_normal_conv\n" in text and "--modelDir" not in text
+
+
+def test_read_flags_errors_name_model_dir(tmp_path):
+    with pytest.raises(wa_flags.FlagError, match="--modelDir: .* is not a directory"):
+        experiment.read_flags(str(tmp_path / "missing"))
+    with pytest.raises(wa_flags.FlagError, match="--modelDir: .* has no FLAGS.txt"):
+        experiment.read_flags(str(tmp_path))
+    (tmp_path / "FLAGS.txt").write_text("--no_such_flag=1\n")
+    with pytest.raises(wa_flags.FlagError, match="--modelDir: cannot read"):
+        experiment.read_flags(str(tmp_path))
+
+
+def test_experiment_folder_layout_and_no_overwrite(tmp_path):
+    now = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    flex = _config(flex=True, Q=True, outDir=str(tmp_path))
+    first = experiment.create(flex, "ResNet18LikeF4", now)
+    assert os.path.relpath(first, tmp_path) == os.path.join(
+        "ResNet18LikeF4", "Flex", "mult_0.5", "bits_8", "lr_0.001", "2024_05_06_07_08_09")
+    (tmp_path / first / "keep.txt").write_text("x")
+    second = experiment.create(flex, "ResNet18LikeF4", now)  # same second: a new folder
+    assert second == first + "_2" and (tmp_path / first / "keep.txt").exists()
+    normal = _config(use_normal_conv=True, outDir=str(tmp_path))
+    assert os.path.relpath(experiment.parent_dir(normal, "ResNet18Like"), tmp_path) == \
+        os.path.join("ResNet18Like", "mult_0.5", "bits_FP", "lr_0.001")
+
+
+def _fake_run(config, name, stamp, status):
+    now = datetime.datetime.strptime(stamp, "%Y%m%d").replace(tzinfo=datetime.timezone.utc)
+    path = experiment.create(config, name, now)
+    experiment.write_flags(path, config)
+    experiment.write_metrics(path, {"status": status})
+    return path
+
+
+def test_find_unfinished_picks_newest_free_folder_of_same_command(tmp_path):
+    config = _config(flex=True, outDir=str(tmp_path), epochs=3)
+    name = "ResNet18LikeF4"
+    older = _fake_run(config, name, "20240101", experiment.RUNNING)
+    newer = _fake_run(config, name, "20240102", experiment.RUNNING)
+    _fake_run(config, name, "20240103", experiment.FINISHED)
+    _fake_run(dict(config, epochs=4), name, "20240104", experiment.RUNNING)  # other command
+    # Runtime flags do not make another command.
+    path, lock = experiment.find_unfinished(dict(config, jit_compile=True), name)
+    assert path == newer
+    # While that lock is held, the next free one is found; a held folder is never shared.
+    path2, lock2 = experiment.find_unfinished(config, name)
+    assert path2 == older
+    assert experiment.find_unfinished(config, name) == (None, None)
+    lock.release()
+    lock2.release()
+    assert experiment.find_unfinished(config, name)[0] == newer
+
+
+def test_copy_weights_normal_into_winograd():
+    source = models.resnet18_like("normal", width_multiplier=0.125, input_shape=(8, 8, 3))
+    target = models.resnet18_like("flex", tile_size=2, width_multiplier=0.125,
+                                  input_shape=(8, 8, 3))
+    report = train_lib.copy_weights(source, target)
+    assert "layer1.0.conv1/kernel" in report["copied"]
+    assert "layer1.0.conv1/A_t" in report["not_found"] and not report["unused"]
+    for name in ("layer1.0.conv1", "layer4.1.conv2", "conv1", "linear", "bn1"):
+        for s, t in zip(source.get_layer(name).weights, target.get_layer(name).weights):
+            np.testing.assert_array_equal(s.numpy(), t.numpy())
+    # The copied Winograd model computes what the normal model computes (F2 in float).
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(target(x, training=False), source(x, training=False),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_copy_weights_rejects_incompatible_models():
+    wide = models.resnet18_like("normal", width_multiplier=0.25, input_shape=(8, 8, 3))
+    narrow = models.resnet18_like("normal", width_multiplier=0.125, input_shape=(8, 8, 3))
+    with pytest.raises(wa_flags.FlagError, match="--modelToLoad: incompatible checkpoint"):
+        train_lib.copy_weights(wide, narrow)
+    other = tf_keras.Sequential([tf_keras.layers.Dense(3, name="head")])
+    other.build((None, 4))
+    with pytest.raises(wa_flags.FlagError, match="no weight .* matches"):
+        train_lib.copy_weights(other, narrow)
