@@ -3,9 +3,10 @@
 What is quantized (as the reference, Fernandez-Marques et al., MLSys 2020),
 every tensor with its own :class:`~wa_tf.quantizers.EMAQuantizer`:
 
-* every quantized layer's input, by a TF-MOT ``QuantizeLayer`` named
-  ``<layer>_input_quant`` inserted in front of it (each consumer of a tensor
-  quantizes it separately, as the reference);
+* every quantized layer's input, by an identity layer named
+  ``<layer>_input_quant`` inserted in front of it and annotated with
+  :class:`OutputQuantizeConfig` (each consumer of a tensor quantizes it
+  separately, as the reference);
 * ``Conv2D`` and ``Dense``: the kernel and the output
   (:class:`KernelOutputQuantizeConfig`);
 * ``WinogradConv2D``: the kernel, flex transforms ``A_t``, ``B_t``, ``G`` and
@@ -115,7 +116,7 @@ class WinogradQuantizeConfig(KernelOutputQuantizeConfig):
 
 
 @tf_keras.utils.register_keras_serializable(package="wa_tf")
-class OutputQuantizeConfig(_tfmot_q.QuantizeConfig):
+class OutputQuantizeConfig(KernelOutputQuantizeConfig):
     """Quantizes only a layer's output (EMA range); on the inserted input quantizers.
 
     Args:
@@ -123,31 +124,10 @@ class OutputQuantizeConfig(_tfmot_q.QuantizeConfig):
     """
 
     def __init__(self, num_bits=8):
-        self.num_bits = check_bits(num_bits)
-
-    def get_weights_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_weights(self, layer, quantize_weights):
-        pass
-
-    def get_activations_and_quantizers(self, layer):
-        return []
-
-    def set_quantize_activations(self, layer, quantize_activations):
-        pass
-
-    def get_output_quantizers(self, layer):
-        return [EMAQuantizer(self.num_bits)]
+        super().__init__(num_bits, weight_attrs=())
 
     def get_config(self):
         return {"num_bits": self.num_bits}
-
-    def __eq__(self, other):
-        return type(other) is type(self) and self.num_bits == other.num_bits
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
 
 
 class _IdentityLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
