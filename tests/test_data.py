@@ -231,3 +231,14 @@ def test_pipeline_shards_between_input_pipelines():
               for i in range(2)]
     np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(10))
     assert len(shards[0]) == len(shards[1]) == 5
+
+
+def test_offline_download_failure_is_one_clear_error(monkeypatch):
+    import requests  # pylint: disable=import-outside-toplevel
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(ValueError, match="could not download cifar10 through TFDS"):
+        data.load("cifar10")

@@ -98,9 +98,16 @@ def _channel_stats(images):
 def _load_tfds(name, data_dir, val_fraction, seed):
     # Imported here: TFDS is slow to import and only these datasets need it.
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    (train, test), builder_info = tfds.load(
-        name, split=["train", "test"], as_supervised=True, with_info=True,
-        shuffle_files=False, data_dir=data_dir)
+    try:
+        (train, test), builder_info = tfds.load(
+            name, split=["train", "test"], as_supervised=True, with_info=True,
+            shuffle_files=False, data_dir=data_dir)
+    except (OSError, tfds.download.DownloadError) as e:
+        # requests' ConnectionError is an OSError: no network, or the host is down.
+        raise ValueError(
+            f"could not download {name} through TFDS ({type(e).__name__}); without internet, "
+            f"prepare it on another machine and pass its TFDS folder as data_dir, or use "
+            f"'image_folder' or 'digits'") from None
     n_train = int(train.cardinality())
     if n_train < 0:  # unknown: only when TFDS has no split metadata
         n_train = int(train.reduce(0, lambda count, _: count + 1))
