@@ -66,6 +66,7 @@ def test_error_report_float_layers_are_exact():
     assert rows[0]["input_shape"] == (12, 12, 6)
     for row in rows:
         assert row["rel_error"] < 1e-5 and row["max_error"] < 1e-4
+        assert row["stage_errors"] == {}  # nothing quantized
 
 
 def test_error_report_quantized_against_independent_reference(tmp_path):
@@ -80,6 +81,14 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
     errors = {row["layer"]: row["rel_error"] for row in rows}
     # Static 8-bit F4 and F6 are far worse than F2 (issue 3's analysis).
     assert errors["wa1"] > 2 * errors["wa0"] and errors["wa2"] > 2 * errors["wa0"]
+    # Per stage: the element-wise stage M is where F4 and F6 break down; each
+    # single stage errs less than the whole pipeline with everything quantized.
+    stages = {row["layer"]: row["stage_errors"] for row in rows}
+    for name in ("wa1", "wa2"):
+        assert set(stages[name]) == {"weights_winograd", "input_winograd", "hadamard"}
+        assert stages[name]["hadamard"] == max(stages[name].values())
+        assert stages[name]["hadamard"] > 5 * stages["wa0"]["hadamard"]
+        assert all(0 < e < errors[name] for e in stages[name].values())
 
     # The same numbers from the integer reference and a numpy convolution.
     for name in ("wa0", "wa2"):
@@ -92,6 +101,7 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
         assert errors[name] == pytest.approx(expected, rel=1e-3)
 
     table = evaluate.format_report(rows)
+    assert "only M" in table
     assert all(re.search(rf"^{name}\s+{m}\s+static\s+8\s", table, re.M)
                for name, m in (("wa0", 2), ("wa1", 4), ("wa2", 6)))
     path = evaluate.plot_report(rows, str(tmp_path / "plot" / "errors.png"))

@@ -34,7 +34,8 @@ import tensorflow as tf
 import tf_keras
 from absl import flags, logging
 
-from wa_tf.layers import WinogradConv2D
+from wa_tf.layers import STAGES, WinogradConv2D
+from wa_tf.quantizers import fake_quant
 
 INPUT_QUANT_SUFFIX = "_input_quant"
 SPLITS = ("test", "validation")
@@ -251,6 +252,19 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
         kernel = float_weight(layer, "kernel")
         bias = float_weight(layer, "bias") if base.use_bias else None
 
+        transforms = [float_weight(layer, name) for name in ("A_t", "B_t", "G")]
+
+        def only_stage(stage):
+            """A stage hook quantizing `stage` alone, with its frozen range."""
+            quantizer, variables = base.stage_quantizers[stage]
+
+            def quantize(name, t):
+                if name != stage:
+                    return t
+                return fake_quant(t, quantizer.update_range(t, False, variables),
+                                  quantizer.num_bits)
+            return quantize
+
         @tf.function(reduce_retracing=True)
         def compare(x):
             y_wa = layer(quant(x, training=False) if quant is not None else x, training=False)
@@ -258,24 +272,38 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
                                  padding=base.padding.upper())
             if bias is not None:
                 y_ref += tf.cast(bias, x.dtype)
-            diff = tf.cast(y_wa, tf.float64) - tf.cast(y_ref, tf.float64)
-            y_ref = tf.cast(y_ref, tf.float64)
-            return tf.stack([tf.reduce_sum(diff ** 2), tf.reduce_sum(y_ref ** 2),
-                             tf.reduce_max(tf.abs(diff)), tf.reduce_max(tf.abs(y_ref))])
+            y_ref64 = tf.cast(y_ref, tf.float64)
+            diff = tf.cast(y_wa, tf.float64) - y_ref64
+            stats = [tf.reduce_sum(diff ** 2), tf.reduce_sum(y_ref64 ** 2),
+                     tf.reduce_max(tf.abs(diff)), tf.reduce_max(tf.abs(y_ref64))]
+            # One Winograd stage quantized at a time (float input, kernel and
+            # transforms otherwise): which stage the error comes from.
+            weights = [tf.cast(w, x.dtype) for w in (kernel, *transforms)]
+            for stage in STAGES if base.stage_quantizers else ():
+                y_stage = base._winograd(x, *weights, quantize=only_stage(stage))  # pylint: disable=protected-access
+                if bias is not None:
+                    y_stage += tf.cast(bias, x.dtype)
+                stats.append(tf.reduce_sum((tf.cast(y_stage, tf.float64) - y_ref64) ** 2))
+            return tf.stack(stats)
         return compare
 
     compares = [comparison(layer, quant) for layer, quant in entries]
-    stats = np.zeros((len(entries), 4))
+    stats = [None] * len(entries)
     for start in range(0, len(images), batch_size):
         inputs = capture(images[start:start + batch_size])
         inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
         shapes = [tuple(x.shape[1:]) for x in inputs]
         for i, x in enumerate(inputs):
             s = compares[i](x).numpy()
-            stats[i, :2] += s[:2]
-            stats[i, 2:] = np.maximum(stats[i, 2:], s[2:])
+            if stats[i] is None:
+                stats[i] = s
+            else:  # sums of squares add up, maxima take the max
+                stats[i][:2] += s[:2]
+                stats[i][2:4] = np.maximum(stats[i][2:4], s[2:4])
+                stats[i][4:] += s[4:]
     rows = []
-    for (layer, _), shape, (sq_err, sq_ref, max_err, max_ref) in zip(entries, shapes, stats):
+    for (layer, _), shape, stat in zip(entries, shapes, stats):
+        sq_err, sq_ref, max_err, max_ref = stat[:4]
         base = _base_layer(layer)
         quantization = base.quantization or {}
         rows.append({
@@ -287,14 +315,20 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
             "input_shape": shape,
             "rel_error": math.sqrt(sq_err / sq_ref) if sq_ref > 0 else float("nan"),
             "max_error": max_err / max_ref if max_ref > 0 else float("nan"),
+            "stage_errors": {stage: math.sqrt(e / sq_ref) if sq_ref > 0 else float("nan")
+                             for stage, e in zip(STAGES, stat[4:])},
         })
     return rows
+
+
+_STAGE_NAMES = {"weights_winograd": "U", "input_winograd": "V", "hadamard": "M"}
 
 
 def format_report(rows: Sequence[dict]) -> str:
     """The error report as a fixed-width text table."""
     header = f"{'layer':<28}{'F':>3}{'mode':>7}{'bits':>6}{'per_tap':>9}{'input':>16}" \
-             f"{'rel_error':>12}{'max_error':>12}"
+             f"{'rel_error':>12}{'max_error':>12}" + "".join(
+                 f"{'only ' + _STAGE_NAMES[s]:>12}" for s in STAGES)
     lines = [header, "-" * len(header)]
     for row in rows:
         shape = "x".join(str(d) for d in row["input_shape"])
@@ -302,7 +336,12 @@ def format_report(rows: Sequence[dict]) -> str:
         lines.append(f"{row['layer']:<28}{row['tile_size']:>3}"
                      f"{'flex' if row['flex'] else 'static':>7}{bits:>6}"
                      f"{str(row['per_tap']):>9}{shape:>16}"
-                     f"{row['rel_error']:>12.4g}{row['max_error']:>12.4g}")
+                     f"{row['rel_error']:>12.4g}{row['max_error']:>12.4g}"
+                     + "".join(f"{row.get('stage_errors', {}).get(s, float('nan')):>12.4g}"
+                               for s in STAGES))
+    lines.append("rel_error: ||y - conv2d|| / ||conv2d|| of the layer as it runs; 'only X': "
+                 "the same with only stage X quantized (U = G g G^T, V = B^T d B, "
+                 "M = element-wise stage), float input, kernel and transforms otherwise")
     return "\n".join(lines)
 
 
