@@ -35,9 +35,9 @@ import tf_keras
 from absl import flags, logging
 
 from wa_tf.layers import STAGES, WinogradConv2D
+from wa_tf.quantization import INPUT_QUANT_SUFFIX, unwrap
 from wa_tf.quantizers import fake_quant
 
-INPUT_QUANT_SUFFIX = "_input_quant"
 SPLITS = ("test", "validation")
 
 
@@ -164,11 +164,6 @@ def take_images(dataset: tf.data.Dataset, count: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _base_layer(layer):
-    """The layer inside a TF-MOT QuantizeWrapper, or the layer itself."""
-    return getattr(layer, "layer", layer) if hasattr(layer, "quantize_config") else layer
-
-
 def float_weight(layer, name: str):
     """The float (unquantized) variable ``name`` of a possibly wrapped layer.
 
@@ -206,14 +201,14 @@ def input_quant_layer(layer) -> Optional[tf_keras.layers.Layer]:
     if len(nodes) != 1:
         return None
     inbound = nodes[0].inbound_layers
-    if _base_layer(inbound).name == _base_layer(layer).name + INPUT_QUANT_SUFFIX:
+    if unwrap(inbound).name == unwrap(layer).name + INPUT_QUANT_SUFFIX:
         return inbound
     return None
 
 
 def winograd_layers(model: tf_keras.Model) -> List[tf_keras.layers.Layer]:
     """The WinogradConv2D layers of a functional model (wrapped or not), in order."""
-    return [layer for layer in model.layers if isinstance(_base_layer(layer), WinogradConv2D)]
+    return [layer for layer in model.layers if isinstance(unwrap(layer), WinogradConv2D)]
 
 
 def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[dict]:
@@ -248,7 +243,7 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
 
     def comparison(layer, quant):
         """Squared errors and maxima of one layer, compiled once per layer."""
-        base = _base_layer(layer)
+        base = unwrap(layer)
         kernel = float_weight(layer, "kernel")
         bias = float_weight(layer, "bias") if base.use_bias else None
 
@@ -304,7 +299,7 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
     rows = []
     for (layer, _), shape, stat in zip(entries, shapes, stats):
         sq_err, sq_ref, max_err, max_ref = stat[:4]
-        base = _base_layer(layer)
+        base = unwrap(layer)
         quantization = base.quantization or {}
         rows.append({
             "layer": base.name,

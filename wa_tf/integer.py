@@ -76,8 +76,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from wa_tf.evaluate import INPUT_QUANT_SUFFIX, float_weight, input_quant_layer
+from wa_tf.evaluate import float_weight, input_quant_layer
 from wa_tf.layers import WinogradConv2D
+from wa_tf.quantization import INPUT_QUANT_SUFFIX
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
 
 FORMAT = "wa_tf.winograd_layer/1"

@@ -187,11 +187,6 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
 # Layer table
 
 
-def _unwrap(layer):
-    """The float layer inside a TF-MOT QuantizeWrapper, or the layer itself."""
-    return getattr(layer, "layer", layer) if hasattr(layer, "quantize_config") else layer
-
-
 def _layer_bits(layer, inner):
     """Bit-width of a table layer: 'FP' when neither wrapped nor quantized."""
     if isinstance(inner, WinogradConv2D) and inner.quantization:
@@ -249,11 +244,13 @@ def layer_table(model: tf_keras.Model) -> str:
     Returns:
       The table and its totals as a multi-line string.
     """
+    # Imported here: TF-MOT is slow to import and float models never need it.
+    from wa_tf.quantization import unwrap  # pylint: disable=import-outside-toplevel
     header = ["VarName", "Type", "Param Shape", "Input Shape", "Winograd", "Flex", "bits",
               "Size(k)", "Size(%)", "Mults(M)"]
     rows, table_size, total_mults, total_direct = [], 0, 0, 0
     for layer in model.layers:
-        inner = _unwrap(layer)
+        inner = unwrap(layer)
         if not isinstance(inner, (tf_keras.layers.Conv2D, WinogradConv2D, tf_keras.layers.Dense)):
             continue
         size = int(np.prod(inner.kernel.shape))

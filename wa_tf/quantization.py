@@ -35,7 +35,13 @@ from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits
 
 _tfmot_q = tfmot.quantization.keras
 
-_INPUT_QUANT_SUFFIX = "_input_quant"
+# Name suffix of the identity layer quantize_model inserts in front of each quantized layer.
+INPUT_QUANT_SUFFIX = "_input_quant"
+
+
+def unwrap(layer):
+    """The layer inside a TF-MOT QuantizeWrapper, or the layer itself."""
+    return getattr(layer, "layer", layer) if hasattr(layer, "quantize_config") else layer
 
 
 @tf_keras.utils.register_keras_serializable(package="wa_tf")
@@ -211,7 +217,7 @@ def _rewrite_config(config, targets, winograd, quantization):
             if len(nodes) != 1 or len(nodes[0]) != 1 or not isinstance(nodes[0][0], list):
                 raise ValueError(f"quantize_model needs layer {name!r} to be called once on "
                                  f"one tensor; it has inbound nodes {nodes!r}")
-            quant_name = name + _INPUT_QUANT_SUFFIX
+            quant_name = name + INPUT_QUANT_SUFFIX
             if quant_name in names:
                 raise ValueError(f"quantize_model inserts a layer named {quant_name!r}, "
                                  "but the model already has one")
@@ -302,7 +308,7 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     winograd = {name for name, c in configs.items() if isinstance(c, WinogradQuantizeConfig)}
     config = _rewrite_config(model.get_config(), set(configs), winograd, {
         "bits": bits, "per_tap": bool(per_tap), "warmup": warmup})
-    configs.update({name + _INPUT_QUANT_SUFFIX: OutputQuantizeConfig(bits)
+    configs.update({name + INPUT_QUANT_SUFFIX: OutputQuantizeConfig(bits)
                     for name in list(configs)})
     with quantize_scope():
         rewritten = tf_keras.Model.from_config(config)
