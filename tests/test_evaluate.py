@@ -93,9 +93,9 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
     # The same numbers from the integer reference and a numpy convolution.
     for name in ("wa0", "wa2"):
         wrapper = model.get_layer(f"quant_{name}")
-        probe = tf_keras.Model(model.inputs, evaluate.input_quant_layer(wrapper).input)
+        probe = tf_keras.Model(model.inputs, quantization.input_quant_layer(wrapper).input)
         x = tf.function(lambda v, p=probe: p(v, training=False))(images).numpy()
-        y_ref = _conv_same(x, evaluate.float_weight(wrapper, "kernel").numpy())
+        y_ref = _conv_same(x, quantization.float_weight(wrapper, "kernel").numpy())
         y_int = integer.run_layer(integer.layer_arrays(wrapper), x)
         expected = np.linalg.norm(y_int - y_ref) / np.linalg.norm(y_ref)
         assert errors[name] == pytest.approx(expected, rel=1e-3)
@@ -199,7 +199,7 @@ def test_export_int8_run_with_layer_files(tmp_path):
     expected = model.predict(images, verbose=0)
     np.testing.assert_allclose(load_serving(exported)(images).numpy(), expected, atol=1e-5)
     wrapper = model.get_layer("quant_layer2.0.conv1")
-    probe = tf_keras.Model(model.inputs, [evaluate.input_quant_layer(wrapper).input,
+    probe = tf_keras.Model(model.inputs, [quantization.input_quant_layer(wrapper).input,
                                           wrapper.output])
     x, y = probe.predict(images, verbose=0)
     layer = integer.load_layer_npz(os.path.join(layers, "layer2.0.conv1.npz"))

@@ -5,7 +5,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import WinogradConv2D, integer, quantization
-from wa_tf.evaluate import float_weight, input_quant_layer
+from wa_tf.quantization import float_weight, input_quant_layer
 
 
 def _quantized_model(tile_size, flex, per_tap, padding="same", use_bias=False, seed=0):

@@ -35,7 +35,7 @@ import tf_keras
 from absl import flags, logging
 
 from wa_tf.layers import STAGES, WinogradConv2D
-from wa_tf.quantization import INPUT_QUANT_SUFFIX, unwrap
+from wa_tf.quantization import float_weight, input_quant_layer, unwrap
 from wa_tf.quantizers import fake_quant
 
 SPLITS = ("test", "validation")
@@ -164,19 +164,6 @@ def take_images(dataset: tf.data.Dataset, count: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def float_weight(layer, name: str):
-    """The float (unquantized) variable ``name`` of a possibly wrapped layer.
-
-    A QuantizeWrapper replaces the wrapped layer's quantized weight attributes
-    by their fake-quantized tensors (and the wrapped layer stops listing
-    them); the float variables stay in the wrapper's own weight list.
-    """
-    for weight in layer.weights:
-        if weight.name.split(":")[0].split("/")[-1] == name:
-            return weight
-    raise ValueError(f"layer {layer.name!r} has no weight named {name!r}")
-
-
 def _model_input(model, layer):
     """The input tensor of ``layer``'s call inside ``model``.
 
@@ -189,21 +176,6 @@ def _model_input(model, layer):
         if f"{layer.name}_ib-{index}" in network:
             return node.input_tensors
     raise ValueError(f"layer {layer.name!r} is not called in model {model.name!r}")
-
-
-def input_quant_layer(layer) -> Optional[tf_keras.layers.Layer]:
-    """The ``<layer>_input_quant`` layer feeding ``layer`` (called once), or None.
-
-    :func:`wa_tf.quantization.quantize_model` inserts it in front of every
-    quantized layer; after ``quantize_apply`` both are QuantizeWrappers.
-    """
-    nodes = layer._inbound_nodes  # pylint: disable=protected-access
-    if len(nodes) != 1:
-        return None
-    inbound = nodes[0].inbound_layers
-    if unwrap(inbound).name == unwrap(layer).name + INPUT_QUANT_SUFFIX:
-        return inbound
-    return None
 
 
 def winograd_layers(model: tf_keras.Model) -> List[tf_keras.layers.Layer]:

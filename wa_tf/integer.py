@@ -76,9 +76,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from wa_tf.evaluate import float_weight, input_quant_layer
 from wa_tf.layers import WinogradConv2D
-from wa_tf.quantization import INPUT_QUANT_SUFFIX
+from wa_tf.quantization import INPUT_QUANT_SUFFIX, float_weight, input_quant_layer, weight_name
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
 
 FORMAT = "wa_tf.winograd_layer/1"
@@ -320,10 +319,6 @@ def run_layer(layer, x) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _weight_name(variable):
-    return variable.name.split(":")[0].split("/")[-1]
-
-
 def _ema_scale(quantizer, variables, what):
     """Bits and float32 scale of a frozen EMAQuantizer."""
     if float(variables["initialized_var"].numpy()) <= 0:
@@ -447,7 +442,7 @@ def _arrays(wrapper):
         input_quant._output_quantizers[0],  # pylint: disable=protected-access
         input_quant._output_quantizer_vars, "input")  # pylint: disable=protected-access
     values = {}
-    quantized = {_weight_name(w): (w, q, v)
+    quantized = {weight_name(w): (w, q, v)
                  for w, q, v in wrapper._weight_vars}  # pylint: disable=protected-access
     for name in ("kernel", "A_t", "B_t", "G"):
         if name in quantized:

@@ -27,6 +27,9 @@ Example::
         restored = tf_keras.models.load_model(path)
 """
 
+from typing import Dict, List, Optional
+
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
@@ -42,6 +45,85 @@ INPUT_QUANT_SUFFIX = "_input_quant"
 def unwrap(layer):
     """The layer inside a TF-MOT QuantizeWrapper, or the layer itself."""
     return getattr(layer, "layer", layer) if hasattr(layer, "quantize_config") else layer
+
+
+def weight_name(variable) -> str:
+    """A variable's short name: ``'quant_conv/kernel:0'`` -> ``'kernel'``."""
+    return variable.name.split(":")[0].split("/")[-1]
+
+
+def weight_key(layer, variable) -> str:
+    """``'<layer>/<weight>'``, naming a wrapped layer by the layer it wraps."""
+    return f"{unwrap(layer).name}/{weight_name(variable)}"
+
+
+def named_weights(model: tf_keras.Model) -> Dict[str, tf.Variable]:
+    """The model's variables by :func:`weight_key`, in layer order.
+
+    The same key in a float model and its quantized copy names the same
+    weight, so weights copy between them (and between Conv2D and
+    WinogradConv2D models, whose kernels have the same name and shape).
+    """
+    weights = {}
+    for layer in model.layers:
+        for variable in layer.weights:
+            weights.setdefault(weight_key(layer, variable), variable)
+    return weights
+
+
+def copy_weights(source: tf_keras.Model, target: tf_keras.Model) -> Dict[str, List[str]]:
+    """Copies every weight of ``source`` into ``target``'s weight of the same key.
+
+    Returns:
+      ``{'copied': keys, 'not_found': target keys with no source weight (kept
+      as initialised), 'unused': source keys with no target weight}``.
+
+    Raises:
+      ValueError: if weights of the same key differ in shape, or none matches.
+    """
+    src, dst = named_weights(source), named_weights(target)
+    copied = []
+    for key, variable in dst.items():
+        if key not in src:
+            continue
+        if tuple(src[key].shape) != tuple(variable.shape):
+            raise ValueError(f"incompatible models: {key} has shape {tuple(src[key].shape)} "
+                             f"in {source.name} and {tuple(variable.shape)} in {target.name}")
+        variable.assign(src[key])
+        copied.append(key)
+    if not copied:
+        raise ValueError(f"incompatible models: no weight of {source.name} matches "
+                         f"{target.name} by name")
+    return {"copied": copied, "not_found": [k for k in dst if k not in src],
+            "unused": [k for k in src if k not in dst]}
+
+
+def float_weight(layer, name: str):
+    """The float (unquantized) variable ``name`` of a possibly wrapped layer.
+
+    A QuantizeWrapper replaces the wrapped layer's quantized weight attributes
+    by their fake-quantized tensors (and the wrapped layer stops listing
+    them); the float variables stay in the wrapper's own weight list.
+    """
+    for variable in layer.weights:
+        if weight_name(variable) == name:
+            return variable
+    raise ValueError(f"layer {layer.name!r} has no weight named {name!r}")
+
+
+def input_quant_layer(layer) -> Optional[tf_keras.layers.Layer]:
+    """The ``<layer>_input_quant`` layer feeding ``layer`` (called once), or None.
+
+    :func:`quantize_model` inserts it in front of every quantized layer; after
+    ``quantize_apply`` both are QuantizeWrappers.
+    """
+    nodes = layer._inbound_nodes  # pylint: disable=protected-access
+    if len(nodes) != 1:
+        return None
+    inbound = nodes[0].inbound_layers
+    if unwrap(inbound).name == unwrap(layer).name + INPUT_QUANT_SUFFIX:
+        return inbound
+    return None
 
 
 @tf_keras.utils.register_keras_serializable(package="wa_tf")
@@ -231,22 +313,11 @@ def _rewrite_config(config, targets, winograd, quantization):
     return dict(config, layers=layers)
 
 
-def _weight_name(variable):
-    return variable.name.split(":")[0].split("/")[-1]
-
-
-def _copy_weights(source_model, target_model):
-    """Copies weights layer by layer and variable by (short) name."""
-    for layer in source_model.layers:
-        if not layer.weights:
-            continue
-        targets = {_weight_name(w): w for w in target_model.get_layer(layer.name).weights}
-        for weight in layer.weights:
-            target = targets.get(_weight_name(weight))
-            if target is None or target.shape != weight.shape:
-                raise ValueError(f"cannot copy weight {weight.name} {weight.shape} of layer "
-                                 f"{layer.name!r} into the quantized model")
-            target.assign(weight)
+def _copy_all_weights(source_model, target_model):
+    """Copies every weight of ``source_model`` into its quantized rewrite."""
+    report = copy_weights(source_model, target_model)
+    if report["unused"]:
+        raise ValueError(f"cannot copy weights {report['unused']} into the quantized model")
 
 
 def _to_functional(model):
@@ -312,7 +383,7 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
                     for name in list(configs)})
     with quantize_scope():
         rewritten = tf_keras.Model.from_config(config)
-        _copy_weights(model, rewritten)
+        _copy_all_weights(model, rewritten)
 
         def annotate(layer):
             if layer.name not in configs:

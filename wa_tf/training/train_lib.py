@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from wa_tf import quantization
 from wa_tf.training import distribute
 from wa_tf.training import experiment
 from wa_tf.training import flags as wa_flags
@@ -96,56 +97,6 @@ def steps_per_epoch(num_train: int, global_batch: int, num_workers: int,
         raise wa_flags.FlagError(f"--batch_size={global_batch} is larger than the "
                                  f"{num_train} training examples")
     return min(steps, limit) if limit else steps
-
-
-def _weight_key(layer, weight) -> str:
-    """'<layer>/<weight>' with TF-MOT's wrapper (``quant_<layer>``) looked through."""
-    inner = getattr(layer, "layer", None) if hasattr(layer, "quantize_config") else None
-    name = inner.name if inner is not None else layer.name
-    return f"{name}/{weight.name.split(':')[0].split('/')[-1]}"
-
-
-def named_weights(model: tf_keras.Model) -> Dict[str, tf.Variable]:
-    """The model's variables by :func:`_weight_key`, in layer order."""
-    weights = {}
-    for layer in model.layers:
-        for weight in layer.weights:
-            weights.setdefault(_weight_key(layer, weight), weight)
-    return weights
-
-
-def copy_weights(source: tf_keras.Model, target: tf_keras.Model) -> Dict[str, List[str]]:
-    """Copies every weight of `source` into the `target` weight of the same
-    layer name, weight name and shape.
-
-    A normal model's Conv2D kernels go into the WinogradConv2D kernels of the
-    same name (both are (3, 3, C_in, C_out)); quantizer ranges copy when both
-    models have them.
-
-    Returns:
-      {'copied': keys, 'not_found': target keys with no source weight (kept
-      as initialised), 'unused': source keys with no target weight}.
-
-    Raises:
-      FlagError: naming --modelToLoad if weights of the same name differ in
-        shape or nothing matches.
-    """
-    src, dst = named_weights(source), named_weights(target)
-    copied = []
-    for key, variable in dst.items():
-        if key not in src:
-            continue
-        if tuple(src[key].shape) != tuple(variable.shape):
-            raise wa_flags.FlagError(
-                f"--modelToLoad: incompatible checkpoint: {key} has shape "
-                f"{tuple(src[key].shape)} there and {tuple(variable.shape)} here")
-        variable.assign(src[key])
-        copied.append(key)
-    if not copied:
-        raise wa_flags.FlagError(f"--modelToLoad: incompatible checkpoint: no weight of "
-                                 f"{source.name} matches {target.name} by name")
-    return {"copied": copied, "not_found": [k for k in dst if k not in src],
-            "unused": [k for k in src if k not in dst]}
 
 
 def _group_by_weight(keys: List[str]) -> str:
@@ -275,7 +226,10 @@ class _Run:
         source = experiment.build_model(self.source_config, meta["num_classes"],
                                         meta["image_shape"])
         experiment.restore_weights(source, self.source_checkpoint)
-        self.adapted = copy_weights(source, self.model)
+        try:
+            self.adapted = quantization.copy_weights(source, self.model)
+        except ValueError as e:
+            raise wa_flags.FlagError(f"--modelToLoad: {e}") from None
         del source
 
     # -- experiment folder ----------------------------------------------------
