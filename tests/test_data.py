@@ -242,3 +242,89 @@ def test_offline_download_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(tfds, "load", offline)
     with pytest.raises(ValueError, match="could not download cifar10 through TFDS"):
         data.load("cifar10")
+
+
+def _write_text(path, text="not an image, just notes\n"):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def test_image_folder_file_that_is_not_an_image_is_named(tmp_path):
+    root = _write_tree(str(tmp_path), ["train", "test"], per_class=4)
+    bad = os.path.join(root, "train", "dog", "2.jpg")
+    _write_text(bad)
+    with pytest.raises(ValueError) as error:
+        data.load("image_folder", data_dir=root)
+    message = str(error.value)
+    assert message.startswith(f"data_dir: {bad} ")
+    assert "JPEG, PNG, GIF or BMP" in message and "skip_corrupt" in message
+    assert "other file" not in message and "\n" not in message
+    # Two more: an empty file in another split, and a text file; both counted and named.
+    empty = os.path.join(root, "test", "cat", "0.jpg")
+    open(empty, "w").close()
+    other = os.path.join(root, "train", "dog", "3.png")
+    _write_text(other)
+    with pytest.raises(ValueError) as error:
+        data.load("image_folder", data_dir=root)
+    message = str(error.value)
+    assert message.startswith(f"data_dir: {bad} ")
+    assert "2 other files" in message and empty in message and other in message
+
+
+def test_image_folder_checks_content_not_extension(tmp_path):
+    root = _write_tree(str(tmp_path), ["train"], per_class=5)
+    # The header decides, as for tf.io.decode_image: a PNG named .jpg loads, with its pixels.
+    pixels = np.full((8, 8, 3), 77, np.uint8)
+    tf.io.write_file(os.path.join(root, "train", "cat", "png_named.jpg"), tf.io.encode_png(pixels))
+    splits, info = data.load("image_folder", data_dir=root, val_fraction=0.2)
+    assert info.num_examples["train"] + info.num_examples["validation"] == 11
+    images = np.concatenate([_images(splits["train"]), _images(splits["validation"])])
+    assert any(np.array_equal(image, pixels) for image in images)
+
+
+def test_image_folder_skip_corrupt_loads_the_rest_with_a_warning(tmp_path, caplog):
+    root = _write_tree(str(tmp_path), ["train", "test"], per_class=10)
+    bad = [os.path.join(root, "train", "cat", "4.jpg"), os.path.join(root, "test", "dog", "1.png")]
+    for path in bad:
+        _write_text(path)
+    with caplog.at_level(logging.WARNING):
+        splits, info = data.load("image_folder", data_dir=root, val_fraction=0.2,
+                                 skip_corrupt=True)
+    # 20 train files, one bad: 4 held out for validation from the 20, then the bad one dropped.
+    assert info.num_examples["train"] + info.num_examples["validation"] == 19
+    assert info.num_examples["test"] == 19
+    for name, ds in splits.items():
+        assert len(_images(ds)) == info.num_examples[name]  # every kept file decodes
+    warning = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(warning) == 1
+    assert "2 file(s)" in warning[0] and bad[0] in warning[0] and bad[1] in warning[0]
+
+
+def test_image_folder_skipping_keeps_the_validation_images(tmp_path):
+    root = _write_tree(str(tmp_path), ["train"], per_class=10)
+    rows = lambda ds: {x.tobytes() for x in _images(ds)}
+    clean_splits, _ = data.load("image_folder", data_dir=root, val_fraction=0.3, seed=7)
+    clean = {split: rows(ds) for split, ds in clean_splits.items()}  # read before breaking
+    path = os.path.join(root, "train", "dog", "4.jpg")
+    lost = tf.io.decode_image(tf.io.read_file(path), channels=3).numpy().tobytes()
+    _write_text(path)
+    skipped, _ = data.load("image_folder", data_dir=root, val_fraction=0.3, seed=7,
+                           skip_corrupt=True)
+    # Skipping the broken file drops that image only; the other validation images are
+    # those of the clean folder.
+    assert lost in clean["train"] | clean["validation"]
+    for split in ("train", "validation"):
+        assert rows(skipped[split]) == clean[split] - {lost}
+
+
+def test_image_folder_skip_corrupt_leaving_a_split_empty(tmp_path):
+    root = _write_tree(str(tmp_path), ["train", "test"], classes=("cat",), per_class=4)
+    for i in range(4):
+        _write_text(os.path.join(root, "test", "cat", f"{i}.{'png' if i % 2 else 'jpg'}"))
+    with pytest.raises(ValueError, match="data_dir: no image of the test split"):
+        data.load("image_folder", data_dir=root, val_fraction=0.25, skip_corrupt=True)
+
+
+def test_skip_corrupt_must_be_a_bool():
+    with pytest.raises(ValueError, match="skip_corrupt"):
+        data.load("digits", skip_corrupt="yes")
