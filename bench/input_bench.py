@@ -29,6 +29,7 @@ import wa_tf  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from wa_tf import data, models  # noqa: E402
+import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", "digits",
@@ -99,6 +100,7 @@ def main(argv):
         first, batches = _epoch_rate(ds, FLAGS.batch_size)
         cached, _ = _epoch_rate(ds, FLAGS.batch_size)
     step, name = _step_rate(info, FLAGS.batch_size)
+    common.print_machine()
     print(f"data: {FLAGS.data} ({info.num_examples['train']} training images "
           f"{'x'.join(map(str, info.image_shape))}), batch {FLAGS.batch_size}, "
           f"{batches} batches per epoch, {os.cpu_count()} CPUs")

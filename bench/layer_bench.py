@@ -1,21 +1,30 @@
 """Forward+backward time and peak memory of WinogradConv2D against tf.nn.conv2d.
 
 For each stage shape of the ResNet-18-like model (width 0.5, batch 64) and
-each of F2/F4/F6 x static/flex, measures in one process the median time of a
-forward+backward step (gradients for the input and every trainable weight)
-and the peak memory the step allocates, and prints both as ratios to a direct
-convolution with the same shapes measured in the same run.
+each of F2/F4/F6 x static/flex, measures the median time of a forward+backward
+step (gradients for the input and every trainable weight) and the peak memory
+the step allocates, and prints both as ratios to a direct convolution with the
+same shapes measured in the same run.
+
+Peak memory (see bench/common.py): TensorFlow's allocator peak above the
+pre-step level where the device keeps allocator statistics (GPUs, some CPUs),
+all configurations in one process; otherwise (or with --memory=rss) each
+configuration runs in a fresh process and the column is that process's peak
+RSS growth from just before its first step (tracing included).
 
 Usage:
   python bench/layer_bench.py                    # all stages
-  python bench/layer_bench.py --shapes=16x16x64  # the issue's target shape
+  python bench/layer_bench.py --shapes=16x16x64  # one stage
   python bench/layer_bench.py --recompute --jit_compile
+  python bench/layer_bench.py --memory=rss       # peak RSS growth even where stats exist
 """
+import json
 import os
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
@@ -23,6 +32,7 @@ import numpy as np  # noqa: E402
 import wa_tf  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 from wa_tf.layers import WinogradConv2D  # noqa: E402
+import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
@@ -32,8 +42,14 @@ flags.DEFINE_list("tiles", ["2", "4", "6"], "Tile sizes m of F(m x m, 3 x 3).")
 flags.DEFINE_integer("repeats", 20, "Timed steps per configuration (after 3 warm-up steps).")
 flags.DEFINE_bool("jit_compile", False, "Also time XLA-compiled steps.")
 flags.DEFINE_bool("recompute", False, "Also time recompute=True (gradient checkpointing).")
+flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
+                  "Peak memory measure: TensorFlow's allocator statistics, the peak RSS growth "
+                  "of a fresh process per configuration, or auto (allocator where it works).")
+flags.DEFINE_string("worker", None, "Internal: measure one configuration (JSON) in this "
+                    "process and print the result as JSON.")
 
 _DEVICE = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+_WARMUP = 3
 
 
 def _step_fn(layer_fn, variables, x, jit):
@@ -47,28 +63,72 @@ def _step_fn(layer_fn, variables, x, jit):
     return step
 
 
-def measure(layer_fn, variables, x, jit=False):
-    """Returns (median seconds, peak bytes above the pre-step level) of fwd+bwd."""
-    step = _step_fn(layer_fn, variables, x, jit)
-    for _ in range(3):
+def measure(spec, memory):
+    """Returns (median seconds, peak bytes) of the fwd+bwd step of one configuration.
+
+    With memory 'allocator' the peak is the allocator's above the pre-step
+    level during the timed steps; with 'rss' it is this process's peak RSS
+    growth from before the first step (warm-up and tracing included).
+    """
+    h, w, c = (int(v) for v in spec["shape"].split("x"))
+    x = tf.random.stateless_normal((FLAGS.batch_size, h, w, c), (0, 1))
+    if spec["m"] is None:
+        kernel = tf.Variable(tf.random.stateless_normal((3, 3, c, c), (0, 2)) * 0.05)
+        layer_fn, variables = (lambda z: tf.nn.conv2d(z, kernel, 1, "SAME")), [kernel]
+    else:
+        layer_fn = WinogradConv2D(c, tile_size=spec["m"], flex=spec["flex"],
+                                  recompute=spec["recompute"])
+        layer_fn.build(x.shape)
+        variables = layer_fn.trainable_variables
+    step = _step_fn(layer_fn, variables, x, spec["jit"])
+    rss_before = common.rss_bytes()
+    for _ in range(_WARMUP):
         out = step()
     _ = [o.numpy() for o in out]
-    tf.config.experimental.reset_memory_stats(_DEVICE)
-    base = tf.config.experimental.get_memory_info(_DEVICE)["current"]
+    if memory == "allocator":
+        tf.config.experimental.reset_memory_stats(_DEVICE)
+        base = tf.config.experimental.get_memory_info(_DEVICE)["current"]
     times = []
     for _ in range(FLAGS.repeats):
         t0 = time.perf_counter()
         out = step()
         _ = out[0].numpy()  # synchronise
         times.append(time.perf_counter() - t0)
-    peak = tf.config.experimental.get_memory_info(_DEVICE)["peak"] - base
+    if memory == "allocator":
+        peak = tf.config.experimental.get_memory_info(_DEVICE)["peak"] - base
+    else:
+        peak = common.peak_rss_bytes() - rss_before
     return float(np.median(times)), peak
+
+
+def _measure_in_fresh_process(spec):
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}",
+           f"--batch_size={FLAGS.batch_size}", f"--repeats={FLAGS.repeats}"]
+    result = common.run_worker(cmd)
+    if "error" in result:
+        raise RuntimeError(f"{spec}: {result['error']}")
+    return result["seconds"], result["peak_bytes"]
 
 
 def main(argv):
     del argv
-    print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps")
-    header = f"{'input':>14} {'layer':>18} {'ms':>8} {'x conv':>7} {'MiB':>8} {'x conv':>7}"
+    if FLAGS.worker:
+        seconds, peak = measure(json.loads(FLAGS.worker), "rss")
+        print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+        return
+    try:
+        memory = common.memory_measure(FLAGS.memory, _DEVICE)
+    except ValueError as e:
+        raise app.UsageError(f"--memory: {e}") from None
+    run = (lambda spec: measure(spec, memory)) if memory == "allocator" \
+        else _measure_in_fresh_process
+    common.print_machine()
+    mem_label = ("allocator peak above the pre-step level, timed steps" if memory == "allocator"
+                 else "peak RSS growth of a fresh process per row, from before its first step")
+    print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps; "
+          f"memory: {mem_label}")
+    mem_column = "alloc MiB" if memory == "allocator" else "RSS+ MiB"
+    header = f"{'input':>14} {'layer':>18} {'ms':>8} {'x conv':>7} {mem_column:>9} {'x conv':>7}"
     print(header)
     print("-" * len(header))
     variants = [("", False, False)]
@@ -77,22 +137,18 @@ def main(argv):
     if FLAGS.recompute:
         variants.append((" recompute", False, True))
     for shape in FLAGS.shapes:
-        h, w, c = (int(v) for v in shape.split("x"))
-        x = tf.random.normal((FLAGS.batch_size, h, w, c))
-        kernel = tf.Variable(tf.random.normal((3, 3, c, c)) * 0.05)
-        conv_t, conv_m = measure(lambda z: tf.nn.conv2d(z, kernel, 1, "SAME"), [kernel], x)
+        base = {"shape": shape, "m": None, "flex": False, "jit": False, "recompute": False}
+        conv_t, conv_m = run(base)
         print(f"{shape:>14} {'tf.nn.conv2d':>18} {conv_t * 1e3:8.2f} {1.0:7.2f} "
-              f"{conv_m / 2**20:8.1f} {1.0:7.2f}")
+              f"{conv_m / 2**20:9.1f} {1.0:7.2f}")
         for m in (int(v) for v in FLAGS.tiles):
             for flex in (False, True):
                 for suffix, jit, recompute in variants:
-                    layer = WinogradConv2D(c, tile_size=m, flex=flex, recompute=recompute)
-                    layer.build(x.shape)
-                    t, mem = measure(layer, layer.trainable_variables, x, jit)
+                    t, mem = run(dict(base, m=m, flex=flex, jit=jit, recompute=recompute))
                     name = f"F{m} {'flex' if flex else 'static'}{suffix}"
                     print(f"{shape:>14} {name:>18} {t * 1e3:8.2f} {t / conv_t:7.2f} "
-                          f"{mem / 2**20:8.1f} {mem / max(conv_m, 1):7.2f}")
-        sys.stdout.flush()
+                          f"{mem / 2**20:9.1f} {mem / max(conv_m, 1):7.2f}")
+                    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 from wa_tf.layers import WinogradConv2D  # noqa: E402
 from wa_tf.quantization import quantize_model  # noqa: E402
+import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shape", "8x16x16x32", "NxHxWxC input shape.")
@@ -58,6 +59,7 @@ def main(argv):
     x = tf.constant(rng.standard_normal((n, h, w, c)), tf.float32)
     limit = np.sqrt(6.0 / (9 * c + 9 * FLAGS.filters))
     kernel = tf.constant(rng.uniform(-limit, limit, (3, 3, c, FLAGS.filters)), tf.float32)
+    common.print_machine()
     print(f"input {FLAGS.shape} -> {FLAGS.filters} filters, static transforms; "
           "relative error max|y_q - y| / max|y| against float tf.nn.conv2d")
     header = "| F | ranges | " + " | ".join(f"{b} bits" for b in FLAGS.bits) + " |"

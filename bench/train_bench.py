@@ -12,21 +12,25 @@ fixed random batch.
   traces and compiles the step);
 * peak memory: TensorFlow's allocator peak during the timed steps
   (``tf.config.experimental.get_memory_info``, on the GPU or the CPU): weights,
-  optimizer state, activations kept for the backward pass and temporaries;
+  optimizer state, activations kept for the backward pass and temporaries.
+  Only where the device keeps allocator statistics (GPUs, some CPUs): elsewhere
+  (or with --memory=rss) the column is left out and the ratios use RSS growth;
 * RSS growth: the growth of the process's peak resident set size from just
   before the model is built, which adds tracing, graphs and allocator caches.
+
+The header describes the machine and TensorFlow's kernel options
+(bench/common.py).
 
 Examples:
   bench/train_bench.py                       # the full table, batch 64, width 0.5
   bench/train_bench.py --quick --steps 5     # normal and flex F4, FP32 and INT8
   bench/train_bench.py --jit_compile --recompute
+  bench/train_bench.py --quick --memory=rss  # RSS growth only, even where stats exist
 """
 
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -35,6 +39,8 @@ from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 64, "Batch size of a training step.")
@@ -47,6 +53,9 @@ flags.DEFINE_list("configs", None, "Only these configurations, as named in the t
 flags.DEFINE_boolean("jit_compile", False, "Add rows with the step compiled by XLA.")
 flags.DEFINE_boolean("recompute", False, "Add Winograd rows with recompute=True "
                      "(the backward pass recomputes the Winograd pipeline).")
+flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
+                  "Peak memory measure: TensorFlow's allocator statistics and RSS growth "
+                  "(allocator), RSS growth only (rss), or auto (allocator where it works).")
 flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.DEFINE_string("worker", None, "Internal: measure one configuration (JSON) and print "
                     "the result as JSON.")
@@ -83,12 +92,13 @@ def name_of(spec):
     return "-".join(parts)
 
 
-def _peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def measure(spec, requested_memory):
+    """Runs one configuration in this process; returns its measurements.
 
-
-def measure(spec):
-    """Runs one configuration in this process; returns its measurements."""
+    ``memory`` in the result is the measure used (``common.memory_measure`` of
+    `requested_memory`): with 'allocator', ``peak_bytes`` is the allocator peak
+    of the timed steps; with 'rss' it is None.
+    """
     import numpy as np  # pylint: disable=import-outside-toplevel
     import wa_tf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -100,7 +110,8 @@ def measure(spec):
     labels = rng.integers(0, 10, size=FLAGS.batch_size).astype(np.int64)
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
-    rss_before = _peak_rss_bytes()
+    memory = common.memory_measure(requested_memory, device)
+    rss_before = common.peak_rss_bytes()
 
     model = models.resnet18_like(spec["conv"], tile_size=spec["tile_size"],
                                  width_multiplier=FLAGS.mult, bits=spec["bits"],
@@ -109,62 +120,83 @@ def measure(spec):
     step = model.make_train_function()
     for _ in range(FLAGS.warmup):
         float(step(iterator)["loss"])
-    tf.config.experimental.reset_memory_stats(device)
+    if memory == "allocator":
+        tf.config.experimental.reset_memory_stats(device)
     times = []
     for _ in range(FLAGS.steps):
         start = time.perf_counter()
         float(step(iterator)["loss"])  # reading the loss waits for the step
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times),
-            "peak_bytes": int(tf.config.experimental.get_memory_info(device)["peak"]),
-            "rss_growth_bytes": int(_peak_rss_bytes() - rss_before), "device": device}
+    peak = None
+    if memory == "allocator":
+        peak = int(tf.config.experimental.get_memory_info(device)["peak"])
+    return {"step_s": statistics.median(times), "peak_bytes": peak,
+            "rss_growth_bytes": int(common.peak_rss_bytes() - rss_before), "device": device,
+            "memory": memory}
 
 
-def run_config(name, spec):
+def run_config(name, spec, requested_memory):
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}",
            f"--batch_size={FLAGS.batch_size}", f"--mult={FLAGS.mult}",
-           f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"name": name, "error": tail}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return dict(result, name=name, **spec)
+           f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}",
+           f"--memory={requested_memory}"]
+    return dict(common.run_worker(cmd), name=name, **spec)
 
 
-def table(results):
-    """Markdown table with ratios to the normal convolution of the same precision/XLA."""
+def table(results, memory):
+    """Markdown table with ratios to the normal convolution of the same precision/XLA.
+
+    The "x normal" memory ratio is of the allocator peak with memory
+    'allocator', of the RSS growth with 'rss'.
+    """
     base = {(r["bits"], r["jit"]): r for r in results
             if r.get("conv") == "normal" and "error" not in r}
-    lines = ["| config | step (s) | x normal | peak memory (MiB) | x normal | RSS growth (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    ratio_key = "peak_bytes" if memory == "allocator" else "rss_growth_bytes"
+    if memory == "allocator":
+        lines = ["| config | step (s) | x normal | allocator peak (MiB) | x normal "
+                 "| RSS growth (MiB) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    else:
+        lines = ["| config | step (s) | x normal | RSS growth (MiB) | x normal |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * (lines[0].count("|") - 3))
             continue
         ref = base.get((r["bits"], r["jit"]))
         step_ratio = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
-        mem_ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" \
-            if ref and ref["peak_bytes"] > 0 else "-"
-        lines.append(f"| {r['name']} | {r['step_s']:.3f} | {step_ratio} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {mem_ratio} | "
-                     f"{r['rss_growth_bytes'] / 2**20:.0f} |")
+        mem_ratio = f"{r[ratio_key] / ref[ratio_key]:.2f}" if ref and ref[ratio_key] > 0 else "-"
+        cells = [r["name"], f"{r['step_s']:.3f}", step_ratio]
+        if memory == "allocator":
+            cells += [f"{r['peak_bytes'] / 2**20:.0f}", mem_ratio,
+                      f"{r['rss_growth_bytes'] / 2**20:.0f}"]
+        else:
+            cells += [f"{r['rss_growth_bytes'] / 2**20:.0f}", mem_ratio]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv):
     del argv
     if FLAGS.worker:
-        print(json.dumps(measure(json.loads(FLAGS.worker))))
+        print(json.dumps(measure(json.loads(FLAGS.worker), FLAGS.memory)))
         return
+    # The parent runs nothing on the device (on a GPU it would hold memory the
+    # workers need): each worker finds which measure works there.
     results = []
     for name, spec in configurations():
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        results.append(run_config(name, spec))
-    device = next((r["device"] for r in results if "device" in r), "?")
+        results.append(run_config(name, spec, FLAGS.memory))
+    measured = [r for r in results if "error" not in r]
+    device = next((r["device"] for r in measured), "?")
+    memory = "allocator" if measured and all(r["memory"] == "allocator" for r in measured) \
+        else "rss"
+    common.print_machine()
     print(f"Training step of ResNet18-like, batch {FLAGS.batch_size}, width {FLAGS.mult}, "
           f"on {device}: median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up steps")
-    print(table(results))
+    if memory == "rss":
+        print("Memory: RSS growth only (TensorFlow keeps no allocator statistics here, or "
+              "--memory=rss): growth of each process's peak RSS from before its model is built.")
+    print(table(results, memory))
     if FLAGS.json:
         with open(FLAGS.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
