@@ -42,7 +42,8 @@ def _cpuinfo():
                     flags = set(value.split())
     except OSError:
         pass
-    return model or platform.processor() or platform.machine(), [f for f in _ISA_FLAGS if f in flags]
+    isa = [f for f in _ISA_FLAGS if f in flags]
+    return model or platform.processor() or platform.machine(), isa
 
 
 def _onednn_enabled():

@@ -160,7 +160,8 @@ def table(results, memory):
                  "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * (lines[0].count("|") - 3))
+            empty = " |" * (lines[0].count("|") - 3)  # the columns after "failed"
+            lines.append(f"| {r['name']} | failed: {r['error']} |{empty}")
             continue
         ref = base.get((r["bits"], r["jit"]))
         step_ratio = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
