@@ -38,7 +38,7 @@ def main(argv):
 
 
 def _export():
-    from wa_tf import export, integer  # pylint: disable=import-outside-toplevel
+    from wa_tf import export, integer_export  # pylint: disable=import-outside-toplevel
     if not FLAGS.export_dir:
         raise ValueError("--export_dir is required: the SavedModel's output folder")
     if os.path.exists(FLAGS.export_dir) and (not os.path.isdir(FLAGS.export_dir)
@@ -52,7 +52,7 @@ def _export():
     print(f"SavedModel: {FLAGS.export_dir} (signatures: {', '.join(signatures)}; "
           f"input {list(model.input_shape)}, output 'logits')")
     if FLAGS.npz_dir:
-        for name, path in integer.export_model_npz(model, FLAGS.npz_dir).items():
+        for name, path in integer_export.export_model_npz(model, FLAGS.npz_dir).items():
             print(f"layer {name}: {path}")
 
 

@@ -11,7 +11,8 @@ import tensorflow as tf
 import tf_keras
 from absl import flags as absl_flags
 
-from wa_tf import WinogradConv2D, cli, data, error_report, evaluate, integer, quantization
+from wa_tf import (WinogradConv2D, cli, data, error_report, evaluate, integer,
+                   integer_export, quantization)
 from wa_tf.training import experiment
 from wa_tf.training import flags as wa_flags
 
@@ -96,7 +97,7 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
         probe = tf_keras.Model(model.inputs, quantization.input_quant_layer(wrapper).input)
         x = tf.function(lambda v, p=probe: p(v, training=False))(images).numpy()
         y_ref = _conv_same(x, quantization.float_weight(wrapper, "kernel").numpy())
-        y_int = integer.run_layer(integer.layer_arrays(wrapper), x)
+        y_int = integer.run_layer(integer_export.layer_arrays(wrapper), x)
         expected = np.linalg.norm(y_int - y_ref) / np.linalg.norm(y_ref)
         assert errors[name] == pytest.approx(expected, rel=1e-3)
 

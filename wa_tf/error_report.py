@@ -32,20 +32,7 @@ import tf_keras
 from wa_tf.layers import STAGES, WinogradConv2D
 from wa_tf.quantization import float_weight, input_quant_layer, unwrap
 from wa_tf.quantizers import fake_quant
-
-
-def _model_input(model, layer):
-    """The input tensor of ``layer``'s call inside ``model``.
-
-    ``layer.input`` is ambiguous for layers shared between graphs (TF-MOT's
-    ``quantize_apply`` reuses the unquantized layers of the model it clones).
-    """
-    nodes = layer._inbound_nodes  # pylint: disable=protected-access
-    network = model._network_nodes  # pylint: disable=protected-access
-    for index, node in enumerate(nodes):
-        if f"{layer.name}_ib-{index}" in network:
-            return node.input_tensors
-    raise ValueError(f"layer {layer.name!r} is not called in model {model.name!r}")
+from wa_tf.tfmot_adapter import call_inputs
 
 
 def winograd_layers(model: tf_keras.Model) -> List[tf_keras.layers.Layer]:
@@ -79,7 +66,7 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
     # The float input of each layer: before its input quantizer, when it has one.
     entries = [(layer, input_quant_layer(layer)) for layer in layers]
     probes = tf_keras.Model(model.inputs,
-                            [_model_input(model, quant or layer) for layer, quant in entries])
+                            [call_inputs(model, quant or layer) for layer, quant in entries])
     # In a graph, as model.predict and SavedModels run the model.
     capture = tf.function(lambda x: probes(x, training=False), reduce_retracing=True)
 

@@ -29,9 +29,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import transforms
-
-# Winograd-domain stages that can carry a quantizer, in pipeline order.
-STAGES = ("weights_winograd", "input_winograd", "hadamard")
+from wa_tf.transforms import STAGES, TileGeometry, is_int, tile_geometry
 
 
 def _dim(x, axis):
@@ -74,23 +72,6 @@ def _as_pair(value, name):
     return pair
 
 
-def tile_geometry(height, width, m, r, padding):
-    """Output size, tile counts and padding of a Winograd convolution.
-
-    Returns:
-      (out_h, out_w, n_h, n_w, pad_top, pad_left, extra) where ``extra`` is the
-      number of extra m-blocks a tile reaches past its own (``ceil((r-1)/m)``).
-    """
-    if padding == "same":
-        out_h, out_w, pad = height, width, (r - 1) // 2
-    else:
-        out_h, out_w, pad = height - r + 1, width - r + 1, 0
-    n_h = (out_h + m - 1) // m
-    n_w = (out_w + m - 1) // m
-    extra = -(-(r - 1) // m)
-    return out_h, out_w, n_h, n_w, pad, pad, extra
-
-
 def _gather_tile_axis(x, axis, n, m, t, extra):
     """(.., n + extra, m, ..) blocks -> (.., n, t, ..) overlapping tiles along `axis`."""
     parts = []
@@ -125,10 +106,10 @@ def extract_tiles(x, m, r, padding):
     t = m + r - 1
     n, height, width, c = (_dim(x, i) for i in range(4))
     geo = tile_geometry(height, width, m, r, padding)
-    _, _, n_h, n_w, pad_top, pad_left, extra = geo
+    n_h, n_w, extra = geo.n_h, geo.n_w, geo.extra
     rows, cols = (n_h + extra) * m, (n_w + extra) * m
-    x = tf.pad(x, [[0, 0], [pad_top, rows - height - pad_top],
-                   [pad_left, cols - width - pad_left], [0, 0]])
+    x = tf.pad(x, [[0, 0], [geo.pad_top, rows - height - geo.pad_top],
+                   [geo.pad_left, cols - width - geo.pad_left], [0, 0]])
     x = tf.reshape(x, [n, n_h + extra, m, n_w + extra, m, c])
     # Row offset i of a tile is offset i - s*m of block s + i // m.  tf.split
     # rather than slicing: the gradient of a 6-D strided slice is ~10x slower.

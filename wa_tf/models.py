@@ -24,7 +24,8 @@ import math
 import numpy as np
 import tf_keras
 
-from wa_tf.layers import WinogradConv2D, tile_geometry
+from wa_tf.layers import WinogradConv2D
+from wa_tf.transforms import tile_geometry
 
 CONV_MODES = ("normal", "static", "flex")
 TILE_SIZES = (2, 4, 6)
@@ -210,9 +211,9 @@ def _multiplies(inner, input_shape, output_shape):
     if not isinstance(inner, WinogradConv2D):
         return direct, direct
     m, r = inner.tile_size, inner.kernel_size[0]
-    _, _, n_h, n_w, _, _, _ = tile_geometry(input_shape[1], input_shape[2], m, r, inner.padding)
+    geo = tile_geometry(input_shape[1], input_shape[2], m, r, inner.padding)
     t = m + r - 1
-    return t * t * n_h * n_w * kernel[2] * kernel[3], direct
+    return t * t * geo.n_h * geo.n_w * kernel[2] * kernel[3], direct
 
 
 def _format_table(header, rows):

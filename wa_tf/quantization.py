@@ -35,6 +35,7 @@ import tf_keras
 
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits
+from wa_tf.tfmot_adapter import inbound_nodes, is_graph_network
 
 _tfmot_q = tfmot.quantization.keras
 
@@ -117,7 +118,7 @@ def input_quant_layer(layer) -> Optional[tf_keras.layers.Layer]:
     :func:`quantize_model` inserts it in front of every quantized layer; after
     ``quantize_apply`` both are QuantizeWrappers.
     """
-    nodes = layer._inbound_nodes  # pylint: disable=protected-access
+    nodes = inbound_nodes(layer)
     if len(nodes) != 1:
         return None
     inbound = nodes[0].inbound_layers
@@ -358,7 +359,7 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     """
     bits = check_bits(bits, "bits")
     warmup = bool(warmup)
-    if not isinstance(model, tf_keras.Model) or not getattr(model, "_is_graph_network", False):
+    if not isinstance(model, tf_keras.Model) or not is_graph_network(model):
         raise ValueError("model must be a built functional or Sequential tf_keras.Model, "
                          f"got {type(model).__name__}")
     if isinstance(model, tf_keras.Sequential):
