@@ -29,10 +29,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from wa_tf.layers import STAGES, WinogradConv2D
+from wa_tf.layers import WinogradConv2D, winograd_conv
 from wa_tf.quantization import float_weight, input_quant_layer, unwrap
 from wa_tf.quantizers import fake_quant
 from wa_tf.tfmot_adapter import call_inputs
+from wa_tf.transforms import STAGES
 
 
 def winograd_layers(model: tf_keras.Model) -> List[tf_keras.layers.Layer]:
@@ -104,7 +105,8 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
             # transforms otherwise): which stage the error comes from.
             weights = [tf.cast(w, x.dtype) for w in (kernel, *transforms)]
             for stage in STAGES if base.stage_quantizers else ():
-                y_stage = base._winograd(x, *weights, quantize=only_stage(stage))  # pylint: disable=protected-access
+                y_stage = winograd_conv(x, *weights, base.tile_size, base.padding,
+                                        quantize=only_stage(stage))
                 if bias is not None:
                     y_stage += tf.cast(bias, x.dtype)
                 stats.append(tf.reduce_sum((tf.cast(y_stage, tf.float64) - y_exact64) ** 2))

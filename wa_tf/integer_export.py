@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from wa_tf import integer
 from wa_tf.layers import WinogradConv2D
-from wa_tf.quantization import INPUT_QUANT_SUFFIX, float_weight, input_quant_layer, weight_name
+from wa_tf.quantization import (INPUT_QUANT_SUFFIX, float_weight, inference_weight,
+                                input_quant_layer, weight_name)
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
 from wa_tf.tfmot_adapter import is_quantize_wrapper, output_quantizer, weight_quantizers
 from wa_tf.transforms import STAGES
@@ -28,9 +29,7 @@ def _ema_scale(quantizer, variables, what):
     if float(variables["initialized_var"].numpy()) <= 0:
         raise ValueError(f"the {what} quantizer has no range yet: train or calibrate the model "
                          "(one training-mode batch) before exporting")
-    lo = variables["min_var"].numpy().astype(np.float32)
-    hi = variables["max_var"].numpy().astype(np.float32)
-    range_ = np.maximum(-np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0)))
+    range_ = quantizer.inference_range(variables).numpy()
     return quantizer.num_bits, integer.scale_from_range(range_, quantizer.num_bits)
 
 
@@ -63,54 +62,22 @@ def _input_quantizer(wrapper):
     return inbound
 
 
-class _Recorder:
-    """Stands in for a stage quantizer and keeps the tensor it is given."""
-
-    def __init__(self, quantizer):
-        self._quantizer = quantizer
-        self.inputs = None
-
-    def __getattr__(self, name):
-        attr = getattr(self._quantizer, name)
-        if not callable(attr):
-            return attr
-
-        def recorded(inputs, *args, **kwargs):
-            self.inputs = inputs
-            return attr(inputs, *args, **kwargs)
-        return recorded
-
-    def __call__(self, inputs, *args, **kwargs):
-        self.inputs = inputs
-        return self._quantizer(inputs, *args, **kwargs)
-
-
 def _winograd_weights(wrappers) -> list:
     """The float32 U = G_q g_q G_q^T each wrapped layer quantizes, (t*t, C, K).
 
-    Taken from the layers' own computation (one inference call on a dummy
-    input each, in one graph as the model is deployed), not recomputed: the
+    Computed by the layer itself from the wrapper's quantized kernel (and flex
+    G), in one graph as the model is deployed, not recomputed in numpy: the
     range of U is its own extreme element, which then lies exactly on a
     rounding tie, so a different summation order could round it the other way.
     """
-    stages = [wrapper.layer.stage_quantizers["weights_winograd"] for wrapper in wrappers]
-    recorders = [_Recorder(quantizer) for quantizer, _ in stages]
-
     @tf.function
     def winograd_weights():
-        for wrapper in wrappers:
-            r = wrapper.layer.kernel_size[0]
-            channels = float_weight(wrapper, "kernel").shape[2]
-            wrapper(tf.zeros((1, r, r, channels), wrapper.dtype), training=False)
-        return [tf.identity(recorder.inputs) for recorder in recorders]
+        return [wrapper.layer.winograd_weights(
+            kernel=inference_weight(wrapper, "kernel"),
+            g=inference_weight(wrapper, "G") if wrapper.layer.flex else None)
+                for wrapper in wrappers]
 
-    for wrapper, recorder, (_, variables) in zip(wrappers, recorders, stages):
-        wrapper.layer.stage_quantizers["weights_winograd"] = (recorder, variables)
-    try:
-        return [u.numpy() for u in winograd_weights()]
-    finally:
-        for wrapper, stage in zip(wrappers, stages):
-            wrapper.layer.stage_quantizers["weights_winograd"] = stage
+    return [u.numpy() for u in winograd_weights()]
 
 
 def _check_wrapper(wrapper):

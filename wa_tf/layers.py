@@ -22,7 +22,7 @@ reshapes and one transpose each, never gathers or strided slices, whose
 gradients are an order of magnitude slower.
 """
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -132,6 +132,69 @@ def untile(y, m, n, n_h, n_w, k, out_h, out_w):
             and isinstance(out_w, int) and isinstance(n_w, int) and out_w == n_w * m):
         return y
     return y[:, :out_h, :out_w, :]
+
+
+def winograd_weights(kernel, g):
+    """The Winograd-domain weights ``U = G g G^T`` of a kernel.
+
+    Args:
+      kernel: (r, r, C, K) kernel in Conv2D layout.
+      g: (t, r) transform G.
+
+    Returns:
+      U of shape (t*t, C, K), position ``a*t + b`` leading.
+    """
+    r, _, c, k = kernel.shape
+    t = g.shape[0]
+    # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
+    g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
+    return tf.reshape(apply_transform(g, g_cm), [t * t, c, k])
+
+
+def _no_quantization(stage, tensor):
+    del stage
+    return tensor
+
+
+def winograd_conv(x, kernel, a_t, b_t, g, tile_size: int, padding: str = "same",
+                  quantize: Optional[Callable[[str, tf.Tensor], tf.Tensor]] = None):
+    """A stride-1 convolution through the Winograd pipeline F(m x m, r x r).
+
+    ``y = A_t [(G g G^T) * (B_t d B_t^T)] A_t^T`` over the t x t tiles ``d`` of
+    ``x``, in the layout of the module docstring; with exact transforms it
+    equals ``tf.nn.conv2d(x, kernel, 1, padding.upper())``.
+
+    Args:
+      x: (N, H, W, C) input.
+      kernel: (r, r, C, K) kernel in Conv2D layout.
+      a_t, b_t, g: The transforms A_t (m, t), B_t (t, t) and G (t, r).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+      quantize: Optional hook ``quantize(stage, tensor) -> tensor`` applied to
+        each Winograd-domain tensor of :data:`STAGES` as it is computed: U
+        (t*t, C, K), V (t*t, N*P, C) and the element-wise stage M (t*t, N*P, K),
+        P tiles per image.  :class:`WinogradConv2D` fake-quantizes them here.
+
+    Returns:
+      (N, H', W', K) output.
+    """
+    quantize = quantize or _no_quantization
+    m, r = tile_size, kernel.shape[0]
+    t = m + r - 1
+    n, c, k = _dim(x, 0), kernel.shape[2], kernel.shape[3]
+    # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
+    u = quantize("weights_winograd", winograd_weights(kernel, g))
+    # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
+    d, geo = extract_tiles(x, m, r, padding)
+    v = apply_transform(b_t, d)
+    v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
+    # Element-wise stage, summed over input channels: t*t GEMMs.
+    mm = quantize("hadamard", tf.matmul(v, u))
+    # Output transform Y = A_t M A_t^T, then untile and crop.
+    # M is row-major, read as column-major: the output tiles come out
+    # transposed, (j, i), which untile undoes for free in its transpose.
+    y = apply_transform(a_t, tf.reshape(mm, [t * t, -1]))
+    return untile(y, m, n, geo.n_h, geo.n_w, k, geo.out_h, geo.out_w)
 
 
 @tf_keras.utils.register_keras_serializable(package="wa_tf")
@@ -320,27 +383,37 @@ class WinogradConv2D(tf_keras.layers.Layer):
         return run(x, *weights)
 
     def _winograd(self, x, kernel, a_t, b_t, g, quantize):
-        """The Winograd pipeline; ``quantize(stage, tensor)`` fake-quantizes each stage."""
-        m, r = self.tile_size, self.kernel_size[0]
-        t = m + r - 1
-        n, c, k = _dim(x, 0), kernel.shape[2], self.filters
-        # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
-        # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
-        g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
-        u = apply_transform(g, g_cm)
-        u = quantize("weights_winograd", tf.reshape(u, [t * t, c, k]))
-        # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
-        d, geo = extract_tiles(x, m, r, self.padding)
-        out_h, out_w, n_h, n_w = geo[:4]
-        v = apply_transform(b_t, d)
-        v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
-        # Element-wise stage, summed over input channels: t*t GEMMs.
-        mm = quantize("hadamard", tf.matmul(v, u))
-        # Output transform Y = A_t M A_t^T, then untile and crop.
-        # M is row-major, read as column-major: the output tiles come out
-        # transposed, (j, i), which untile undoes for free in its transpose.
-        y = apply_transform(a_t, tf.reshape(mm, [t * t, -1]))
-        return untile(y, m, n, n_h, n_w, k, out_h, out_w)
+        return winograd_conv(x, kernel, a_t, b_t, g, self.tile_size, self.padding, quantize)
+
+    def _pipeline_transform(self, transform, training):
+        """A transform as the pipeline takes it: cast, and quantized when static."""
+        transform = tf.cast(transform, self.compute_dtype)
+        if self.transform_quantizer is None:
+            return transform
+        return self.transform_quantizer(transform, training, {})
+
+    def winograd_weights(self, kernel=None, g=None):
+        """The layer's Winograd-domain weights ``U = G g G^T``, (t*t, C, K).
+
+        Computed as the layer's pipeline computes them (before the
+        ``weights_winograd`` stage quantizer), so in a graph they are the very
+        values the layer uses.
+
+        Args:
+          kernel: The kernel to transform; default the layer's ``kernel``.  For
+            a layer inside a TF-MOT QuantizeWrapper pass the wrapper's
+            fake-quantized kernel (:func:`wa_tf.quantization.inference_weight`):
+            the wrapped layer's attribute holds a tensor of the wrapper's last call.
+          g: The transform G; default the layer's (quantized from its own range
+            when static and quantized, as the layer does).  Flex transforms of a
+            wrapped layer are quantized by the wrapper: pass them likewise.
+
+        Returns:
+          U, a (t*t, C, K) tensor.
+        """
+        kernel = tf.cast(self.kernel if kernel is None else kernel, self.compute_dtype)
+        g = self._pipeline_transform(self.G, False) if g is None else tf.cast(g, self.compute_dtype)
+        return winograd_weights(kernel, g)
 
     def call(self, inputs, training=None):
         # A plain signature: TF-MOT's QuantizeWrapperV2 passes `training` only
@@ -355,9 +428,8 @@ class WinogradConv2D(tf_keras.layers.Layer):
         # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
         # replaces them with their fake-quantized tensors before each call.
         x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
-        weights = [tf.cast(w, self.compute_dtype) for w in (self.kernel, self.A_t, self.B_t, self.G)]
-        if self.transform_quantizer is not None:
-            weights[1:] = [self.transform_quantizer(w, training, {}) for w in weights[1:]]
+        weights = [tf.cast(self.kernel, self.compute_dtype)] + [
+            self._pipeline_transform(w, training) for w in (self.A_t, self.B_t, self.G)]
         if self.recompute:
             y = self._recomputed(x, weights, training)
         else:

@@ -34,8 +34,9 @@ import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from wa_tf.layers import WinogradConv2D
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits
-from wa_tf.tfmot_adapter import inbound_nodes, is_graph_network
+from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits, fake_quant
+from wa_tf.tfmot_adapter import (inbound_nodes, is_graph_network, is_quantize_wrapper,
+                                 weight_quantizers)
 
 _tfmot_q = tfmot.quantization.keras
 
@@ -110,6 +111,21 @@ def float_weight(layer, name: str):
         if weight_name(variable) == name:
             return variable
     raise ValueError(f"layer {layer.name!r} has no weight named {name!r}")
+
+
+def inference_weight(layer, name: str):
+    """Weight ``name`` of a possibly wrapped layer as it is used at inference.
+
+    The wrapper's fake-quantized weight with the quantizer's current range
+    (read without updating the quantizer), or the float variable when the
+    wrapper does not quantize it.
+    """
+    if is_quantize_wrapper(layer):
+        for variable, quantizer, state in weight_quantizers(layer):
+            if weight_name(variable) == name:
+                return fake_quant(variable, quantizer.inference_range(state, variable),
+                                  quantizer.num_bits)
+    return float_weight(layer, name)
 
 
 def input_quant_layer(layer) -> Optional[tf_keras.layers.Layer]:

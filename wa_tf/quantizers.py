@@ -196,7 +196,7 @@ class EMAQuantizer(_Quantizer):
         initialized_var = weights["initialized_var"]
         static_training = _static_bool(training)
         if static_training is False and not self.warmup:
-            return self._broadcast(symmetric_range(min_var, max_var), inputs)
+            return self.inference_range(weights, inputs)
 
         batch_min, batch_max = self._batch_min_max(inputs)
         old_min, old_max = tf.identity(min_var), tf.identity(max_var)
@@ -220,6 +220,21 @@ class EMAQuantizer(_Quantizer):
                                       initialized_var.assign(new_initialized)]):
             range_ = tf.identity(symmetric_range(new_min, new_max))
         return self._broadcast(range_, inputs)
+
+    def inference_range(self, weights, inputs=None):
+        """The range the quantizer holds now, read without updating its state.
+
+        This is the range it applies at inference once it has statistics; 0
+        before (``fake_quant`` then uses scale 1, where a warm-up quantizer's
+        ``__call__`` would take the range of the incoming batch instead).
+
+        Args:
+          weights: The state returned by ``build``.
+          inputs: When given, the range is shaped to broadcast to ``inputs``
+            (per-axis ranges); otherwise a scalar or ``(n,)`` tensor.
+        """
+        range_ = symmetric_range(weights["min_var"], weights["max_var"])
+        return range_ if inputs is None else self._broadcast(range_, inputs)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "momentum": self.momentum, "axis": self.axis,
@@ -252,7 +267,12 @@ class MaxAbsQuantizer(_Quantizer):
 
     def __call__(self, inputs, training, weights, **kwargs):
         inputs = tf.convert_to_tensor(inputs)
-        return fake_quant(inputs, tf.reduce_max(tf.abs(inputs)), self.num_bits)
+        return fake_quant(inputs, self.inference_range(weights, inputs), self.num_bits)
+
+    def inference_range(self, weights, inputs):
+        """``max|inputs|``, the range the quantizer applies (it has no state)."""
+        del weights
+        return tf.reduce_max(tf.abs(tf.convert_to_tensor(inputs)))
 
     def get_config(self):
         return {"num_bits": self.num_bits}
