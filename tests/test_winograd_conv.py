@@ -1,11 +1,13 @@
 """Tests of the Winograd pipeline's public seams: winograd_conv, winograd_weights, tile_geometry."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
 from wa_tf import WinogradConv2D, quantization
-from wa_tf.layers import winograd_conv
+from wa_tf.layers import WinogradQuantization, winograd_conv
 from wa_tf.transforms import STAGES, TileGeometry, tile_geometry, winograd_matrices
 
 
@@ -77,3 +79,23 @@ def test_quantized_static_layer_winograd_weights_use_its_quantized_g():
     assert not np.allclose(g_q, g)  # 4 bits change G
     u = wrapper.layer.winograd_weights(kernel=kernel)
     np.testing.assert_allclose(u.numpy(), _numpy_u(kernel, g_q), atol=1e-5)
+
+
+def test_winograd_quantization_argument():
+    spec = WinogradQuantization(8, per_tap=True)
+    layer = WinogradConv2D(4, quantization=spec)
+    assert layer.quantization is spec and spec.warmup is False
+    # The dict form (configs and SavedModels written before) is the same argument.
+    old = WinogradConv2D(4, quantization={"bits": 8, "per_tap": True, "warmup": False})
+    assert old.quantization == spec
+    assert old.get_config()["quantization"] == {"bits": 8, "per_tap": True, "warmup": False}
+    assert WinogradConv2D.from_config(layer.get_config()).quantization == spec
+    assert WinogradConv2D(4).get_config()["quantization"] is None
+    for bad in ({"bitz": 8}, {"bits": 8, "per_channel": True}, 8, {}):
+        with pytest.raises(ValueError, match="quantization"):
+            WinogradConv2D(4, quantization=bad)
+    for bits in (1, 17, 8.0, True):
+        with pytest.raises(ValueError, match="quantization bits"):
+            WinogradQuantization(bits)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.bits = 4

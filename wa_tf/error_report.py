@@ -131,13 +131,12 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
     for (layer, _), shape, stat in zip(entries, shapes, stats):
         sq_err, sq_ref, max_err, max_ref = stat[:4]
         base = unwrap(layer)
-        quantization = base.quantization or {}
         rows.append({
             "layer": base.name,
             "tile_size": base.tile_size,
             "flex": base.flex,
-            "bits": int(quantization["bits"]) if quantization else None,
-            "per_tap": bool(quantization.get("per_tap", False)),
+            "bits": base.quantization.bits if base.quantization else None,
+            "per_tap": bool(base.quantization and base.quantization.per_tap),
             "input_shape": shape,
             "rel_error": math.sqrt(sq_err / sq_ref) if sq_ref > 0 else float("nan"),
             "max_error": max_err / max_ref if max_ref > 0 else float("nan"),

@@ -131,7 +131,7 @@ def _layer_fields(wrapper) -> dict:
     bias = float_weight(wrapper, "bias").numpy() if layer.use_bias else None
     return dict(name=layer.name, tile_size=layer.tile_size, kernel_size=layer.kernel_size[0],
                 padding=layer.padding, flex=layer.flex,
-                per_tap=bool(layer.quantization.get("per_tap", False)), bits=bits,
+                per_tap=layer.quantization.per_tap, bits=bits,
                 scales=scales, kernel=values["kernel"], G=values["G"], B_t=values["B_t"],
                 A_t=values["A_t"], bias=bias)
 

@@ -22,7 +22,8 @@ reshapes and one transpose each, never gathers or strided slices, whose
 gradients are an order of magnitude slower.
 """
 
-from typing import Callable, Optional, Sequence
+import dataclasses
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -197,6 +198,54 @@ def winograd_conv(x, kernel, a_t, b_t, g, tile_size: int, padding: str = "same",
     return untile(y, m, n, geo.n_h, geo.n_w, k, geo.out_h, geo.out_w)
 
 
+@dataclasses.dataclass(frozen=True)
+class WinogradQuantization:
+    """How a :class:`WinogradConv2D` fake-quantizes its Winograd domain.
+
+    The layer quantizes the Winograd-domain weights and input, the
+    element-wise stage (:data:`STAGES`, each with an
+    :class:`~wa_tf.quantizers.EMAQuantizer`) and static transforms.  Its
+    config form is the dict ``{'bits': b, 'per_tap': p, 'warmup': w}``.
+
+    Attributes:
+      bits: Bit-width, 2 to 16.
+      per_tap: One range per Winograd position (t*t of them) for each stage.
+      warmup: The stage quantizers take their range from the incoming batch
+        until they have statistics, at inference too.
+    """
+
+    bits: int
+    per_tap: bool = False
+    warmup: bool = False
+
+    def __post_init__(self):
+        # Imported here: quantizers (and TF-MOT) are not needed by float layers.
+        from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
+        object.__setattr__(self, "bits", check_bits(self.bits, "quantization bits"))
+        object.__setattr__(self, "per_tap", bool(self.per_tap))
+        object.__setattr__(self, "warmup", bool(self.warmup))
+
+    @classmethod
+    def get(cls, value) -> Optional["WinogradQuantization"]:
+        """None, a WinogradQuantization, or its config dict, as a WinogradQuantization or None.
+
+        Raises:
+          ValueError: for anything else, or a dict without ``bits`` or with
+            other keys.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        fields = {field.name for field in dataclasses.fields(cls)}
+        if not isinstance(value, Mapping) or "bits" not in value or set(value) - fields:
+            raise ValueError("quantization must be None, a WinogradQuantization or a dict with "
+                             f"'bits' and optional 'per_tap', 'warmup'; got {value!r}")
+        return cls(**value)
+
+    def get_config(self) -> dict:
+        """The config (and SavedModel) form: ``{'bits', 'per_tap', 'warmup'}``."""
+        return dataclasses.asdict(self)
+
+
 @tf_keras.utils.register_keras_serializable(package="wa_tf")
 class WinogradConv2D(tf_keras.layers.Layer):
     """A Winograd-aware 2-D convolution, F(m x m, r x r), stride 1.
@@ -228,10 +277,10 @@ class WinogradConv2D(tf_keras.layers.Layer):
         with quantization (the recomputation reuses the step's ranges).
       strides: Must be 1 (accepted for Conv2D compatibility).
       dilation_rate: Must be 1 (accepted for Conv2D compatibility).
-      quantization: None, or a dict ``{'bits': int, 'per_tap': bool,
-        'warmup': bool}`` to fake-quantize the Winograd-domain weights, the
-        Winograd-domain input and the element-wise stage, and static
-        (``flex=False``) transforms.  Set by
+      quantization: None, or a :class:`WinogradQuantization` (or its dict
+        form ``{'bits': int, 'per_tap': bool, 'warmup': bool}``) to
+        fake-quantize the Winograd-domain weights, the Winograd-domain input
+        and the element-wise stage, and static (``flex=False``) transforms.  Set by
         :func:`wa_tf.quantization.quantize_model`; the input, the kernel, flex
         transforms and the output are quantized by its QuantizeConfig.
       **kwargs: Standard layer arguments (name, dtype, trainable).
@@ -242,7 +291,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
                  kernel_initializer="glorot_uniform", kernel_regularizer=None,
                  bias_initializer="zeros", points: Optional[Sequence[float]] = None,
                  recompute: bool = False, strides=1, dilation_rate=1,
-                 quantization: Optional[dict] = None, **kwargs):
+                 quantization=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(filters, (int, np.integer)) or isinstance(filters, bool) or filters < 1:
             raise ValueError(f"filters must be a positive integer, got {filters!r}")
@@ -261,12 +310,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         padding = str(padding).lower()
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        if quantization is not None:
-            quantization = dict(quantization)
-            unknown = set(quantization) - {"bits", "per_tap", "warmup"}
-            if unknown or "bits" not in quantization:
-                raise ValueError("quantization must be None or a dict with 'bits' and optional "
-                                 f"'per_tap', 'warmup'; got {quantization!r}")
+        quantization = WinogradQuantization.get(quantization)
         self.filters = int(filters)
         self.kernel_size = (kh, kw)
         self.tile_size = int(tile_size)
@@ -322,15 +366,14 @@ class WinogradConv2D(tf_keras.layers.Layer):
         # own range (as the reference's quantize-once-and-freeze).  Not in the
         # QuantizeConfig: TF-MOT's wrapper makes every weight it quantizes trainable.
         if not self.flex:
-            self.transform_quantizer = MaxAbsQuantizer(q["bits"])
+            self.transform_quantizer = MaxAbsQuantizer(q.bits)
         t2 = self.tile_input_size ** 2
-        axis = 0 if q.get("per_tap", False) else None
+        axis = 0 if q.per_tap else None
         shapes = {"weights_winograd": (t2, channels, self.filters),
                   "input_winograd": (t2, None, channels),
                   "hadamard": (t2, None, self.filters)}
         for stage in STAGES:
-            quantizer = EMAQuantizer(num_bits=q["bits"], axis=axis,
-                                     warmup=q.get("warmup", False))
+            quantizer = EMAQuantizer(num_bits=q.bits, axis=axis, warmup=q.warmup)
             self.stage_quantizers[stage] = (
                 quantizer, quantizer.build(tf.TensorShape(shapes[stage]), stage, self))
 
@@ -461,6 +504,6 @@ class WinogradConv2D(tf_keras.layers.Layer):
             "bias_initializer": tf_keras.initializers.serialize(self.bias_initializer),
             "points": self.points,
             "recompute": self.recompute,
-            "quantization": self.quantization,
+            "quantization": None if self.quantization is None else self.quantization.get_config(),
         })
         return config

@@ -191,7 +191,7 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
 def _layer_bits(layer, inner):
     """Bit-width of a table layer: 'FP' when neither wrapped nor quantized."""
     if isinstance(inner, WinogradConv2D) and inner.quantization:
-        return inner.quantization["bits"]
+        return inner.quantization.bits
     config = getattr(layer, "quantize_config", None)
     for attr in ("bits", "num_bits"):
         value = getattr(config, attr, None)
