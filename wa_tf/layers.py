@@ -25,12 +25,11 @@ gradients are an order of magnitude slower.
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from wa_tf import transforms
-from wa_tf.transforms import STAGES, TileGeometry, is_int, tile_geometry
+from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
 
 
 def _dim(x, axis):
@@ -62,7 +61,7 @@ def apply_transform(mat, x):
 
 
 def _as_pair(value, name):
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_int(value):
         return int(value), int(value)
     try:
         pair = tuple(int(v) for v in value)
@@ -293,7 +292,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
                  recompute: bool = False, strides=1, dilation_rate=1,
                  quantization=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(filters, (int, np.integer)) or isinstance(filters, bool) or filters < 1:
+        if not is_int(filters) or filters < 1:
             raise ValueError(f"filters must be a positive integer, got {filters!r}")
         kh, kw = _as_pair(kernel_size, "kernel_size")
         if kh != kw or kh % 2 == 0 or kh < 1:
@@ -305,8 +304,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         if _as_pair(dilation_rate, "dilation_rate") != (1, 1):
             raise ValueError(f"dilation_rate must be 1 for a Winograd convolution, "
                              f"got {dilation_rate!r}")
-        if not isinstance(tile_size, (int, np.integer)) or isinstance(tile_size, bool) or tile_size < 1:
-            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        check_tile_size(tile_size, "tile_size")
         padding = str(padding).lower()
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")

@@ -25,7 +25,7 @@ import numpy as np
 import tf_keras
 
 from wa_tf.layers import WinogradConv2D
-from wa_tf.transforms import tile_geometry
+from wa_tf.transforms import is_int, tile_geometry
 
 CONV_MODES = ("normal", "static", "flex")
 TILE_SIZES = (2, 4, 6)
@@ -45,17 +45,13 @@ def _torch_kernel_init():
     return tf_keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_conv(conv):
     if conv not in CONV_MODES:
         raise ValueError(f"conv must be one of {', '.join(CONV_MODES)}; got {conv!r}")
 
 
 def _check_tile_size(tile_size):
-    if not _is_int(tile_size) or tile_size not in TILE_SIZES:
+    if not is_int(tile_size) or tile_size not in TILE_SIZES:
         raise ValueError(f"tile_size must be one of {TILE_SIZES}; got {tile_size!r}")
 
 
@@ -144,10 +140,12 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
     if int(STAGE_CHANNELS[0] * width_multiplier) < 1:
         raise ValueError(f"width_multiplier must be at least 1/{STAGE_CHANNELS[0]} so every "
                          f"stage has a channel; got {width_multiplier!r}")
-    if not _is_int(num_classes) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
-    if bits is not None and (not _is_int(bits) or not 2 <= bits <= 16):
-        raise ValueError(f"bits must be None (float) or an integer in 2..16; got {bits!r}")
+    if bits is not None:
+        # Imported here: the float model does not need the quantizers (nor TF-MOT).
+        from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
+        check_bits(bits, "bits")
     try:
         input_shape = tuple(int(d) for d in input_shape)
     except (TypeError, ValueError):
@@ -195,7 +193,7 @@ def _layer_bits(layer, inner):
     config = getattr(layer, "quantize_config", None)
     for attr in ("bits", "num_bits"):
         value = getattr(config, attr, None)
-        if _is_int(value):
+        if is_int(value):
             return int(value)
     return "FP"
 

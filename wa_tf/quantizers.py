@@ -17,13 +17,14 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
+from wa_tf.transforms import is_int
+
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 
 
 def check_bits(num_bits, name="num_bits"):
     """Returns `num_bits` as an int, or raises ValueError unless it is 2..16."""
-    if (not isinstance(num_bits, (int, np.integer)) or isinstance(num_bits, bool)
-            or not 2 <= num_bits <= 16):
+    if not is_int(num_bits) or not 2 <= num_bits <= 16:
         raise ValueError(f"{name} must be an integer from 2 to 16, got {num_bits!r}")
     return int(num_bits)
 
@@ -133,7 +134,7 @@ class EMAQuantizer(_Quantizer):
         self.num_bits = check_bits(num_bits)
         if not 0.0 < float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-        if axis is not None and (not isinstance(axis, (int, np.integer)) or isinstance(axis, bool)):
+        if axis is not None and not is_int(axis):
             raise ValueError(f"axis must be None or an int, got {axis!r}")
         self.momentum = float(momentum)
         self.axis = None if axis is None else int(axis)

@@ -79,9 +79,15 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_sizes(m, r):
+def check_tile_size(m, name: str = "tile size m") -> int:
+    """Returns the output tile size ``m`` as an int, or raises ValueError unless it is >= 1."""
     if not is_int(m) or m < 1:
-        raise ValueError(f"tile size m must be an integer >= 1, got {m!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {m!r}")
+    return int(m)
+
+
+def _check_sizes(m, r):
+    check_tile_size(m)
     if not is_int(r) or r < 1 or r % 2 == 0:
         raise ValueError(f"filter size r must be an odd integer >= 1, got {r!r}")
 
