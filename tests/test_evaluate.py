@@ -111,6 +111,30 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
     assert json.loads(json.dumps(error_report.report_dict(rows)))["layers"][2]["tile_size"] == 6
 
 
+def test_error_report_leaves_the_model_unchanged():
+    model = quantization.quantize_model(_wa_model([(2, False), (4, True)]), bits=8, per_tap=True,
+                                        warmup=True)
+    rng = np.random.default_rng(0)
+    model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)  # calibrate
+    # Warm-up quantizers without a range yet (as after adapting a float checkpoint):
+    # at inference they would take one from the first batch they see.
+    emptied = 0
+    for variable in model.variables:
+        name = variable.name.split("/")[-1]
+        if name.startswith(("input_winograd_", "hadamard_")):
+            variable.assign(tf.zeros_like(variable))
+            emptied += name.endswith("_initialized:0")
+    assert emptied == 4  # two stages of two layers
+    before = [v.numpy().copy() for v in model.variables]
+    rows = error_report.error_report(model, rng.normal(size=(5, 12, 12, 3)).astype(np.float32),
+                                     batch_size=3)
+    assert len(rows) == 2 and all(np.isfinite(row["rel_error"]) for row in rows)
+    assert len(model.variables) == len(before)
+    changed = [v.name for v, value in zip(model.variables, before)
+               if not np.array_equal(v.numpy(), value)]
+    assert not changed
+
+
 def test_error_report_needs_winograd_layers():
     inputs = tf_keras.Input((4, 4, 3))
     model = tf_keras.Model(inputs, tf_keras.layers.Conv2D(2, 3)(inputs))

@@ -49,6 +49,9 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
       images: Float32 NHWC images as the model takes them (normalised).
       batch_size: Images per forward pass.
 
+    The model is left as it was found: every variable (warm-up quantizer
+    ranges set during the report included) is restored afterwards.
+
     Returns:
       One dict per WinogradConv2D, in model order, with keys ``layer``,
       ``tile_size``, ``flex``, ``bits`` (None for float), ``per_tap``,
@@ -80,13 +83,13 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
         transforms = [float_weight(layer, name) for name in ("A_t", "B_t", "G")]
 
         def only_stage(stage):
-            """A stage hook quantizing `stage` alone, with its frozen range."""
+            """A stage hook quantizing `stage` alone, with its range (read, not updated)."""
             quantizer, variables = base.stage_quantizers[stage]
 
             def quantize(name, t):
                 if name != stage:
                     return t
-                return fake_quant(t, quantizer.update_range(t, False, variables),
+                return fake_quant(t, quantizer.inference_range(variables, t),
                                   quantizer.num_bits)
             return quantize
 
@@ -94,7 +97,7 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
         def compare(x):
             y_wa = layer(quant(x, training=False) if quant is not None else x, training=False)
             y_exact = tf.nn.conv2d(x, tf.cast(kernel, x.dtype), strides=1,
-                                 padding=base.padding.upper())
+                                   padding=base.padding.upper())
             if bias is not None:
                 y_exact += tf.cast(bias, x.dtype)
             y_exact64 = tf.cast(y_exact, tf.float64)
@@ -114,19 +117,15 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
         return compare
 
     compares = [comparison(layer, quant) for layer, quant in entries]
-    stats = [None] * len(entries)
-    for start in range(0, len(images), batch_size):
-        inputs = capture(images[start:start + batch_size])
-        inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-        shapes = [tuple(x.shape[1:]) for x in inputs]
-        for i, x in enumerate(inputs):
-            s = compares[i](x).numpy()
-            if stats[i] is None:
-                stats[i] = s
-            else:  # sums of squares add up, maxima take the max
-                stats[i][:2] += s[:2]
-                stats[i][2:4] = np.maximum(stats[i][2:4], s[2:4])
-                stats[i][4:] += s[4:]
+    # At inference, a warm-up quantizer without a range takes one from the
+    # first batch it sees, so the numbers show the layers as they would run;
+    # the report then puts every variable back as it found it.
+    state = [variable.read_value() for variable in model.variables]
+    try:
+        stats, shapes = _run(capture, compares, images, batch_size)
+    finally:
+        for variable, value in zip(model.variables, state):
+            variable.assign(value)
     rows = []
     for (layer, _), shape, stat in zip(entries, shapes, stats):
         sq_err, sq_ref, max_err, max_ref = stat[:4]
@@ -144,6 +143,24 @@ def error_report(model: tf_keras.Model, images, batch_size: int = 64) -> List[di
                              for stage, e in zip(STAGES, stat[4:])},
         })
     return rows
+
+
+def _run(capture, compares, images, batch_size):
+    """Each layer's statistics over all images, and the layers' input shapes."""
+    stats, shapes = [None] * len(compares), []
+    for start in range(0, len(images), batch_size):
+        inputs = capture(images[start:start + batch_size])
+        inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        shapes = [tuple(x.shape[1:]) for x in inputs]
+        for i, x in enumerate(inputs):
+            s = compares[i](x).numpy()
+            if stats[i] is None:
+                stats[i] = s
+            else:  # sums of squares add up, maxima take the max
+                stats[i][:2] += s[:2]
+                stats[i][2:4] = np.maximum(stats[i][2:4], s[2:4])
+                stats[i][4:] += s[4:]
+    return stats, shapes
 
 
 _STAGE_NAMES = {"weights_winograd": "U", "input_winograd": "V", "hadamard": "M"}
