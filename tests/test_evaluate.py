@@ -91,7 +91,7 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
         assert stages[name]["hadamard"] > 5 * stages["wa0"]["hadamard"]
         assert all(0 < e < errors[name] for e in stages[name].values())
 
-    # The same numbers from the integer reference and a numpy convolution.
+    # The same numbers from the integer pipeline and a numpy convolution.
     for name in ("wa0", "wa2"):
         wrapper = model.get_layer(f"quant_{name}")
         probe = tf_keras.Model(model.inputs, quantization.input_quant_layer(wrapper).input)

@@ -1,4 +1,5 @@
-"""Tests of the Winograd pipeline's public seams: winograd_conv, winograd_weights, tile_geometry."""
+"""Tests of the public seams: winograd_conv, winograd_weights, tile_geometry, the typed
+quantization argument and side-effect-free reads of quantizers."""
 import dataclasses
 
 import numpy as np
@@ -8,6 +9,7 @@ import tf_keras
 
 from wa_tf import WinogradConv2D, quantization
 from wa_tf.layers import WinogradQuantization, winograd_conv
+from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
 from wa_tf.transforms import STAGES, TileGeometry, tile_geometry, winograd_matrices
 
 
@@ -99,3 +101,35 @@ def test_winograd_quantization_argument():
             WinogradQuantization(bits)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.bits = 4
+
+
+def test_inference_range_reads_without_updating():
+    layer = tf_keras.layers.Layer()
+    quantizer = EMAQuantizer(4, warmup=True)
+    state = quantizer.build(tf.TensorShape([3]), "q", layer)
+    x = tf.constant([-3.0, 1.0, 2.0])
+    assert float(quantizer.inference_range(state)) == 0.0  # no statistics yet
+    assert float(state["initialized_var"]) == 0.0
+    quantizer(x, False, state)  # warm-up at inference: takes the batch's range
+    state["min_var"].assign(-2.0)
+    state["max_var"].assign(1.5)
+    np.testing.assert_array_equal(quantizer.inference_range(state, x).numpy(), 2.0)
+    assert (float(state["min_var"]), float(state["max_var"])) == (-2.0, 1.5)
+    assert float(MaxAbsQuantizer(4).inference_range({}, x)) == 3.0
+
+
+def test_inference_weight_is_the_wrappers_quantized_weight():
+    inputs = tf_keras.Input((6, 6, 2))
+    model = quantization.quantize_model(
+        tf_keras.Model(inputs, WinogradConv2D(3, tile_size=2, flex=False, name="wa")(inputs)),
+        bits=4, quantize_first=True)
+    model(np.random.default_rng(0).normal(size=(2, 6, 6, 2)).astype(np.float32), training=True)
+    wrapper = model.get_layer("quant_wa")
+    kernel = quantization.float_weight(wrapper, "kernel").numpy()
+    # The kernel quantizer's range is the kernel's own after one training batch.
+    step = np.abs(kernel).max() / 7.5
+    expected = np.clip(np.rint(kernel / step), -8, 7) * step
+    np.testing.assert_allclose(quantization.inference_weight(wrapper, "kernel").numpy(),
+                               expected, rtol=1e-6)
+    # Static transforms are not the wrapper's: their float variable.
+    assert quantization.inference_weight(wrapper, "G") is quantization.float_weight(wrapper, "G")
