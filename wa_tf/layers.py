@@ -20,6 +20,10 @@ element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
 The large layout changes (tile gather, output untile) are pads, splits,
 reshapes and one transpose each, never gathers or strided slices, whose
 gradients are an order of magnitude slower.
+
+:func:`winograd_conv` is the pipeline as a function, with a hook on each
+Winograd-domain stage; :class:`WinogradConv2D` is the layer that owns the
+weights, transforms and stage quantizers and calls it.
 """
 
 import dataclasses
@@ -376,7 +380,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
                 quantizer, quantizer.build(tf.TensorShape(shapes[stage]), stage, self))
 
     def _stage_ranges(self, training, ranges):
-        """A stage hook for `_winograd` that updates each stage's range and records it."""
+        """A stage hook for :func:`winograd_conv` that updates each stage's range and records it."""
         from wa_tf.quantizers import fake_quant  # pylint: disable=import-outside-toplevel
 
         def quantize(stage, x):
