@@ -10,18 +10,17 @@
 
 The error report (table, PNG plot, JSON) is explained in docs/export_evaluate.md.
 """
-import json
 import os
 
 from absl import app
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import evaluate
+from wa_tf import cli, error_report, evaluate
 from wa_tf.training import flags as wa_flags
 
-evaluate.define_run_flags()
-flags.adopt_module_key_flags(evaluate)
+cli.define_run_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_string("split", "test", "Split to evaluate: test or validation.")
 flags.DEFINE_string("savedmodel", None, "Evaluate this SavedModel (bin/export.py) instead of "
                     "the checkpoint; the dataset comes from --modelDir.")
@@ -36,7 +35,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    evaluate.run_cli(_evaluate)
+    cli.run_cli(_evaluate)
 
 
 def _evaluate():
@@ -48,9 +47,9 @@ def _evaluate():
     # The Keras model is rebuilt only when it is evaluated or analysed.
     model = None
     if FLAGS.savedmodel and not FLAGS.error_report:
-        config = evaluate.read_run_flags()
+        config = cli.read_run_flags()
     else:
-        model, config = evaluate.load_run()
+        model, config = cli.load_run()
     dataset, _ = evaluate.split_dataset(config, FLAGS.split)
     if FLAGS.savedmodel:
         from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
@@ -67,16 +66,10 @@ def _evaluate():
 
 def _error_report(model, dataset):
     images = evaluate.take_images(dataset, FLAGS.error_images)
-    rows = evaluate.error_report(model, images)
-    table = evaluate.format_report(rows)
+    rows = error_report.error_report(model, images)
     report_dir = FLAGS.report_dir or os.path.join(FLAGS.modelDir, "error_report")
-    os.makedirs(report_dir, exist_ok=True)
     title = f"{model.name} ({FLAGS.checkpoint}), {len(images)} {FLAGS.split} images"
-    with open(os.path.join(report_dir, "error_report.txt"), "w", encoding="utf-8") as f:
-        f.write(title + "\n" + table + "\n")
-    with open(os.path.join(report_dir, "error_report.json"), "w", encoding="utf-8") as f:
-        json.dump(evaluate.report_dict(rows), f, indent=2)
-    plot = evaluate.plot_report(rows, os.path.join(report_dir, "error_report.png"), title)
+    table, plot = error_report.write_report(rows, report_dir, title)
     print(f"Winograd error report: {title}\n{table}\nwritten to {report_dir} ({plot})")
 
 

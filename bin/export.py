@@ -17,11 +17,11 @@ from absl import app
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import evaluate
+from wa_tf import cli
 from wa_tf.training import flags as wa_flags
 
-evaluate.define_run_flags()
-flags.adopt_module_key_flags(evaluate)
+cli.define_run_flags()
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_string("export_dir", None, "Output folder of the SavedModel (must not exist, or "
                     "be empty).")
 flags.DEFINE_boolean("raw_signature", True, "Add the 'serving_raw' signature (uint8 0-255 "
@@ -34,25 +34,25 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    evaluate.run_cli(_export)
+    cli.run_cli(_export)
 
 
 def _export():
-    from wa_tf import export, integer  # pylint: disable=import-outside-toplevel
+    from wa_tf import export, integer_export  # pylint: disable=import-outside-toplevel
     if not FLAGS.export_dir:
         raise ValueError("--export_dir is required: the SavedModel's output folder")
     if os.path.exists(FLAGS.export_dir) and (not os.path.isdir(FLAGS.export_dir)
                                              or os.listdir(FLAGS.export_dir)):
         raise ValueError(f"--export_dir: {FLAGS.export_dir} exists and is not an empty folder")
-    model, config = evaluate.load_run()
-    normalization = evaluate.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \
+    model, config = cli.load_run()
+    normalization = cli.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \
         else None
     export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization)
     signatures = [export.DEFAULT_SIGNATURE] + ([export.RAW_SIGNATURE] if normalization else [])
     print(f"SavedModel: {FLAGS.export_dir} (signatures: {', '.join(signatures)}; "
           f"input {list(model.input_shape)}, output 'logits')")
     if FLAGS.npz_dir:
-        for name, path in integer.export_model_npz(model, FLAGS.npz_dir).items():
+        for name, path in integer_export.export_model_npz(model, FLAGS.npz_dir).items():
             print(f"layer {name}: {path}")
 
 

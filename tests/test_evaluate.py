@@ -1,4 +1,4 @@
-"""Tests of wa_tf.evaluate, bin/evaluate.py and bin/export.py."""
+"""Tests of wa_tf.evaluate, wa_tf.error_report, bin/evaluate.py and bin/export.py."""
 import json
 import os
 import re
@@ -11,7 +11,8 @@ import tensorflow as tf
 import tf_keras
 from absl import flags as absl_flags
 
-from wa_tf import WinogradConv2D, data, evaluate, integer, quantization
+from wa_tf import (WinogradConv2D, cli, data, error_report, evaluate, integer,
+                   integer_export, quantization)
 from wa_tf.training import experiment
 from wa_tf.training import flags as wa_flags
 
@@ -59,7 +60,7 @@ def test_evaluate_matches_numpy():
 def test_error_report_float_layers_are_exact():
     model = _wa_model([(2, False), (4, True), (6, False)])
     images = np.random.default_rng(0).normal(size=(6, 12, 12, 3)).astype(np.float32)
-    rows = evaluate.error_report(model, images, batch_size=4)
+    rows = error_report.error_report(model, images, batch_size=4)
     assert [row["layer"] for row in rows] == ["wa0", "wa1", "wa2"]
     assert [(row["tile_size"], row["flex"], row["bits"]) for row in rows] == [
         (2, False, None), (4, True, None), (6, False, None)]
@@ -75,7 +76,7 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
     for _ in range(3):  # calibrate
         model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)
     images = rng.normal(size=(5, 12, 12, 3)).astype(np.float32)
-    rows = evaluate.error_report(model, images, batch_size=3)
+    rows = error_report.error_report(model, images, batch_size=3)
     assert [(row["layer"], row["bits"], row["per_tap"]) for row in rows] == [
         ("wa0", 8, False), ("wa1", 8, False), ("wa2", 8, False)]
     errors = {row["layer"]: row["rel_error"] for row in rows}
@@ -90,31 +91,55 @@ def test_error_report_quantized_against_independent_reference(tmp_path):
         assert stages[name]["hadamard"] > 5 * stages["wa0"]["hadamard"]
         assert all(0 < e < errors[name] for e in stages[name].values())
 
-    # The same numbers from the integer reference and a numpy convolution.
+    # The same numbers from the integer pipeline and a numpy convolution.
     for name in ("wa0", "wa2"):
         wrapper = model.get_layer(f"quant_{name}")
         probe = tf_keras.Model(model.inputs, quantization.input_quant_layer(wrapper).input)
         x = tf.function(lambda v, p=probe: p(v, training=False))(images).numpy()
         y_ref = _conv_same(x, quantization.float_weight(wrapper, "kernel").numpy())
-        y_int = integer.run_layer(integer.layer_arrays(wrapper), x)
+        y_int = integer.run_layer(integer_export.layer_arrays(wrapper), x)
         expected = np.linalg.norm(y_int - y_ref) / np.linalg.norm(y_ref)
         assert errors[name] == pytest.approx(expected, rel=1e-3)
 
-    table = evaluate.format_report(rows)
+    table = error_report.format_report(rows)
     assert "only M" in table
     assert all(re.search(rf"^{name}\s+{m}\s+static\s+8\s", table, re.M)
                for name, m in (("wa0", 2), ("wa1", 4), ("wa2", 6)))
-    path = evaluate.plot_report(rows, str(tmp_path / "plot" / "errors.png"))
+    path = error_report.plot_report(rows, str(tmp_path / "plot" / "errors.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert json.loads(json.dumps(evaluate.report_dict(rows)))["layers"][2]["tile_size"] == 6
+    assert json.loads(json.dumps(error_report.report_dict(rows)))["layers"][2]["tile_size"] == 6
+
+
+def test_error_report_leaves_the_model_unchanged():
+    model = quantization.quantize_model(_wa_model([(2, False), (4, True)]), bits=8, per_tap=True,
+                                        warmup=True)
+    rng = np.random.default_rng(0)
+    model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)  # calibrate
+    # Warm-up quantizers without a range yet (as after adapting a float checkpoint):
+    # at inference they would take one from the first batch they see.
+    emptied = 0
+    for variable in model.variables:
+        name = variable.name.split("/")[-1]
+        if name.startswith(("input_winograd_", "hadamard_")):
+            variable.assign(tf.zeros_like(variable))
+            emptied += name.endswith("_initialized:0")
+    assert emptied == 4  # two stages of two layers
+    before = [v.numpy().copy() for v in model.variables]
+    rows = error_report.error_report(model, rng.normal(size=(5, 12, 12, 3)).astype(np.float32),
+                                     batch_size=3)
+    assert len(rows) == 2 and all(np.isfinite(row["rel_error"]) for row in rows)
+    assert len(model.variables) == len(before)
+    changed = [v.name for v, value in zip(model.variables, before)
+               if not np.array_equal(v.numpy(), value)]
+    assert not changed
 
 
 def test_error_report_needs_winograd_layers():
     inputs = tf_keras.Input((4, 4, 3))
     model = tf_keras.Model(inputs, tf_keras.layers.Conv2D(2, 3)(inputs))
     with pytest.raises(ValueError, match="no WinogradConv2D"):
-        evaluate.error_report(model, np.zeros((1, 4, 4, 3), np.float32))
+        error_report.error_report(model, np.zeros((1, 4, 4, 3), np.float32))
 
 
 # --------------------------------------------------------------------------
@@ -181,6 +206,34 @@ def test_export_and_evaluate_binaries(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --split must be one of")
     assert "Traceback" not in proc.stderr
+
+
+def _run_flags(*argv):
+    values = absl_flags.FlagValues()
+    cli.define_run_flags(values)
+    values(["test", *argv])
+    return values
+
+
+def test_run_loading_errors_name_the_binaries_flags(tmp_path):
+    with pytest.raises(ValueError, match=r"^--modelDir is required"):
+        cli.load_run(_run_flags())
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"^--modelDir: .*missing.* is not a directory"):
+        cli.load_run(_run_flags(f"--modelDir={missing}"))
+    run = str(tmp_path / "run")
+    _make_run(run, flex=True, F=2, mult=1 / 64)
+    with pytest.raises(ValueError, match=r"^--checkpoint: no checkpoint .*nope") as error:
+        cli.load_run(_run_flags(f"--modelDir={run}", f"--checkpoint={tmp_path / 'nope'}"))
+    assert "--modelToLoad" not in str(error.value)  # adapt.py's flag, not these binaries'
+    model, config = cli.load_run(_run_flags(f"--modelDir={run}", "--batch_size=7"))
+    assert model.name == "ResNet18LikeF2" and config["batch_size"] == 7
+    assert config["dataset"] == "digits"  # the rest from the run's FLAGS.txt
+    # A library message that starts with its own name for the argument gets the flag's.
+    assert str(cli.flag_error("--checkpoint", ValueError("checkpoint: no checkpoint x"))) \
+        == "--checkpoint: no checkpoint x"
+    assert str(cli.flag_error("--modelDir", ValueError("no folder /a: b"))) \
+        == "--modelDir: no folder /a: b"
 
 
 @pytest.mark.slow

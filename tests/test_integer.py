@@ -1,10 +1,10 @@
-"""Tests of wa_tf.integer: the per-layer .npz and its integer Winograd reference."""
+"""Tests of wa_tf.integer and wa_tf.integer_export: the per-layer .npz and its integer pipeline."""
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
-from wa_tf import WinogradConv2D, integer, quantization
+from wa_tf import WinogradConv2D, integer, integer_export, quantization
 from wa_tf.quantization import float_weight, input_quant_layer
 
 
@@ -88,7 +88,7 @@ def test_integer_layer_reproduces_fake_quantized_layer(tmp_path, tile_size, padd
     x = np.random.default_rng(1).normal(size=(3, 9, 9, 3)).astype(np.float32)
     layer_in, expected = _layer_io(model, wrapper, x)
 
-    path = integer.export_layer_npz(wrapper, str(tmp_path / "wa.npz"))
+    path = integer_export.export_layer_npz(wrapper, str(tmp_path / "wa.npz"))
     layer = integer.load_layer_npz(path)
     codes, scale = integer.run_layer_codes(layer, layer_in)
     got = integer.run_layer(path, layer_in)
@@ -105,7 +105,7 @@ def test_integer_layer_reproduces_fake_quantized_layer(tmp_path, tile_size, padd
 def test_npz_format(tmp_path):
     model, wrapper = _quantized_model(4, flex=True, per_tap=True)
     del model
-    layer = integer.load_layer_npz(integer.export_layer_npz(wrapper, str(tmp_path / "wa")))
+    layer = integer.load_layer_npz(integer_export.export_layer_npz(wrapper, str(tmp_path / "wa")))
     t = 6
     assert layer["format"] == integer.FORMAT and layer["layer"] == "wa"
     assert (layer["tile_size"], layer["kernel_size"], layer["tile_input_size"]) == (4, 3, t)
@@ -137,15 +137,15 @@ def test_export_errors(tmp_path):
     inputs = tf_keras.Input((6, 6, 2))
     float_model = tf_keras.Model(inputs, WinogradConv2D(2, tile_size=2, name="wa")(inputs))
     with pytest.raises(ValueError, match="QuantizeWrapper"):
-        integer.layer_arrays(float_model.get_layer("wa"))
+        integer_export.layer_arrays(float_model.get_layer("wa"))
     model, wrapper = _quantized_model(2, flex=False, per_tap=False)
     for weight in wrapper.weights:  # forget the calibration
         if weight.name.endswith("_initialized:0"):
             weight.assign(0.0)
     with pytest.raises(ValueError, match="no range"):
-        integer.layer_arrays(wrapper)
+        integer_export.layer_arrays(wrapper)
     with pytest.raises(ValueError, match="no quantized WinogradConv2D"):
-        integer.export_model_npz(float_model, str(tmp_path))
+        integer_export.export_model_npz(float_model, str(tmp_path))
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
     with pytest.raises(ValueError, match="is not a wa_tf.winograd_layer/1"):
         integer.load_layer_npz(str(tmp_path / "other.npz"))

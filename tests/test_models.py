@@ -5,7 +5,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import models
-from wa_tf.layers import WinogradConv2D
+from wa_tf.layers import WinogradConv2D, WinogradQuantization
 
 # Conv and linear kernels of the width-0.5 model in the reference's table.
 REFERENCE_TABLE_SIZE = 2_792_800
@@ -201,7 +201,7 @@ def test_quantized_model_and_its_table():
     winograd = [layer.layer for layer in model.layers
                 if isinstance(getattr(layer, "layer", None), WinogradConv2D)]
     assert len(winograd) == 16
-    assert all(layer.quantization == {"bits": 6, "per_tap": True, "warmup": True}
+    assert all(layer.quantization == WinogradQuantization(bits=6, per_tap=True, warmup=True)
                for layer in winograd)
     table = models.layer_table(model)
     rows = [[c.strip() for c in line.strip("|").split("|")]

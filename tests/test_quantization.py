@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from wa_tf.layers import WinogradConv2D
+from wa_tf.layers import WinogradConv2D, WinogradQuantization
 from wa_tf.quantization import custom_objects, quantize_model, quantize_scope
 
 Wrapper = tfmot.quantization.keras.QuantizeWrapperV2
@@ -86,7 +86,7 @@ def test_quantize_model_structure():
         assert type(qmodel.get_layer(name)) is type(model.get_layer(name))
     assert len(qmodel.layers) == len(model.layers) + 2
     inner = qmodel.get_layer("quant_wino").layer
-    assert inner.quantization == {"bits": 6, "per_tap": True, "warmup": False}
+    assert inner.quantization == WinogradQuantization(bits=6, per_tap=True, warmup=False)
     assert qmodel.get_layer("quant_wino_input_quant").layer.name == "wino_input_quant"
     for name in ("stem", "wino", "hidden"):
         source = model.get_layer(name).kernel.numpy()
@@ -98,7 +98,7 @@ def test_quantize_model_structure():
     assert isinstance(everything.get_layer("quant_stem"), Wrapper)
     assert isinstance(everything.get_layer("quant_fc"), Wrapper)
     warm = everything.get_layer("quant_wino")
-    assert warm.quantize_config.warmup and warm.layer.quantization["warmup"]
+    assert warm.quantize_config.warmup and warm.layer.quantization.warmup
     assert not everything.get_layer("quant_hidden").quantize_config.warmup
     # Static transforms stay non-trainable (the layer quantizes them itself).
     names = [w.name.split("/")[-1] for w in warm.trainable_weights]

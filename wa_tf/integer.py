@@ -1,16 +1,16 @@
-"""Deployment form of a quantized Winograd-aware layer and its integer reference.
+"""The integer pipeline of a quantized Winograd-aware layer, and its file format.
 
-A trained, quantized :class:`~wa_tf.layers.WinogradConv2D` (wrapped by
-:func:`wa_tf.quantization.quantize_model`) is written per layer to an ``.npz``
-file that an integer Winograd kernel can consume, and :func:`run_layer` runs
-that file in integer arithmetic with numpy.  It computes the fake-quantized
-layer's inference exactly; the model itself computes in float32, so where an
-intermediate value lies within float32 round-off of a rounding tie, the two can
-round it to neighbouring codes, and the output transform amplifies that
-difference.  At 8 bits this was seen only with per-tap ranges, on about 4e-5
-of the outputs of trained layers (the others within one output step, the
-acceptance bar); at 16 bits the round-off is comparable to a step and
-agreement is only statistical.
+A trained, quantized :class:`~wa_tf.layers.WinogradConv2D` is written per layer
+to an ``.npz`` file that an integer Winograd kernel can consume
+(:mod:`wa_tf.integer_export` writes it from a TF-MOT-quantized model), and
+:func:`run_layer` runs that file in integer arithmetic with numpy: the integer
+pipeline.  It computes the fake-quantized layer's inference exactly; the model
+itself computes in float32, so where an intermediate value lies within float32
+round-off of a rounding tie, the two can round it to neighbouring codes, and
+the output transform amplifies that difference.  At 8 bits this was seen only
+with per-tap ranges, on about 4e-5 of the outputs of trained layers (the others
+within one output step); at 16 bits the round-off is comparable to a step and
+agreement is only statistical.  This module needs numpy only.
 
 Quantization convention (:func:`wa_tf.quantizers.fake_quant`): a tensor ``x``
 with scale ``s`` and bit-width ``b`` has codes
@@ -73,18 +73,12 @@ import os
 from typing import Dict, Tuple
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_model_optimization as tfmot
 
-from wa_tf.layers import WinogradConv2D
-from wa_tf.quantization import INPUT_QUANT_SUFFIX, float_weight, input_quant_layer, weight_name
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
+from wa_tf.transforms import STAGES, tile_geometry
 
 FORMAT = "wa_tf.winograd_layer/1"
 # Every quantized tensor of the pipeline, in order.
-TENSORS = ("input", "kernel", "G", "B_t", "A_t", "weights_winograd", "input_winograd",
-           "hadamard", "output")
-STAGES = ("weights_winograd", "input_winograd", "hadamard")
+TENSORS = ("input", "kernel", "G", "B_t", "A_t", *STAGES, "output")
 _MAX_FRACTION_BITS = 30
 
 
@@ -124,10 +118,10 @@ def _code_dtype(bits):
     return np.int8 if bits <= 8 else np.int16
 
 
-def _base_arrays(name: str, tile_size: int, kernel_size: int, padding: str, flex: bool,
-              per_tap: bool, bits: Dict[str, int], scales: Dict[str, np.ndarray],
-              kernel, G, B_t, A_t, bias=None) -> Dict[str, np.ndarray]:
-    """Quantizes float weights and transforms into the file's arrays (but ``U_codes``).
+def encode_layer(name: str, tile_size: int, kernel_size: int, padding: str, flex: bool,
+                 per_tap: bool, bits: Dict[str, int], scales: Dict[str, np.ndarray],
+                 kernel, G, B_t, A_t, u, bias=None) -> Dict[str, np.ndarray]:
+    """Quantizes a layer's float weights, transforms and U into the file's arrays.
 
     Args:
       name: Layer name.
@@ -138,10 +132,13 @@ def _base_arrays(name: str, tile_size: int, kernel_size: int, padding: str, flex
       scales: Float32 scale per tensor of :data:`TENSORS`; the Winograd stages
         scalar, or per tap of shape (t*t,) (position ``a*t + b``) or (t, t).
       kernel, G, B_t, A_t: The float (unquantized) values the layer quantizes.
+      u: The float32 Winograd-domain weights ``U = G_q g_q G_q^T`` (t*t, C, K)
+        exactly as the layer computes them: quantized with the
+        ``weights_winograd`` scale, they are the very integers the model uses.
       bias: Optional float bias.
 
     Returns:
-      A dict for ``np.savez``.
+      A dict for :func:`save` (and :func:`run_layer`).
     """
     m, r = int(tile_size), int(kernel_size)
     t = m + r - 1
@@ -163,21 +160,13 @@ def _base_arrays(name: str, tile_size: int, kernel_size: int, padding: str, flex
             _code_dtype(b))
     if bias is not None:
         arrays["bias"] = np.asarray(bias, np.float32)
-    return arrays
-
-
-def _u_codes(arrays, u) -> Dict[str, np.ndarray]:
-    """``U_codes`` from U = G_q g_q G_q^T as the layer computes it (float32).
-
-    Quantized with the ``weights_winograd`` scale, these are the very integers
-    the model uses.
-    """
-    t, (c, k) = int(arrays["tile_input_size"]), arrays["kernel_codes"].shape[2:]
-    scale = arrays["weights_winograd_scale"]
-    bits = int(arrays["weights_winograd_bits"])
+    # U_codes after the scalars, as the file has always been written.
+    scale, b = arrays["weights_winograd_scale"], int(bits["weights_winograd"])
+    c, k = kernel.shape[2:]
     codes = quantize(np.asarray(u, np.float32).reshape(t, t, c, k),
-                     scale[:, :, None, None] if scale.ndim else scale, bits)
-    return {"U_codes": codes.astype(_code_dtype(bits))}
+                     scale[:, :, None, None] if scale.ndim else scale, b)
+    arrays["U_codes"] = codes.astype(_code_dtype(b))
+    return arrays
 
 
 def _per_tap(scale, t):
@@ -186,8 +175,12 @@ def _per_tap(scale, t):
                            if np.size(scale) > 1 else np.float64(scale), (t * t,)).reshape(t, t)
 
 
-def _save(arrays: Dict[str, np.ndarray], path: str) -> str:
-    """Writes a layer's arrays (uncompressed ``.npz``); returns the path written."""
+def save(arrays: Dict[str, np.ndarray], path: str) -> str:
+    """Writes a layer's arrays (uncompressed ``.npz``; ``.npz`` is appended when missing).
+
+    Returns:
+      The path written.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path, **arrays)
     return path if path.endswith(".npz") else path + ".npz"
@@ -207,8 +200,8 @@ def load_layer_npz(path: str) -> Dict:
 def as_layer(arrays: Dict, source: str = "arrays") -> Dict:
     """The file's arrays with scalars as Python ints, bools and strings.
 
-    Accepts the arrays of :func:`layer_arrays` or an
-    already converted dict.
+    Accepts the arrays of :func:`encode_layer` (or
+    :func:`wa_tf.integer_export.layer_arrays`) or an already converted dict.
 
     Raises:
       ValueError: if ``arrays`` is not a ``wa_tf.winograd_layer/1`` layer.
@@ -231,19 +224,15 @@ def _tiles(codes, m, r, padding):
     """t x t tiles with stride m: (N, H, W, C) -> (t, t, N, n_h, n_w, C), and out size."""
     n, height, width, c = codes.shape
     t = m + r - 1
-    if padding == "same":
-        out_h, out_w, pad = height, width, (r - 1) // 2
-    else:
-        out_h, out_w, pad = height - r + 1, width - r + 1, 0
-    if out_h < 1 or out_w < 1:
+    geo = tile_geometry(height, width, m, r, padding)
+    if geo.out_h < 1 or geo.out_w < 1:
         raise ValueError(f"x: spatial size {height}x{width} is smaller than the kernel")
-    n_h, n_w = -(-out_h // m), -(-out_w // m)
     # Whole tiles cover the padded input: (n_h - 1) m + t >= height + 2 pad.
-    padded = np.zeros((n, (n_h - 1) * m + t, (n_w - 1) * m + t, c), codes.dtype)
-    padded[:, pad:pad + height, pad:pad + width] = codes
+    padded = np.zeros((n, (geo.n_h - 1) * m + t, (geo.n_w - 1) * m + t, c), codes.dtype)
+    padded[:, geo.pad_top:geo.pad_top + height, geo.pad_left:geo.pad_left + width] = codes
     windows = np.lib.stride_tricks.sliding_window_view(padded, (t, t), axis=(1, 2))
     windows = windows[:, ::m, ::m]  # (N, n_h, n_w, C, t, t)
-    return np.transpose(windows, (4, 5, 0, 1, 2, 3)), (out_h, out_w)
+    return np.transpose(windows, (4, 5, 0, 1, 2, 3)), (geo.out_h, geo.out_w)
 
 
 def _fraction_bits(layer):
@@ -261,7 +250,7 @@ def run_layer_codes(layer, x) -> Tuple[np.ndarray, np.float32]:
 
     Args:
       layer: A path to a layer file, or its arrays (:func:`load_layer_npz`,
-        :func:`layer_arrays`).
+        :func:`encode_layer`).
       x: Float NHWC input, as the layer's input quantizer receives it.
 
     Returns:
@@ -312,195 +301,3 @@ def run_layer(layer, x) -> np.ndarray:
     """:func:`run_layer_codes`, dequantized: the layer's float32 output."""
     codes, scale = run_layer_codes(layer, x)
     return (codes * np.float64(scale)).astype(np.float32)
-
-
-# --------------------------------------------------------------------------
-# Export from a TF-MOT-quantized model
-# --------------------------------------------------------------------------
-
-
-def _ema_scale(quantizer, variables, what):
-    """Bits and float32 scale of a frozen EMAQuantizer."""
-    if float(variables["initialized_var"].numpy()) <= 0:
-        raise ValueError(f"the {what} quantizer has no range yet: train or calibrate the model "
-                         "(one training-mode batch) before exporting")
-    lo = variables["min_var"].numpy().astype(np.float32)
-    hi = variables["max_var"].numpy().astype(np.float32)
-    range_ = np.maximum(-np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0)))
-    return quantizer.num_bits, scale_from_range(range_, quantizer.num_bits)
-
-
-def _quantizer_scale(quantizer, variables, value, what):
-    """Bits and float32 scale a wa_tf quantizer applies at inference."""
-    if isinstance(quantizer, EMAQuantizer):
-        return _ema_scale(quantizer, variables, what)
-    if isinstance(quantizer, MaxAbsQuantizer):
-        range_ = np.max(np.abs(np.asarray(value, np.float32)))
-        return quantizer.num_bits, scale_from_range(range_, quantizer.num_bits)
-    raise ValueError(f"the {what} quantizer is a {type(quantizer).__name__}; "
-                     "only EMAQuantizer and MaxAbsQuantizer can be exported")
-
-
-def _is_wrapper(layer):
-    return isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)
-
-
-def _input_quantizer(wrapper):
-    """The wrapped ``<layer>_input_quant`` layer feeding ``wrapper``."""
-    inbound = input_quant_layer(wrapper)
-    if inbound is None or not _is_wrapper(inbound):
-        raise ValueError(f"layer {wrapper.layer.name!r} has no input quantizer "
-                         f"'{wrapper.layer.name}{INPUT_QUANT_SUFFIX}' in front of it; "
-                         "quantize the model with wa_tf.quantization.quantize_model")
-    return inbound
-
-
-class _Recorder:
-    """Stands in for a stage quantizer and keeps the tensor it is given."""
-
-    def __init__(self, quantizer):
-        self._quantizer = quantizer
-        self.inputs = None
-
-    def __getattr__(self, name):
-        attr = getattr(self._quantizer, name)
-        if not callable(attr):
-            return attr
-
-        def recorded(inputs, *args, **kwargs):
-            self.inputs = inputs
-            return attr(inputs, *args, **kwargs)
-        return recorded
-
-    def __call__(self, inputs, *args, **kwargs):
-        self.inputs = inputs
-        return self._quantizer(inputs, *args, **kwargs)
-
-
-def _winograd_weights(wrappers) -> list:
-    """The float32 U = G_q g_q G_q^T each wrapped layer quantizes, (t*t, C, K).
-
-    Taken from the layers' own computation (one inference call on a dummy
-    input each, in one graph as the model is deployed), not recomputed: the
-    range of U is its own extreme element, which then lies exactly on a
-    rounding tie, so a different summation order could round it the other way.
-    """
-    stages = [wrapper.layer.stage_quantizers["weights_winograd"] for wrapper in wrappers]
-    recorders = [_Recorder(quantizer) for quantizer, _ in stages]
-
-    @tf.function
-    def winograd_weights():
-        for wrapper in wrappers:
-            r = wrapper.layer.kernel_size[0]
-            channels = float_weight(wrapper, "kernel").shape[2]
-            wrapper(tf.zeros((1, r, r, channels), wrapper.dtype), training=False)
-        return [tf.identity(recorder.inputs) for recorder in recorders]
-
-    for wrapper, recorder, (_, variables) in zip(wrappers, recorders, stages):
-        wrapper.layer.stage_quantizers["weights_winograd"] = (recorder, variables)
-    try:
-        return [u.numpy() for u in winograd_weights()]
-    finally:
-        for wrapper, stage in zip(wrappers, stages):
-            wrapper.layer.stage_quantizers["weights_winograd"] = stage
-
-
-def _check_wrapper(wrapper):
-    if not (_is_wrapper(wrapper) and isinstance(wrapper.layer, WinogradConv2D)):
-        name = getattr(wrapper, "name", repr(wrapper))
-        raise ValueError(f"layer_or_wrapper must be the TF-MOT QuantizeWrapper of a "
-                         f"WinogradConv2D (from wa_tf.quantization.quantize_model), got "
-                         f"{type(wrapper).__name__} {name!r}")
-    if not wrapper.layer.quantization:
-        raise ValueError(f"layer {wrapper.layer.name!r} has no Winograd-stage quantization")
-
-
-def layer_arrays(layer_or_wrapper) -> Dict[str, np.ndarray]:
-    """The file's arrays for a quantized WinogradConv2D (see the module docstring).
-
-    Args:
-      layer_or_wrapper: The TF-MOT ``QuantizeWrapper`` of a WinogradConv2D in a
-        model from :func:`wa_tf.quantization.quantize_model`; a bare layer gets a
-        clear error (it lacks the input, kernel and output quantizers).
-
-    Raises:
-      ValueError: for a float or unwrapped layer, a missing input quantizer or
-        quantizers without ranges.
-    """
-    _check_wrapper(layer_or_wrapper)
-    arrays = _arrays(layer_or_wrapper)  # checks every range before running the layer
-    arrays.update(_u_codes(arrays, _winograd_weights([layer_or_wrapper])[0]))
-    return arrays
-
-
-def _arrays(wrapper):
-    """The file's arrays except ``U_codes``."""
-    layer = wrapper.layer
-    bits, scales = {}, {}
-    input_quant = _input_quantizer(wrapper)
-    bits["input"], scales["input"] = _ema_scale(
-        input_quant._output_quantizers[0],  # pylint: disable=protected-access
-        input_quant._output_quantizer_vars, "input")  # pylint: disable=protected-access
-    values = {}
-    quantized = {weight_name(w): (w, q, v)
-                 for w, q, v in wrapper._weight_vars}  # pylint: disable=protected-access
-    for name in ("kernel", "A_t", "B_t", "G"):
-        if name in quantized:
-            weight, quantizer, variables = quantized[name]
-        elif name != "kernel" and layer.transform_quantizer is not None:
-            weight, quantizer, variables = float_weight(wrapper, name), \
-                layer.transform_quantizer, {}
-        else:
-            raise ValueError(f"the {name} of layer {layer.name!r} is not quantized")
-        values[name] = np.asarray(weight.numpy(), np.float32)
-        bits[name], scales[name] = _quantizer_scale(quantizer, variables, values[name], name)
-    for stage in STAGES:
-        quantizer, variables = layer.stage_quantizers[stage]
-        bits[stage], scales[stage] = _ema_scale(quantizer, variables, stage)
-    output_quantizers = wrapper._output_quantizers  # pylint: disable=protected-access
-    if not output_quantizers:
-        raise ValueError(f"layer {layer.name!r} has no output quantizer")
-    bits["output"], scales["output"] = _ema_scale(
-        output_quantizers[0], wrapper._output_quantizer_vars,  # pylint: disable=protected-access
-        "output")
-    bias = float_weight(wrapper, "bias").numpy() if layer.use_bias else None
-    return _base_arrays(layer.name, layer.tile_size, layer.kernel_size[0], layer.padding,
-                     layer.flex, bool(layer.quantization.get("per_tap", False)), bits, scales,
-                     values["kernel"], values["G"], values["B_t"], values["A_t"], bias)
-
-
-def export_layer_npz(layer_or_wrapper, path: str) -> str:
-    """Writes one quantized WinogradConv2D's deployment file.
-
-    Args:
-      layer_or_wrapper: See :func:`layer_arrays`.
-      path: Output file (``.npz`` is appended by numpy when missing).
-
-    Returns:
-      The path written.
-    """
-    return _save(layer_arrays(layer_or_wrapper), path)
-
-
-def export_model_npz(model, directory: str) -> Dict[str, str]:
-    """Writes ``<directory>/<layer>.npz`` for every quantized WinogradConv2D of a model.
-
-    Returns:
-      Layer name -> path written.
-
-    Raises:
-      ValueError: if the model has no quantized WinogradConv2D.
-    """
-    wrappers = [layer for layer in model.layers
-                if _is_wrapper(layer) and isinstance(layer.layer, WinogradConv2D)
-                and layer.layer.quantization]
-    if not wrappers:
-        raise ValueError("model has no quantized WinogradConv2D layer to export "
-                         "(quantize it with wa_tf.quantization.quantize_model)")
-    layers = [_arrays(wrapper) for wrapper in wrappers]
-    paths = {}
-    for wrapper, arrays, u in zip(wrappers, layers, _winograd_weights(wrappers)):
-        arrays.update(_u_codes(arrays, u))
-        name = wrapper.layer.name
-        paths[name] = _save(arrays, os.path.join(directory, name + ".npz"))
-    return paths

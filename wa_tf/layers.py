@@ -20,18 +20,20 @@ element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
 The large layout changes (tile gather, output untile) are pads, splits,
 reshapes and one transpose each, never gathers or strided slices, whose
 gradients are an order of magnitude slower.
+
+:func:`winograd_conv` is the pipeline as a function, with a hook on each
+Winograd-domain stage; :class:`WinogradConv2D` is the layer that owns the
+weights, transforms and stage quantizers and calls it.
 """
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from wa_tf import transforms
-
-# Winograd-domain stages that can carry a quantizer, in pipeline order.
-STAGES = ("weights_winograd", "input_winograd", "hadamard")
+from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
 
 
 def _dim(x, axis):
@@ -63,7 +65,7 @@ def apply_transform(mat, x):
 
 
 def _as_pair(value, name):
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if is_int(value):
         return int(value), int(value)
     try:
         pair = tuple(int(v) for v in value)
@@ -72,23 +74,6 @@ def _as_pair(value, name):
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     return pair
-
-
-def tile_geometry(height, width, m, r, padding):
-    """Output size, tile counts and padding of a Winograd convolution.
-
-    Returns:
-      (out_h, out_w, n_h, n_w, pad_top, pad_left, extra) where ``extra`` is the
-      number of extra m-blocks a tile reaches past its own (``ceil((r-1)/m)``).
-    """
-    if padding == "same":
-        out_h, out_w, pad = height, width, (r - 1) // 2
-    else:
-        out_h, out_w, pad = height - r + 1, width - r + 1, 0
-    n_h = (out_h + m - 1) // m
-    n_w = (out_w + m - 1) // m
-    extra = -(-(r - 1) // m)
-    return out_h, out_w, n_h, n_w, pad, pad, extra
 
 
 def _gather_tile_axis(x, axis, n, m, t, extra):
@@ -125,10 +110,10 @@ def extract_tiles(x, m, r, padding):
     t = m + r - 1
     n, height, width, c = (_dim(x, i) for i in range(4))
     geo = tile_geometry(height, width, m, r, padding)
-    _, _, n_h, n_w, pad_top, pad_left, extra = geo
+    n_h, n_w, extra = geo.n_h, geo.n_w, geo.extra
     rows, cols = (n_h + extra) * m, (n_w + extra) * m
-    x = tf.pad(x, [[0, 0], [pad_top, rows - height - pad_top],
-                   [pad_left, cols - width - pad_left], [0, 0]])
+    x = tf.pad(x, [[0, 0], [geo.pad_top, rows - height - geo.pad_top],
+                   [geo.pad_left, cols - width - geo.pad_left], [0, 0]])
     x = tf.reshape(x, [n, n_h + extra, m, n_w + extra, m, c])
     # Row offset i of a tile is offset i - s*m of block s + i // m.  tf.split
     # rather than slicing: the gradient of a 6-D strided slice is ~10x slower.
@@ -151,6 +136,117 @@ def untile(y, m, n, n_h, n_w, k, out_h, out_w):
             and isinstance(out_w, int) and isinstance(n_w, int) and out_w == n_w * m):
         return y
     return y[:, :out_h, :out_w, :]
+
+
+def winograd_weights(kernel, g):
+    """The Winograd-domain weights ``U = G g G^T`` of a kernel.
+
+    Args:
+      kernel: (r, r, C, K) kernel in Conv2D layout.
+      g: (t, r) transform G.
+
+    Returns:
+      U of shape (t*t, C, K), position ``a*t + b`` leading.
+    """
+    r, _, c, k = kernel.shape
+    t = g.shape[0]
+    # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
+    g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
+    return tf.reshape(apply_transform(g, g_cm), [t * t, c, k])
+
+
+def _no_quantization(stage, tensor):
+    del stage
+    return tensor
+
+
+def winograd_conv(x, kernel, a_t, b_t, g, tile_size: int, padding: str = "same",
+                  quantize: Optional[Callable[[str, tf.Tensor], tf.Tensor]] = None):
+    """A stride-1 convolution through the Winograd pipeline F(m x m, r x r).
+
+    ``y = A_t [(G g G^T) * (B_t d B_t^T)] A_t^T`` over the t x t tiles ``d`` of
+    ``x``, in the layout of the module docstring; with exact transforms it
+    equals ``tf.nn.conv2d(x, kernel, 1, padding.upper())``.
+
+    Args:
+      x: (N, H, W, C) input.
+      kernel: (r, r, C, K) kernel in Conv2D layout.
+      a_t, b_t, g: The transforms A_t (m, t), B_t (t, t) and G (t, r).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+      quantize: Optional hook ``quantize(stage, tensor) -> tensor`` applied to
+        each Winograd-domain tensor of :data:`STAGES` as it is computed: U
+        (t*t, C, K), V (t*t, N*P, C) and the element-wise stage M (t*t, N*P, K),
+        P tiles per image.  :class:`WinogradConv2D` fake-quantizes them here.
+
+    Returns:
+      (N, H', W', K) output.
+    """
+    quantize = quantize or _no_quantization
+    m, r = tile_size, kernel.shape[0]
+    t = m + r - 1
+    n, c, k = _dim(x, 0), kernel.shape[2], kernel.shape[3]
+    # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
+    u = quantize("weights_winograd", winograd_weights(kernel, g))
+    # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
+    d, geo = extract_tiles(x, m, r, padding)
+    v = apply_transform(b_t, d)
+    v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
+    # Element-wise stage, summed over input channels: t*t GEMMs.
+    mm = quantize("hadamard", tf.matmul(v, u))
+    # Output transform Y = A_t M A_t^T, then untile and crop.
+    # M is row-major, read as column-major: the output tiles come out
+    # transposed, (j, i), which untile undoes for free in its transpose.
+    y = apply_transform(a_t, tf.reshape(mm, [t * t, -1]))
+    return untile(y, m, n, geo.n_h, geo.n_w, k, geo.out_h, geo.out_w)
+
+
+@dataclasses.dataclass(frozen=True)
+class WinogradQuantization:
+    """How a :class:`WinogradConv2D` fake-quantizes its Winograd domain.
+
+    The layer quantizes the Winograd-domain weights and input, the
+    element-wise stage (:data:`STAGES`, each with an
+    :class:`~wa_tf.quantizers.EMAQuantizer`) and static transforms.  Its
+    config form is the dict ``{'bits': b, 'per_tap': p, 'warmup': w}``.
+
+    Attributes:
+      bits: Bit-width, 2 to 16.
+      per_tap: One range per Winograd position (t*t of them) for each stage.
+      warmup: The stage quantizers take their range from the incoming batch
+        until they have statistics, at inference too.
+    """
+
+    bits: int
+    per_tap: bool = False
+    warmup: bool = False
+
+    def __post_init__(self):
+        # Imported here: quantizers (and TF-MOT) are not needed by float layers.
+        from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
+        object.__setattr__(self, "bits", check_bits(self.bits, "quantization bits"))
+        object.__setattr__(self, "per_tap", bool(self.per_tap))
+        object.__setattr__(self, "warmup", bool(self.warmup))
+
+    @classmethod
+    def get(cls, value) -> Optional["WinogradQuantization"]:
+        """None, a WinogradQuantization, or its config dict, as a WinogradQuantization or None.
+
+        Raises:
+          ValueError: for anything else, or a dict without ``bits`` or with
+            other keys.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        fields = {field.name for field in dataclasses.fields(cls)}
+        if not isinstance(value, Mapping) or "bits" not in value or set(value) - fields:
+            raise ValueError("quantization must be None, a WinogradQuantization or a dict with "
+                             f"'bits' and optional 'per_tap', 'warmup'; got {value!r}")
+        return cls(**value)
+
+    def get_config(self) -> dict:
+        """The config (and SavedModel) form: ``{'bits', 'per_tap', 'warmup'}``."""
+        return dataclasses.asdict(self)
 
 
 @tf_keras.utils.register_keras_serializable(package="wa_tf")
@@ -184,10 +280,10 @@ class WinogradConv2D(tf_keras.layers.Layer):
         with quantization (the recomputation reuses the step's ranges).
       strides: Must be 1 (accepted for Conv2D compatibility).
       dilation_rate: Must be 1 (accepted for Conv2D compatibility).
-      quantization: None, or a dict ``{'bits': int, 'per_tap': bool,
-        'warmup': bool}`` to fake-quantize the Winograd-domain weights, the
-        Winograd-domain input and the element-wise stage, and static
-        (``flex=False``) transforms.  Set by
+      quantization: None, or a :class:`WinogradQuantization` (or its dict
+        form ``{'bits': int, 'per_tap': bool, 'warmup': bool}``) to
+        fake-quantize the Winograd-domain weights, the Winograd-domain input
+        and the element-wise stage, and static (``flex=False``) transforms.  Set by
         :func:`wa_tf.quantization.quantize_model`; the input, the kernel, flex
         transforms and the output are quantized by its QuantizeConfig.
       **kwargs: Standard layer arguments (name, dtype, trainable).
@@ -198,9 +294,9 @@ class WinogradConv2D(tf_keras.layers.Layer):
                  kernel_initializer="glorot_uniform", kernel_regularizer=None,
                  bias_initializer="zeros", points: Optional[Sequence[float]] = None,
                  recompute: bool = False, strides=1, dilation_rate=1,
-                 quantization: Optional[dict] = None, **kwargs):
+                 quantization=None, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(filters, (int, np.integer)) or isinstance(filters, bool) or filters < 1:
+        if not is_int(filters) or filters < 1:
             raise ValueError(f"filters must be a positive integer, got {filters!r}")
         kh, kw = _as_pair(kernel_size, "kernel_size")
         if kh != kw or kh % 2 == 0 or kh < 1:
@@ -212,17 +308,11 @@ class WinogradConv2D(tf_keras.layers.Layer):
         if _as_pair(dilation_rate, "dilation_rate") != (1, 1):
             raise ValueError(f"dilation_rate must be 1 for a Winograd convolution, "
                              f"got {dilation_rate!r}")
-        if not isinstance(tile_size, (int, np.integer)) or isinstance(tile_size, bool) or tile_size < 1:
-            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        check_tile_size(tile_size, "tile_size")
         padding = str(padding).lower()
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
-        if quantization is not None:
-            quantization = dict(quantization)
-            unknown = set(quantization) - {"bits", "per_tap", "warmup"}
-            if unknown or "bits" not in quantization:
-                raise ValueError("quantization must be None or a dict with 'bits' and optional "
-                                 f"'per_tap', 'warmup'; got {quantization!r}")
+        quantization = WinogradQuantization.get(quantization)
         self.filters = int(filters)
         self.kernel_size = (kh, kw)
         self.tile_size = int(tile_size)
@@ -278,20 +368,19 @@ class WinogradConv2D(tf_keras.layers.Layer):
         # own range (as the reference's quantize-once-and-freeze).  Not in the
         # QuantizeConfig: TF-MOT's wrapper makes every weight it quantizes trainable.
         if not self.flex:
-            self.transform_quantizer = MaxAbsQuantizer(q["bits"])
+            self.transform_quantizer = MaxAbsQuantizer(q.bits)
         t2 = self.tile_input_size ** 2
-        axis = 0 if q.get("per_tap", False) else None
+        axis = 0 if q.per_tap else None
         shapes = {"weights_winograd": (t2, channels, self.filters),
                   "input_winograd": (t2, None, channels),
                   "hadamard": (t2, None, self.filters)}
         for stage in STAGES:
-            quantizer = EMAQuantizer(num_bits=q["bits"], axis=axis,
-                                     warmup=q.get("warmup", False))
+            quantizer = EMAQuantizer(num_bits=q.bits, axis=axis, warmup=q.warmup)
             self.stage_quantizers[stage] = (
                 quantizer, quantizer.build(tf.TensorShape(shapes[stage]), stage, self))
 
     def _stage_ranges(self, training, ranges):
-        """A stage hook for `_winograd` that updates each stage's range and records it."""
+        """A stage hook for :func:`winograd_conv` that updates each stage's range and records it."""
         from wa_tf.quantizers import fake_quant  # pylint: disable=import-outside-toplevel
 
         def quantize(stage, x):
@@ -339,27 +428,37 @@ class WinogradConv2D(tf_keras.layers.Layer):
         return run(x, *weights)
 
     def _winograd(self, x, kernel, a_t, b_t, g, quantize):
-        """The Winograd pipeline; ``quantize(stage, tensor)`` fake-quantizes each stage."""
-        m, r = self.tile_size, self.kernel_size[0]
-        t = m + r - 1
-        n, c, k = _dim(x, 0), kernel.shape[2], self.filters
-        # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
-        # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
-        g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
-        u = apply_transform(g, g_cm)
-        u = quantize("weights_winograd", tf.reshape(u, [t * t, c, k]))
-        # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
-        d, geo = extract_tiles(x, m, r, self.padding)
-        out_h, out_w, n_h, n_w = geo[:4]
-        v = apply_transform(b_t, d)
-        v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
-        # Element-wise stage, summed over input channels: t*t GEMMs.
-        mm = quantize("hadamard", tf.matmul(v, u))
-        # Output transform Y = A_t M A_t^T, then untile and crop.
-        # M is row-major, read as column-major: the output tiles come out
-        # transposed, (j, i), which untile undoes for free in its transpose.
-        y = apply_transform(a_t, tf.reshape(mm, [t * t, -1]))
-        return untile(y, m, n, n_h, n_w, k, out_h, out_w)
+        return winograd_conv(x, kernel, a_t, b_t, g, self.tile_size, self.padding, quantize)
+
+    def _pipeline_transform(self, transform, training):
+        """A transform as the pipeline takes it: cast, and quantized when static."""
+        transform = tf.cast(transform, self.compute_dtype)
+        if self.transform_quantizer is None:
+            return transform
+        return self.transform_quantizer(transform, training, {})
+
+    def winograd_weights(self, kernel=None, g=None):
+        """The layer's Winograd-domain weights ``U = G g G^T``, (t*t, C, K).
+
+        Computed as the layer's pipeline computes them (before the
+        ``weights_winograd`` stage quantizer), so in a graph they are the very
+        values the layer uses.
+
+        Args:
+          kernel: The kernel to transform; default the layer's ``kernel``.  For
+            a layer inside a TF-MOT QuantizeWrapper pass the wrapper's
+            fake-quantized kernel (:func:`wa_tf.quantization.inference_weight`):
+            the wrapped layer's attribute holds a tensor of the wrapper's last call.
+          g: The transform G; default the layer's (quantized from its own range
+            when static and quantized, as the layer does).  Flex transforms of a
+            wrapped layer are quantized by the wrapper: pass them likewise.
+
+        Returns:
+          U, a (t*t, C, K) tensor.
+        """
+        kernel = tf.cast(self.kernel if kernel is None else kernel, self.compute_dtype)
+        g = self._pipeline_transform(self.G, False) if g is None else tf.cast(g, self.compute_dtype)
+        return winograd_weights(kernel, g)
 
     def call(self, inputs, training=None):
         # A plain signature: TF-MOT's QuantizeWrapperV2 passes `training` only
@@ -374,9 +473,8 @@ class WinogradConv2D(tf_keras.layers.Layer):
         # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
         # replaces them with their fake-quantized tensors before each call.
         x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
-        weights = [tf.cast(w, self.compute_dtype) for w in (self.kernel, self.A_t, self.B_t, self.G)]
-        if self.transform_quantizer is not None:
-            weights[1:] = [self.transform_quantizer(w, training, {}) for w in weights[1:]]
+        weights = [tf.cast(self.kernel, self.compute_dtype)] + [
+            self._pipeline_transform(w, training) for w in (self.A_t, self.B_t, self.G)]
         if self.recompute:
             y = self._recomputed(x, weights, training)
         else:
@@ -408,6 +506,6 @@ class WinogradConv2D(tf_keras.layers.Layer):
             "bias_initializer": tf_keras.initializers.serialize(self.bias_initializer),
             "points": self.points,
             "recompute": self.recompute,
-            "quantization": self.quantization,
+            "quantization": None if self.quantization is None else self.quantization.get_config(),
         })
         return config

@@ -24,7 +24,8 @@ import math
 import numpy as np
 import tf_keras
 
-from wa_tf.layers import WinogradConv2D, tile_geometry
+from wa_tf.layers import WinogradConv2D
+from wa_tf.transforms import is_int, tile_geometry
 
 CONV_MODES = ("normal", "static", "flex")
 TILE_SIZES = (2, 4, 6)
@@ -44,17 +45,13 @@ def _torch_kernel_init():
     return tf_keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_conv(conv):
     if conv not in CONV_MODES:
         raise ValueError(f"conv must be one of {', '.join(CONV_MODES)}; got {conv!r}")
 
 
 def _check_tile_size(tile_size):
-    if not _is_int(tile_size) or tile_size not in TILE_SIZES:
+    if not is_int(tile_size) or tile_size not in TILE_SIZES:
         raise ValueError(f"tile_size must be one of {TILE_SIZES}; got {tile_size!r}")
 
 
@@ -143,10 +140,12 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
     if int(STAGE_CHANNELS[0] * width_multiplier) < 1:
         raise ValueError(f"width_multiplier must be at least 1/{STAGE_CHANNELS[0]} so every "
                          f"stage has a channel; got {width_multiplier!r}")
-    if not _is_int(num_classes) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
-    if bits is not None and (not _is_int(bits) or not 2 <= bits <= 16):
-        raise ValueError(f"bits must be None (float) or an integer in 2..16; got {bits!r}")
+    if bits is not None:
+        # Imported here: the float model does not need the quantizers (nor TF-MOT).
+        from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
+        check_bits(bits, "bits")
     try:
         input_shape = tuple(int(d) for d in input_shape)
     except (TypeError, ValueError):
@@ -190,11 +189,11 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
 def _layer_bits(layer, inner):
     """Bit-width of a table layer: 'FP' when neither wrapped nor quantized."""
     if isinstance(inner, WinogradConv2D) and inner.quantization:
-        return inner.quantization["bits"]
+        return inner.quantization.bits
     config = getattr(layer, "quantize_config", None)
     for attr in ("bits", "num_bits"):
         value = getattr(config, attr, None)
-        if _is_int(value):
+        if is_int(value):
             return int(value)
     return "FP"
 
@@ -210,9 +209,9 @@ def _multiplies(inner, input_shape, output_shape):
     if not isinstance(inner, WinogradConv2D):
         return direct, direct
     m, r = inner.tile_size, inner.kernel_size[0]
-    _, _, n_h, n_w, _, _, _ = tile_geometry(input_shape[1], input_shape[2], m, r, inner.padding)
+    geo = tile_geometry(input_shape[1], input_shape[2], m, r, inner.padding)
     t = m + r - 1
-    return t * t * n_h * n_w * kernel[2] * kernel[3], direct
+    return t * t * geo.n_h * geo.n_w * kernel[2] * kernel[3], direct
 
 
 def _format_table(header, rows):

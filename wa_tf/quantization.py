@@ -12,8 +12,9 @@ every tensor with its own :class:`~wa_tf.quantizers.EMAQuantizer`:
 * ``WinogradConv2D``: the kernel, flex transforms ``A_t``, ``B_t``, ``G`` and
   the output (:class:`WinogradQuantizeConfig`); the layer itself quantizes
   the Winograd-domain weights and input, the element-wise stage (its
-  ``quantization`` dict, optionally per tap) and static transforms (from their
-  own range, i.e. quantized once and frozen).
+  ``quantization``, a :class:`~wa_tf.layers.WinogradQuantization`, optionally
+  per tap) and static transforms (from their own range, i.e. quantized once
+  and frozen).
 
 BatchNormalization, activations, pooling and other layers stay float, and so
 do, by default, the first convolution (stem) and the last ``Dense``.
@@ -33,8 +34,10 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
-from wa_tf.layers import WinogradConv2D
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits
+from wa_tf.layers import WinogradConv2D, WinogradQuantization
+from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits, fake_quant
+from wa_tf.tfmot_adapter import (inbound_nodes, is_graph_network, is_quantize_wrapper,
+                                 weight_quantizers)
 
 _tfmot_q = tfmot.quantization.keras
 
@@ -111,13 +114,28 @@ def float_weight(layer, name: str):
     raise ValueError(f"layer {layer.name!r} has no weight named {name!r}")
 
 
+def inference_weight(layer, name: str):
+    """Weight ``name`` of a possibly wrapped layer as it is used at inference.
+
+    The wrapper's fake-quantized weight with the quantizer's current range
+    (read without updating the quantizer), or the float variable when the
+    wrapper does not quantize it.
+    """
+    if is_quantize_wrapper(layer):
+        for variable, quantizer, state in weight_quantizers(layer):
+            if weight_name(variable) == name:
+                return fake_quant(variable, quantizer.inference_range(state, variable),
+                                  quantizer.num_bits)
+    return float_weight(layer, name)
+
+
 def input_quant_layer(layer) -> Optional[tf_keras.layers.Layer]:
     """The ``<layer>_input_quant`` layer feeding ``layer`` (called once), or None.
 
     :func:`quantize_model` inserts it in front of every quantized layer; after
     ``quantize_apply`` both are QuantizeWrappers.
     """
-    nodes = layer._inbound_nodes  # pylint: disable=protected-access
+    nodes = inbound_nodes(layer)
     if len(nodes) != 1:
         return None
     inbound = nodes[0].inbound_layers
@@ -308,7 +326,7 @@ def _rewrite_config(config, targets, winograd, quantization):
             call_kwargs = source[3] if len(source) > 3 else {}
             entry = dict(entry, inbound_nodes=[[[quant_name, 0, 0, call_kwargs]]])
             if name in winograd:
-                entry["config"] = dict(entry["config"], quantization=dict(quantization))
+                entry["config"] = dict(entry["config"], quantization=quantization.get_config())
         layers.append(entry)
     return dict(config, layers=layers)
 
@@ -356,9 +374,9 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     Raises:
       ValueError: For bad arguments or a model that cannot be quantized.
     """
-    bits = check_bits(bits, "bits")
-    warmup = bool(warmup)
-    if not isinstance(model, tf_keras.Model) or not getattr(model, "_is_graph_network", False):
+    spec = WinogradQuantization(check_bits(bits, "bits"), per_tap, warmup)
+    bits, warmup = spec.bits, spec.warmup
+    if not isinstance(model, tf_keras.Model) or not is_graph_network(model):
         raise ValueError("model must be a built functional or Sequential tf_keras.Model, "
                          f"got {type(model).__name__}")
     if isinstance(model, tf_keras.Sequential):
@@ -377,8 +395,7 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
                          "(the first convolution and the last Dense stay float unless "
                          "quantize_first / quantize_last)")
     winograd = {name for name, c in configs.items() if isinstance(c, WinogradQuantizeConfig)}
-    config = _rewrite_config(model.get_config(), set(configs), winograd, {
-        "bits": bits, "per_tap": bool(per_tap), "warmup": warmup})
+    config = _rewrite_config(model.get_config(), set(configs), winograd, spec)
     configs.update({name + INPUT_QUANT_SUFFIX: OutputQuantizeConfig(bits)
                     for name in list(configs)})
     with quantize_scope():

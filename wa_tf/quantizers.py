@@ -17,13 +17,14 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
+from wa_tf.transforms import is_int
+
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
 
 
 def check_bits(num_bits, name="num_bits"):
     """Returns `num_bits` as an int, or raises ValueError unless it is 2..16."""
-    if (not isinstance(num_bits, (int, np.integer)) or isinstance(num_bits, bool)
-            or not 2 <= num_bits <= 16):
+    if not is_int(num_bits) or not 2 <= num_bits <= 16:
         raise ValueError(f"{name} must be an integer from 2 to 16, got {num_bits!r}")
     return int(num_bits)
 
@@ -133,7 +134,7 @@ class EMAQuantizer(_Quantizer):
         self.num_bits = check_bits(num_bits)
         if not 0.0 < float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum!r}")
-        if axis is not None and (not isinstance(axis, (int, np.integer)) or isinstance(axis, bool)):
+        if axis is not None and not is_int(axis):
             raise ValueError(f"axis must be None or an int, got {axis!r}")
         self.momentum = float(momentum)
         self.axis = None if axis is None else int(axis)
@@ -196,7 +197,7 @@ class EMAQuantizer(_Quantizer):
         initialized_var = weights["initialized_var"]
         static_training = _static_bool(training)
         if static_training is False and not self.warmup:
-            return self._broadcast(symmetric_range(min_var, max_var), inputs)
+            return self.inference_range(weights, inputs)
 
         batch_min, batch_max = self._batch_min_max(inputs)
         old_min, old_max = tf.identity(min_var), tf.identity(max_var)
@@ -220,6 +221,21 @@ class EMAQuantizer(_Quantizer):
                                       initialized_var.assign(new_initialized)]):
             range_ = tf.identity(symmetric_range(new_min, new_max))
         return self._broadcast(range_, inputs)
+
+    def inference_range(self, weights, inputs=None):
+        """The range the quantizer holds now, read without updating its state.
+
+        This is the range it applies at inference once it has statistics; 0
+        before (``fake_quant`` then uses scale 1, where a warm-up quantizer's
+        ``__call__`` would take the range of the incoming batch instead).
+
+        Args:
+          weights: The state returned by ``build``.
+          inputs: When given, the range is shaped to broadcast to ``inputs``
+            (per-axis ranges); otherwise a scalar or ``(n,)`` tensor.
+        """
+        range_ = symmetric_range(weights["min_var"], weights["max_var"])
+        return range_ if inputs is None else self._broadcast(range_, inputs)
 
     def get_config(self):
         return {"num_bits": self.num_bits, "momentum": self.momentum, "axis": self.axis,
@@ -252,7 +268,12 @@ class MaxAbsQuantizer(_Quantizer):
 
     def __call__(self, inputs, training, weights, **kwargs):
         inputs = tf.convert_to_tensor(inputs)
-        return fake_quant(inputs, tf.reduce_max(tf.abs(inputs)), self.num_bits)
+        return fake_quant(inputs, self.inference_range(weights, inputs), self.num_bits)
+
+    def inference_range(self, weights, inputs):
+        """``max|inputs|``, the range the quantizer applies (it has no state)."""
+        del weights
+        return tf.reduce_max(tf.abs(tf.convert_to_tensor(inputs)))
 
     def get_config(self):
         return {"num_bits": self.num_bits}

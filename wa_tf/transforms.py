@@ -23,9 +23,13 @@ Lavin's published matrices; it does not change the product, so the algorithm is
 exact for any distinct points.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+# Winograd-domain tensors of the 2-D pipeline that can carry a quantizer, in
+# pipeline order: U = G g G^T, V = B_t d B_t^T and the element-wise stage M = U * V.
+STAGES = ("weights_winograd", "input_winograd", "hadamard")
 
 # Default interpolation points (the point at infinity is always appended).
 # F2 and F4 use Lavin & Gray's points; F6 uses 0, +-1, +-2, +-1/2, the
@@ -70,11 +74,21 @@ def default_points(m: int, r: int) -> Tuple[float, ...]:
     return tuple(pts)
 
 
+def is_int(value) -> bool:
+    """True for a Python or NumPy integer, False for anything else (bools included)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_tile_size(m, name: str = "tile size m") -> int:
+    """Returns the output tile size ``m`` as an int, or raises ValueError unless it is >= 1."""
+    if not is_int(m) or m < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {m!r}")
+    return int(m)
+
+
 def _check_sizes(m, r):
-    if not isinstance(m, (int, np.integer)) or isinstance(m, bool) or m < 1:
-        raise ValueError(f"tile size m must be an integer >= 1, got {m!r}")
-    if (not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1
-            or r % 2 == 0):
+    check_tile_size(m)
+    if not is_int(r) or r < 1 or r % 2 == 0:
         raise ValueError(f"filter size r must be an odd integer >= 1, got {r!r}")
 
 
@@ -157,3 +171,41 @@ def winograd_correlate_2d(d: np.ndarray, g: np.ndarray, A_t, B_t, G) -> np.ndarr
 def multiplies(m: int, r: int) -> Tuple[int, int]:
     """Returns (Winograd, direct) multiplies for one m x m output tile, per channel pair."""
     return (m + r - 1) ** 2, (m * r) ** 2
+
+
+class TileGeometry(NamedTuple):
+    """How F(m x m, r x r) tiles an input (see :func:`tile_geometry`)."""
+
+    out_h: int  # output height
+    out_w: int  # output width
+    n_h: int  # tile rows, ceil(out_h / m)
+    n_w: int  # tile columns
+    pad_top: int  # zero rows above the input
+    pad_left: int  # zero columns left of the input
+    extra: int  # m-blocks a t x t tile reaches past its own, ceil((r - 1) / m)
+
+
+def tile_geometry(height, width, m: int, r: int, padding: str) -> TileGeometry:
+    """Output size, tile counts and padding of a stride-1 Winograd convolution.
+
+    Tile (i, j) reads the padded input rows ``i*m .. i*m + t - 1`` (and the same
+    columns), ``t = m + r - 1``; 'same' pads ``(r - 1) // 2`` zeros before the
+    input, as ``tf.nn.conv2d``.  ``height`` and ``width`` may be scalar tensors.
+
+    Args:
+      height, width: Input spatial size.
+      m: Output tile size.
+      r: Filter size (odd).
+      padding: 'same' or 'valid'.
+
+    Returns:
+      A :class:`TileGeometry`.
+    """
+    if padding == "same":
+        out_h, out_w, pad = height, width, (r - 1) // 2
+    else:
+        out_h, out_w, pad = height - r + 1, width - r + 1, 0
+    n_h = (out_h + m - 1) // m
+    n_w = (out_w + m - 1) // m
+    extra = -(-(r - 1) // m)
+    return TileGeometry(out_h, out_w, n_h, n_w, pad, pad, extra)

@@ -1,0 +1,124 @@
+"""Command-line glue shared by ``bin/evaluate.py`` and ``bin/export.py``.
+
+Both binaries name a training run with ``--modelDir`` and ``--checkpoint``, may
+override its ``--data_dir`` and ``--batch_size``, and report bad input as one
+``error:`` line.  The library functions they call raise ``ValueError``s about
+their own arguments; the functions here name the flag that set the argument.
+"""
+
+import copy
+import re
+from typing import Callable
+
+from absl import flags, logging
+
+# A message that starts with the name of the argument it is about ("checkpoint: ...").
+_SUBJECT = re.compile(r"(--)?\w+: ")
+
+
+def define_run_flags(flag_values=None):
+    """Defines --modelDir, --checkpoint, --data_dir and --batch_size.
+
+    --data_dir and --batch_size are the training binaries' own flags
+    (:mod:`wa_tf.training.flags`); here they override the run's values.
+    """
+    from wa_tf.training import flags as wa_flags  # pylint: disable=import-outside-toplevel
+    fv = flags.FLAGS if flag_values is None else flag_values
+    training = flags.FlagValues()
+    wa_flags.define_flags(training)
+    helps = {
+        "modelDir": "Experiment folder of a bin/train.py or bin/adapt.py run.",
+        "data_dir": training["data_dir"].help + " When given, overrides the run's.",
+        "batch_size": "Batch size; when given, overrides the run's.",
+    }
+    for name, help_text in helps.items():
+        flag = copy.deepcopy(training[name])
+        flag.help = help_text
+        flags.DEFINE_flag(flag, flag_values=fv)
+    flags.DEFINE_string("checkpoint", "best", "Checkpoint of the run: best (best validation "
+                        "accuracy), final, or a checkpoint path prefix.", flag_values=fv)
+
+
+def flag_error(flag: str, error: Exception) -> ValueError:
+    """A library error about the argument ``flag`` sets, as one line naming ``flag``.
+
+    A message that starts with the library's own name for the argument
+    (``"checkpoint: no checkpoint ..."``) has that name replaced by the flag.
+    """
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    subject = _SUBJECT.match(message)
+    return ValueError(f"{flag}: {message[subject.end():] if subject else message}")
+
+
+def _run_flag_values(flag_values):
+    fv = flags.FLAGS if flag_values is None else flag_values
+    if not fv.modelDir:
+        raise ValueError("--modelDir is required: the experiment folder of a training run")
+    return fv
+
+
+def read_run_flags(flag_values=None) -> dict:
+    """The flags of the run named by --modelDir, with --data_dir / --batch_size applied.
+
+    Raises:
+      ValueError: naming --modelDir, for a missing or invalid folder.
+    """
+    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
+    fv = _run_flag_values(flag_values)
+    try:
+        config = experiment.read_flags(fv.modelDir)
+    except ValueError as e:
+        raise flag_error("--modelDir", e) from None
+    return run_config(config, fv)
+
+
+def load_run(flag_values=None):
+    """The model and flags of the run named by --modelDir / --checkpoint / --data_dir.
+
+    Raises:
+      ValueError: naming --modelDir for a missing or invalid folder, and
+        --checkpoint for a missing checkpoint or one that does not fit the model.
+    """
+    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
+    fv = _run_flag_values(flag_values)
+    config = read_run_flags(fv)
+    # The folder is valid: what fails from here on is the checkpoint.
+    try:
+        model, _ = experiment.load_model(fv.modelDir, checkpoint=fv.checkpoint)
+    except ValueError as e:
+        raise flag_error("--checkpoint", e) from None
+    return model, config
+
+
+def run_config(config: dict, flag_values=None) -> dict:
+    """A run's flags with --data_dir / --batch_size applied when given."""
+    fv = flags.FLAGS if flag_values is None else flag_values
+    config = dict(config)
+    for name in ("data_dir", "batch_size"):
+        if fv[name].present:
+            config[name] = fv[name].value
+    return config
+
+
+def run_normalization(model_dir: str, config: dict):
+    """(mean, std) of a run's dataset: from its metrics.json, else from the data."""
+    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
+    meta = (experiment.read_metrics(model_dir) or {}).get("dataset") or {}
+    if "mean" in meta and "std" in meta:
+        return tuple(meta["mean"]), tuple(meta["std"])
+    from wa_tf import data  # pylint: disable=import-outside-toplevel
+    _, info = data.load(config["dataset"], data_dir=config.get("data_dir") or None,
+                        seed=int(config.get("seed", 1)))
+    return info.mean, info.std
+
+
+def run_cli(fn: Callable[[], object]):
+    """Runs ``fn``; bad input (ValueError, missing matplotlib) exits with one line."""
+    from wa_tf.training import flags as wa_flags  # pylint: disable=import-outside-toplevel
+    if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+        # TensorFlow's INFO lines (SavedModel writing) would bury the results.
+        logging.set_verbosity(logging.WARNING)
+    try:
+        fn()
+    except (ValueError, ImportError) as e:
+        wa_flags.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
