@@ -5,11 +5,12 @@ For each searchable 3x3 convolution of the ResNet-18-like model at --mult,
 times each candidate of --candidates (normal, F2, F4, F6; F6 only where its
 tile fits) in its deployed FP32 form (frozen weights; Winograd with the
 weights precomputed), at batch 1 and --batch_size, and keeps the median of
---repeats calls.  Prints the table and writes the JSON that
+--repeats calls (the candidates of a layer timed in turns).  Prints the table and writes the JSON that
 ``--cost_model=measured`` (wa_tf.cost.TableCost) reads:
 
   bin/latency_table.py --mult=0.5 --batch_size=8 --output=latency_table.json
   bin/latency_table.py --mult=0.5 --threads=1      # one core, as on a phone
+  bin/latency_table.py --mult=0.5 --jit_compile    # XLA-fused layers
 
 The format is described in docs/winas.md.  Integer bit-widths are not
 measured: the table derives them from its FP32 entries (``derive_bits``).
@@ -31,6 +32,8 @@ flags.DEFINE_list("candidates", list(cost.CANDIDATE_NAMES),
                   f"Candidates to time, of {', '.join(cost.CANDIDATE_NAMES)}.")
 flags.DEFINE_integer("threads", 0, "TensorFlow intra-op threads (0: TensorFlow's default, "
                      "all cores).")
+flags.DEFINE_boolean("jit_compile", False, "Compile each layer with XLA (fused kernels) "
+                     "instead of running TensorFlow's graph of ops.")
 flags.DEFINE_string("device", None, "Device description stored in the table (default: the "
                     "CPU model and TensorFlow version).")
 flags.DEFINE_string("output", cost.DEFAULT_TABLE, "JSON file to write.")
@@ -87,7 +90,7 @@ def main(argv):
           f"{FLAGS.image_size} images), candidates {','.join(FLAGS.candidates)}, batch sizes "
           f"{batch_sizes}, median of {FLAGS.repeats} calls", flush=True)
     table = latency.measure_table(layers, FLAGS.candidates, batch_sizes, FLAGS.repeats,
-                                  device=FLAGS.device,
+                                  device=FLAGS.device, jit_compile=FLAGS.jit_compile,
                                   progress=lambda line: print("  " + line, flush=True))
     if FLAGS.threads:
         table["metadata"]["intra_op_threads"] = FLAGS.threads

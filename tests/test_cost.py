@@ -235,6 +235,11 @@ def test_deployed_layer_computes_the_convolution(layer, candidate):
     fn, x, kernel = latency.deployed_layer(layer, candidate, batch_size=2)
     expected = tf.nn.conv2d(x, kernel, 1, "SAME")
     np.testing.assert_allclose(fn(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    if candidate == F4:  # the same graph compiled by XLA
+        fn, _, _ = latency.deployed_layer(layer, candidate, batch_size=2, jit_compile=True)
+        np.testing.assert_allclose(fn(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+        times = latency.median_ms([fn, fn], x, repeats=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
     with pytest.raises(ValueError, match="FP32 only"):
         latency.deployed_layer(layer, candidate.with_bits(8), 1)
 

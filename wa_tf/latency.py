@@ -18,7 +18,7 @@ reads (``bin/latency_table.py`` prints and writes it).
 import datetime
 import platform
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -70,13 +70,14 @@ def winograd_inference(x, u, a_t, b_t, m: int, r: int):
 
 
 def deployed_layer(layer: cost.LayerSpec, candidate: cost.Candidate, batch_size: int,
-                   seed: int = 0):
+                   seed: int = 0, jit_compile: bool = False):
     """The deployed FP32 form of `layer` as `candidate`, and an input to time it on.
 
     Returns:
       ``(fn, x, kernel)``: ``fn(x)`` is a traced ``tf.function`` with frozen
       weights computing the 'same' convolution of `x` with `kernel` (numpy,
-      ``(r, r, C_in, C_out)``).
+      ``(r, r, C_in, C_out)``).  Every candidate of the same layer and seed
+      gets the same kernel and input.  With `jit_compile`, XLA compiles it.
 
     Raises:
       ValueError: For an integer bit-width (measured in FP32 only) or a
@@ -96,7 +97,7 @@ def deployed_layer(layer: cost.LayerSpec, candidate: cost.Candidate, batch_size:
     if candidate.algorithm == cost.NORMAL:
         frozen = tf.constant(kernel)
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], jit_compile=jit_compile)
         def fn(inputs):
             return tf.nn.conv2d(inputs, frozen, 1, "SAME")
     else:
@@ -105,25 +106,30 @@ def deployed_layer(layer: cost.LayerSpec, candidate: cost.Candidate, batch_size:
         u = tf.constant(winograd_weights(kernel, m), tf.float32)
         a_t, b_t = tf.constant(a_t, tf.float32), tf.constant(b_t, tf.float32)
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], jit_compile=jit_compile)
         def fn(inputs):
             return winograd_inference(inputs, u, a_t, b_t, m, r)
     return fn, x, kernel
 
 
-def median_ms(fn: Callable, x, repeats: int) -> float:
-    """Median wall time of ``fn(x)`` over `repeats` calls, in ms, after warm-up calls.
+def median_ms(fns: Sequence[Callable], x, repeats: int) -> List[float]:
+    """Median wall time of each ``fn(x)`` of `fns` over `repeats` calls, in ms.
 
+    After warm-up calls, the functions are timed in turns (one call of each
+    per round), so that load from other processes on a shared machine falls
+    on all of them alike rather than on whichever ran during a busy spell.
     On the CPU a ``tf.function`` call returns once its graph has run.
     """
-    for _ in range(WARMUP_CALLS):
-        fn(x)
-    times = []
+    for fn in fns:
+        for _ in range(WARMUP_CALLS):
+            fn(x)
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            fn(x)
+            fn_times.append(time.perf_counter() - start)
+    return [float(np.median(t) * 1e3) for t in times]
 
 
 def cpu_model() -> str:
@@ -141,7 +147,7 @@ def cpu_model() -> str:
 
 def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.CANDIDATE_NAMES,
                   batch_sizes: Sequence[int] = (1,), repeats: int = 20,
-                  device: Optional[str] = None,
+                  device: Optional[str] = None, jit_compile: bool = False,
                   progress: Optional[Callable[[str], None]] = None) -> Dict:
     """Times every allowed candidate of every layer; returns a latency table.
 
@@ -153,6 +159,8 @@ def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.
       batch_sizes: Batch sizes to time each at.
       repeats: Timed calls per configuration (the median is kept).
       device: The table's device description; default: the CPU model.
+      jit_compile: Compile each layer with XLA (fused kernels) rather than
+        running TensorFlow's graph of ops.
       progress: Called with one line per configuration timed.
 
     Returns:
@@ -173,22 +181,21 @@ def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
     latency = {str(b): {} for b in batch_sizes}
-    measured = {}  # (shape key, candidate key, batch) -> ms
+    measured = {}  # (shape key, batch) -> {candidate key: ms}
     with tf.device("/CPU:0"):
         for layer in layers:
             for batch in batch_sizes:
-                entries = latency[str(batch)].setdefault(layer.name, {})
-                for candidate in candidates:
-                    if not cost.is_allowed(layer, candidate):
-                        continue
-                    key = (layer.shape_key, candidate.key, batch)
-                    if key not in measured:
-                        fn, x, _ = deployed_layer(layer, candidate, batch)
-                        measured[key] = median_ms(fn, x, repeats)
-                        if progress:
-                            progress(f"{layer.shape_key} {candidate.key:>6} batch {batch}: "
-                                     f"{measured[key]:.3f} ms")
-                    entries[candidate.key] = round(measured[key], 4)
+                key = (layer.shape_key, batch)
+                if key not in measured:
+                    allowed = [c for c in candidates if cost.is_allowed(layer, c)]
+                    built = [deployed_layer(layer, c, batch, jit_compile=jit_compile)
+                             for c in allowed]
+                    times = median_ms([fn for fn, _, _ in built], built[0][1], repeats)
+                    measured[key] = {c.key: round(ms, 4) for c, ms in zip(allowed, times)}
+                    if progress:
+                        progress(f"{layer.shape_key} batch {batch}: " + ", ".join(
+                            f"{k} {ms:.3f}" for k, ms in measured[key].items()) + " ms")
+                latency[str(batch)][layer.name] = dict(measured[key])
     return {
         "format": cost.TABLE_FORMAT,
         "version": cost.TABLE_VERSION,
@@ -200,6 +207,7 @@ def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.
             "repeats": repeats,
             "statistic": "median",
             "precision": "fp32",
+            "jit_compile": bool(jit_compile),
             "derive_bits": "analytic",
         },
         "latency_ms": latency,
