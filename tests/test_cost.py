@@ -62,6 +62,8 @@ def test_analytic_cost_hand_worked():
     assert AnalyticCost().cost(layer, F2) == 16 + 56 + 72 * 4
     # Normal: 2*2*9 MACs; input 4, patches 36, weights 9, output 4 = 53 elements.
     assert AnalyticCost().cost(layer, NORMAL) == 36 + 53 * 4
+    # Batch 4: the weights' bytes are shared by 4 images.
+    assert AnalyticCost(batch_size=4).cost(layer, F2) == 16 + 56 + (56 + 16 / 4) * 4
     # The weights' transform (G g G^T) is counted apart, never charged.
     assert cost.operation_counts(layer, F2).weight_transform_ops > 0
     assert AnalyticCost(op_weight=0, byte_weight=0).cost(layer, F2) == 16
@@ -76,10 +78,23 @@ def test_analytic_ordering_and_transform_overhead():
     # Same multiplies here (F6's tiles overhang 16 x 16), dearer transforms.
     assert f6["macs"] == f4["macs"] and f6["transforms"] > 1.5 * f4["transforms"]
     assert costs["F6"] > costs["F4"]
-    # Tiles: F4 reads (6/4)^2 as many input elements as there are inputs.
+    # Tiles: F4 reads (6/4)^2 as many input elements as there are inputs; U is
+    # 36/9 times the kernel.
     counts = cost.operation_counts(layer, F4)
-    assert counts.elements == (16 * 16 * 64 + 2 * 16 * 36 * 64 + 36 * 64 * 64 + 16 * 36 * 64
-                               + 16 * 16 * 64)
+    assert counts.activation_elements == (16 * 16 * 64 + 2 * 16 * 36 * 64 + 16 * 36 * 64
+                                          + 16 * 16 * 64)
+    assert counts.weight_elements == 4 * cost.operation_counts(layer, NORMAL).weight_elements
+
+
+def test_weights_read_once_per_batch():
+    layer = LayerSpec(4, 4, 256, 256)
+    # U (36 x 256 x 256 FP32) dominates F4 at batch 1: it loses to the direct
+    # convolution on the last stage; at batch 8 it is read once for 8 images.
+    batch1, batch8 = AnalyticCost(batch_size=1), AnalyticCost(batch_size=8)
+    assert batch1.cost(layer, F4) > batch1.cost(layer, NORMAL)
+    assert batch8.cost(layer, F4) < batch8.cost(layer, NORMAL)
+    saved = batch1.cost(layer, F4) - batch8.cost(layer, F4)
+    assert saved == pytest.approx(36 * 256 * 256 * 4 * (1 - 1 / 8))
 
 
 @pytest.mark.parametrize("candidate", [NORMAL, F2, F4, F6])

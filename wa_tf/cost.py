@@ -18,7 +18,8 @@ For one image and ``'same'`` padding, with ``t = m + r - 1`` and
 ``P = ceil(H/m) * ceil(W/m)`` tiles (partial tiles at the border are paid in
 full)::
 
-    cost = s(bits) * (MACS + OPS) + BYTE_WEIGHT * BYTES
+    cost = s(bits) * (MACS + OP_WEIGHT * OPS)
+           + BYTE_WEIGHT * (ACTIVATION_BYTES + WEIGHT_BYTES / batch)
 
 * ``MACS``, the multiply-accumulates of the main stage:
 
@@ -44,26 +45,29 @@ full)::
   figures); F6's matrices have far more entries that are not +-1.
 
 * ``BYTES``: every tensor the layer reads or writes, once, at the bit-width's
-  element size ``bytes(bits)``:
+  element size ``bytes(bits)``; the weights are read once per batch:
 
-  - normal: input ``H W C_in``, im2row patches ``H W r^2 C_in``, weights
-    ``r^2 C_in C_out``, output ``H W C_out``;
-  - Winograd: input ``H W C_in``, tiles ``P t^2 C_in`` (the ``(t/m)^2``
-    inflation of overlapping tiles) and their transform ``V`` (as many), the
-    Winograd-domain weights ``U``, ``t^2 C_in C_out``, the element-wise product
-    ``P t^2 C_out``, and the output tiles ``P m^2 C_out``.
+  - normal: activations: input ``H W C_in``, im2row patches ``H W r^2 C_in``,
+    output ``H W C_out``; weights ``r^2 C_in C_out``;
+  - Winograd: activations: input ``H W C_in``, tiles ``P t^2 C_in`` (the
+    ``(t/m)^2`` inflation of overlapping tiles) and their transform ``V`` (as
+    many), the element-wise product ``P t^2 C_out`` and the output tiles
+    ``P m^2 C_out``; weights: the Winograd-domain ``U``, ``t^2 C_in C_out``
+    (``t^2 / r^2`` times the kernel: 4x for F4, which makes Winograd lose on
+    the small maps and wide layers of the last stage at batch 1).
 
 * Bit-width scaling: FP32 is the unit, ``s(None) = 1`` and ``bytes(None) = 4``;
   an integer bit-width ``b`` scales both operations and bytes by ``b / 32``
   (``s(b) = b/32``, ``bytes(b) = b/8``), as SIMD lanes and memory traffic both
   scale with the element size: INT8 is 4x cheaper than FP32, INT16 2x.
 
-* Weights: ``BYTE_WEIGHT = 1`` multiply-accumulate per byte moved (one FP32
-  element = 4), a compute-to-bandwidth ratio between a cache-resident desktop
-  CPU and a phone's.  Both weights are arguments of :class:`AnalyticCost`.
+* Weights: ``OP_WEIGHT = 1``; ``BYTE_WEIGHT = 1`` multiply-accumulate per
+  byte moved (one FP32 element = 4), a compute-to-bandwidth ratio between a
+  cache-resident desktop CPU and a phone's.  Both are arguments of
+  :class:`AnalyticCost`, as is the batch size (default 1).
 
-The unit is one FP32 multiply-accumulate per image: batches cost ``batch``
-times as much.  At 16x16x64 -> 64, FP32, this gives normal 10.3 M, F2 5.6 M,
+The unit is one FP32 multiply-accumulate per image.  At 16x16x64 -> 64, FP32,
+batch 1, this gives normal 10.3 M, F2 5.6 M,
 F4 4.1 M, F6 5.0 M: F4 is cheapest; F6 has no fewer multiplies there (3 x 3
 tiles cover 18 x 18 outputs for 16 x 16) and pays twice F4's transforms.
 
@@ -301,15 +305,23 @@ class OperationCounts:
       output_transform_ops: Those of ``A_t M A_t^T``.
       weight_transform_ops: Those of ``G g G^T``, once per deployment, not per
         image: never part of the cost.
-      elements: Elements of every tensor read or written (see the docstring).
+      activation_elements: Elements of the activations read or written
+        (input, im2row patches or tiles, Winograd-domain tensors, output).
+      weight_elements: Elements of the weights read: the kernel, or ``U``.
       tiles: Winograd tiles ``P`` (0 for normal).
     """
     macs: int
     input_transform_ops: int
     output_transform_ops: int
     weight_transform_ops: int
-    elements: int
+    activation_elements: int
+    weight_elements: int
     tiles: int
+
+    @property
+    def elements(self) -> int:
+        """Elements moved for one image at batch 1 (activations and weights)."""
+        return self.activation_elements + self.weight_elements
 
     @property
     def transform_ops(self) -> int:
@@ -329,8 +341,8 @@ def operation_counts(layer: LayerSpec, candidate: Candidate) -> OperationCounts:
     h, w, c, k, r = (layer.height, layer.width, layer.in_channels, layer.out_channels,
                      layer.kernel_size)
     if candidate.algorithm == NORMAL:
-        elements = h * w * c + h * w * r * r * c + r * r * c * k + h * w * k
-        return OperationCounts(h * w * c * k * r * r, 0, 0, 0, elements, 0)
+        activations = h * w * c + h * w * r * r * c + h * w * k
+        return OperationCounts(h * w * c * k * r * r, 0, 0, 0, activations, r * r * c * k, 0)
     m = candidate.tile_size
     t = m + r - 1
     a_t, b_t, g = transforms.winograd_matrices(m, r)
@@ -339,9 +351,9 @@ def operation_counts(layer: LayerSpec, candidate: Candidate) -> OperationCounts:
     input_ops = tiles * c * _transform_2d_ops(b_t)
     output_ops = tiles * k * _transform_2d_ops(a_t)
     weight_ops = c * k * _transform_2d_ops(g)
-    elements = (h * w * c + 2 * tiles * t * t * c + t * t * c * k + tiles * t * t * k
-                + tiles * m * m * k)
-    return OperationCounts(macs, input_ops, output_ops, weight_ops, elements, tiles)
+    activations = h * w * c + 2 * tiles * t * t * c + tiles * t * t * k + tiles * m * m * k
+    return OperationCounts(macs, input_ops, output_ops, weight_ops, activations, t * t * c * k,
+                           tiles)
 
 
 def bytes_per_element(bits: Optional[int]) -> float:
@@ -382,18 +394,23 @@ class AnalyticCost(CostModel):
       op_weight: Weight of a transform addition or multiplication, relative
         to one multiply-accumulate.
       byte_weight: Weight of one byte moved, in multiply-accumulates.
+      batch_size: Images per call: the weights are read once per call.
     """
     unit = "FP32 MAC-equivalents per image"
 
-    def __init__(self, op_weight: float = 1.0, byte_weight: float = 1.0):
+    def __init__(self, op_weight: float = 1.0, byte_weight: float = 1.0, batch_size: int = 1):
         for name, value in (("op_weight", op_weight), ("byte_weight", byte_weight)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or \
                     not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         self.op_weight = float(op_weight)
         self.byte_weight = float(byte_weight)
+        self.batch_size = int(batch_size)
         self.description = (f"analytic: MACs + {self.op_weight:g} x transform ops, scaled by "
-                            f"bits/32, + {self.byte_weight:g} x bytes moved")
+                            f"bits/32, + {self.byte_weight:g} x bytes moved, batch "
+                            f"{self.batch_size}")
 
     def breakdown(self, layer: LayerSpec, candidate: Candidate) -> Dict[str, float]:
         """The weighted terms: ``{"macs", "transforms", "bytes", "total"}``."""
@@ -402,7 +419,8 @@ class AnalyticCost(CostModel):
         terms = {
             "macs": scale * counts.macs,
             "transforms": scale * self.op_weight * counts.transform_ops,
-            "bytes": self.byte_weight * counts.elements * bytes_per_element(candidate.bits),
+            "bytes": self.byte_weight * bytes_per_element(candidate.bits) * (
+                counts.activation_elements + counts.weight_elements / self.batch_size),
         }
         terms["total"] = sum(terms.values())
         return terms
@@ -560,7 +578,7 @@ class TableCost(CostModel):
         self.metadata = metadata
         self._entries = batches[str(batch_size)]
         self._derive = metadata.get("derive_bits", "none") == "analytic"
-        self._analytic = AnalyticCost()
+        self._analytic = AnalyticCost(batch_size=batch_size)
         self.description = (f"measured: {self.path} ({metadata['device']}, batch {batch_size}"
                             + (f", {metadata['date']}" if "date" in metadata else "") + ")")
 
@@ -594,13 +612,14 @@ def get_cost_model(source: str = "analytic", table: Optional[str] = None,
         wrote: `table`, default ``latency_table.json``); or the path of a
         JSON table in :class:`TableCost`'s format.
       table: The table 'measured' reads.
-      batch_size: The batch size of a table's latencies.
+      batch_size: The batch size: of a table's latencies, or the analytic
+        model's (the weights are read once per batch).
 
     Raises:
       ValueError: On an unknown source, or a table that is missing or invalid.
     """
     if source == "analytic":
-        return AnalyticCost()
+        return AnalyticCost(batch_size=batch_size)
     if source == "measured":
         path = table or DEFAULT_TABLE
         if not os.path.exists(path):

@@ -240,7 +240,7 @@ def format_table(table: Dict, layers: Sequence[cost.LayerSpec]) -> str:
     analytic = cost.AnalyticCost()
     lines.append("")
     lines.append("uniform architectures (F6 -> F4 where its tile does not fit): measured ms per "
-                 "batch, analytic M MAC-equivalents per image")
+                 "call, analytic M FP32 MAC-equivalents per image at batch 1")
     for key in keys:
         candidate = cost.Candidate.parse(key)
         conv = "normal" if candidate.algorithm == cost.NORMAL else "static"
