@@ -5,8 +5,9 @@ For each searchable 3x3 convolution of the ResNet-18-like model at --mult,
 times each candidate of --candidates (normal, F2, F4, F6; F6 only where its
 tile fits) in its deployed FP32 form (frozen weights; Winograd with the
 weights precomputed), at batch 1 and --batch_size, and keeps the median of
---repeats calls (the candidates of a layer timed in turns).  Prints the table and writes the JSON that
-``--cost_model=measured`` (wa_tf.cost.TableCost) reads:
+--repeats calls (the candidates of a layer timed in turns).  Prints the
+table and writes the JSON that ``--cost_model=measured`` (wa_tf.cost.TableCost)
+reads:
 
   bin/latency_table.py --mult=0.5 --batch_size=8 --output=latency_table.json
   bin/latency_table.py --mult=0.5 --threads=1      # one core, as on a phone

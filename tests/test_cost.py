@@ -111,7 +111,8 @@ def test_bits_scaling(candidate):
 def test_candidates_parse_and_keys():
     assert Candidate.parse("F4", 8) == Candidate("winograd", 4, 8)
     assert Candidate.parse("F4/int8") == Candidate("winograd", 4, 8)
-    assert Candidate.parse("normal").key == "normal" and Candidate("winograd", 6, 16).key == "F6/int16"
+    assert Candidate.parse("normal").key == "normal"
+    assert Candidate("winograd", 6, 16).key == "F6/int16"
     static = Candidate.from_choice({"conv": "static", "tile_size": 4, "bits": 8})
     flex = Candidate.from_choice({"conv": "flex", "tile_size": 4, "bits": 8})
     assert static == flex == Candidate("winograd", 4, 8)

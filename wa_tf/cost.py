@@ -36,7 +36,7 @@ full)::
   - output ``A_t M A_t^T``: ``(t + m) * ops(A_t)`` per tile and output channel;
   - weights ``G g G^T``: free, ``U`` is computed once when the model is
     deployed (:func:`operation_counts` reports it apart, never in the cost);
-  - normal: none (im2row is a copy, paid in ``BYTES``).
+  - normal: none (im2row is a copy, paid in bytes).
 
   Each addition or multiplication counts as one multiply-accumulate: the
   transforms are short, irregular passes that run at no better throughput
@@ -67,9 +67,9 @@ full)::
   :class:`AnalyticCost`, as is the batch size (default 1).
 
 The unit is one FP32 multiply-accumulate per image.  At 16x16x64 -> 64, FP32,
-batch 1, this gives normal 10.3 M, F2 5.6 M,
-F4 4.1 M, F6 5.0 M: F4 is cheapest; F6 has no fewer multiplies there (3 x 3
-tiles cover 18 x 18 outputs for 16 x 16) and pays twice F4's transforms.
+batch 1, this gives normal 10.3 M, F2 5.6 M, F4 4.1 M, F6 5.0 M: F4 is
+cheapest; F6 has no fewer multiplies there (3 x 3 tiles cover 18 x 18 outputs
+for 16 x 16) and 1.8x F4's transform operations.
 
 Layers, candidates and architectures
 ------------------------------------
