@@ -41,7 +41,7 @@ def assert_reference_quantized(y, x, range_, bits):
     got = np.round(y / scale)
     np.testing.assert_allclose(y, got * scale, rtol=1e-6, atol=0,
                                err_msg="not a multiple of the reference's scale")
-    near_tie = np.abs(np.abs(quotient - np.floor(quotient) - 0.5)) <= 4e-7 * np.abs(quotient)
+    near_tie = np.abs(quotient - np.floor(quotient) - 0.5) <= 4e-7 * np.abs(quotient)
     off = got != codes
     assert np.all(np.abs(got - codes) <= 1) and not np.any(off & ~near_tie), (
         f"codes {got[off & ~near_tie]} where the reference gives {codes[off & ~near_tie]} "
