@@ -93,7 +93,15 @@ def test_integer_layer_reproduces_fake_quantized_layer(tmp_path, tile_size, padd
     codes, scale = integer.run_layer_codes(layer, layer_in)
     got = integer.run_layer(path, layer_in)
 
-    assert codes.shape == expected.shape and np.abs(codes).max() <= 128
+    # The codes are the model's own fake-quantized output divided by the output
+    # quantizer's scale, derived here from its EMA state by the reference's
+    # formula: range = max(-min(min, 0), max(max, 0)), scale = range / 127.5.
+    state = {v.name.split("/")[-1]: float(v.numpy()) for v in wrapper.non_trainable_weights
+             if v.name.split("/")[-1].startswith("output_")}
+    out_range = max(-min(state["output_min:0"], 0.0), max(state["output_max:0"], 0.0))
+    out_scale = out_range / ((127 - -128) / 2)
+    np.testing.assert_allclose(float(scale), out_scale, rtol=1e-6)
+    np.testing.assert_array_equal(codes, np.round(expected.astype(np.float64) / out_scale))
     assert np.abs(codes).mean() > 2  # a non-trivial output, not all zeros
     # Within one step of the output quantizer (in practice bit-exact).
     assert np.abs(got - expected).max() <= float(scale) * (1 + 1e-5)

@@ -55,7 +55,17 @@ def test_weights_layout_and_trainability():
     assert {w.name.split("/")[-1] for w in flex.trainable_weights} == {
         "kernel:0", "A_t:0", "B_t:0", "G:0"}
     assert [w.name.split("/")[-1] for w in static.trainable_weights] == ["kernel:0"]
-    assert flex.A_t.shape == (4, 6) and flex.B_t.shape == (6, 6) and flex.G.shape == (6, 3)
+    # The transforms start as Lavin & Gray's published F(4x4, 3x3) matrices.
+    lavin_a_t = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
+                 [0, 1, -1, 8, -8, 1]]
+    lavin_b_t = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                 [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+    lavin_g = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+    for layer in (flex, static):
+        np.testing.assert_allclose(layer.A_t.numpy(), lavin_a_t, rtol=1e-7, atol=0)
+        np.testing.assert_allclose(layer.B_t.numpy(), lavin_b_t, rtol=1e-7, atol=0)
+        np.testing.assert_allclose(layer.G.numpy(), lavin_g, rtol=1e-7, atol=0)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -85,7 +95,34 @@ def test_gradients(flex):
         loss = tf.reduce_sum(layer(x) ** 2)
     names = [w.name.split("/")[-1] for w in layer.trainable_weights]
     grads = tape.gradient(loss, [x] + layer.trainable_weights)
-    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads), names
+    # Every gradient (input, kernel, and flex transforms) is the derivative:
+    # in float64, <gradient, D> equals the central difference of the loss
+    # along a random direction D (the loss is a polynomial of degree <= 4 in
+    # each tensor, so the difference's error is O(h^2)).
+    layer64 = WinogradConv2D(4, tile_size=4, flex=flex, dtype="float64")
+    x64 = tf.cast(x, tf.float64)
+    layer64(x64)
+    layer64.set_weights(layer.get_weights())
+    rng = np.random.default_rng(0)
+    h = 1e-5
+    for i, (name, grad) in enumerate(zip(["input"] + names, grads)):
+        variables = [tf.Variable(x64)] + layer64.trainable_weights
+        variable = variables[i]
+        with tf.GradientTape() as tape:
+            loss64 = tf.reduce_sum(layer64(variables[0]) ** 2)
+        grad64 = tape.gradient(loss64, variable).numpy()
+        direction = rng.standard_normal(variable.shape)
+        start = variable.numpy()
+        losses = []
+        for sign in (1, -1):
+            variable.assign(start + sign * h * direction)
+            losses.append(float(tf.reduce_sum(layer64(variables[0]) ** 2)))
+        variable.assign(start)
+        np.testing.assert_allclose(np.sum(grad64 * direction), (losses[0] - losses[1]) / (2 * h),
+                                   rtol=1e-6, err_msg=name)
+        # ... and the float32 layer's gradient is that gradient.
+        np.testing.assert_allclose(grad, grad64, rtol=1e-3, atol=1e-3 * np.abs(grad64).max(),
+                                   err_msg=name)
     # The kernel's gradient equals the direct convolution's.
     kernel = tf.Variable(layer.kernel)
     with tf.GradientTape() as tape:
@@ -157,7 +194,8 @@ def test_config_roundtrip():
     clone = WinogradConv2D.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
     restored = tf_keras.layers.deserialize(tf_keras.layers.serialize(layer))
-    assert isinstance(restored, WinogradConv2D) and restored.kernel_size == (5, 5)
+    assert isinstance(restored, WinogradConv2D) and restored.get_config() == layer.get_config()
+    assert restored.kernel_size == (5, 5) and restored.padding == "valid"
 
 
 @pytest.mark.parametrize("fmt", ["h5", "checkpoint", "savedmodel"])

@@ -1,4 +1,4 @@
-"""Tests of wa_tf.quantizers against a NumPy reference of the reference quantizer."""
+"""Tests of wa_tf.quantizers against the reference quantizer's formula and hand-worked values."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,15 +7,45 @@ import tf_keras
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, fake_quant
 
 
-def np_fake_quant(x, range_, bits):
-    """NumPy float32 version of the reference (WinogradAwareNets) Quantize op."""
-    x = np.asarray(x, np.float32)
-    range_ = np.asarray(range_, np.float32)
-    qmin, qmax = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
-    # The reciprocal form, exactly as wa_tf computes it (see fake_quant).
-    scale = np.maximum(range_ * np.float32(1.0 / ((qmax - qmin) / 2)), np.float32(1e-8))
-    scale = np.where(range_ > 0, scale, np.float32(1.0)).astype(np.float32)
-    return (np.clip(np.round(x / scale), qmin, qmax) * scale).astype(np.float32)
+def reference_quantize(x, range_, bits):
+    """The reference's ``Quantize`` op (WinogradAwareNets, src/quantization.py), in float64.
+
+    Written from the reference's formula, not from wa_tf's: ``qmin = -2^bits / 2``,
+    ``qmax = -qmin - 1``, ``scale = range / ((qmax - qmin) / 2)`` (1 where the
+    range is 0, at least 1e-8), codes ``round(x / scale)`` (half to even, as
+    ``torch.round``) clamped to ``[qmin, qmax]``, output ``codes * scale``.
+
+    Returns:
+      (codes, scale, x / scale), float64 arrays broadcast to ``x``'s shape.
+    """
+    x = np.asarray(x, np.float64)
+    range_ = np.broadcast_to(np.asarray(range_, np.float64), x.shape)
+    qmin = -(2.0 ** bits) / 2
+    qmax = -qmin - 1
+    scale = np.where(range_ == 0, 1.0, np.maximum(range_ / ((qmax - qmin) / 2), 1e-8))
+    quotient = x / scale
+    return np.clip(np.round(quotient), qmin, qmax), scale, quotient
+
+
+def assert_reference_quantized(y, x, range_, bits):
+    """Asserts that `y` is the reference's quantization of `x` (see reference_quantize).
+
+    `y` must be an integer multiple of the reference's scale (to float32
+    precision), with the reference's code everywhere, except one step off
+    where ``x / scale`` lies within float32 round-off of a rounding tie (x at
+    +-range, for instance): there float32 arithmetic, which the reference uses
+    as well, may round either way.
+    """
+    codes, scale, quotient = reference_quantize(x, range_, bits)
+    y = np.asarray(y, np.float64)
+    got = np.round(y / scale)
+    np.testing.assert_allclose(y, got * scale, rtol=1e-6, atol=0,
+                               err_msg="not a multiple of the reference's scale")
+    near_tie = np.abs(quotient - np.floor(quotient) - 0.5) <= 4e-7 * np.abs(quotient)
+    off = got != codes
+    assert np.all(np.abs(got - codes) <= 1) and not np.any(off & ~near_tie), (
+        f"codes {got[off & ~near_tie]} where the reference gives {codes[off & ~near_tie]} "
+        f"(x = {np.asarray(x)[off & ~near_tie]})")
 
 
 def np_range(v_min, v_max):
@@ -32,16 +62,36 @@ def _values(weights):
             weights["initialized_var"].numpy())
 
 
-# Golden values worked by hand: (bits, range, inputs, expected).
+# Golden values worked by hand from the reference's formula: (bits, range, inputs,
+# expected); scale = range / ((qmax - qmin) / 2), round half to even, clip.
 GOLDEN = [
     # scale 1/1.5: -1.5 rounds to -2 (half to even), 1.5 to 2, clipped to qmax 1.
     (2, 1.0, [-1.0, -0.4, 0.3, 0.5, 1.0], [-4 / 3, -2 / 3, 0.0, 2 / 3, 2 / 3]),
+    # scale 0.75 / 1.5 = 0.5: codes 0.5 -> 0, 1.5 -> 2 -> qmax 1, -1.5 -> -2, -0.5 -> 0, 0.6 -> 1.
+    (2, 0.75, [0.25, 0.75, -0.75, -0.25, 0.3], [0.0, 0.5, -1.0, 0.0, 0.5]),
+    # qmin -4, qmax 3, scale 3.5 / 3.5 = 1: -3.5 -> -4, 3.5 -> 4 -> 3, -4.5 -> -4.
+    (3, 3.5, [0.5, 1.5, -3.5, 3.5, -4.5, 2.6], [0.0, 2.0, -4.0, 3.0, -4.0, 3.0]),
     # scale 1: half to even, clip to [-8, 7].
     (4, 7.5, [0.5, 1.5, 2.5, -8.0, 9.0], [0.0, 2.0, 2.0, -8.0, 7.0]),
+    # qmin -32, qmax 31, scale 7.875 / 31.5 = 0.25: codes 1.5 -> 2, 2.5 -> 2,
+    # -0.5 -> 0, -1.5 -> -2, 32 -> 31, -36 -> -32.
+    (6, 7.875, [0.375, 0.625, -0.125, -0.375, 8.0, -9.0], [0.5, 0.5, 0.0, -0.5, 7.75, -8.0]),
+    # scale 63.75 / 127.5 = 0.5: codes 0.5 -> 0, 1.5 -> 2, -1.5 -> -2, 127.2 -> 127,
+    # -128.5 -> -128, 200 -> 127.
+    (8, 63.75, [0.25, 0.75, -0.75, 63.6, -64.25, 100.0], [0.0, 1.0, -1.0, 63.5, -64.0, 63.5]),
+    # scale 1 / 127.5: codes 63.75 -> 64, -127.37 -> -127, 0.255 -> 0, 0.51 -> 1, 255 -> 127.
+    (8, 1.0, [0.5, -0.999, 0.002, 0.004, 2.0],
+     [64 / 127.5, -127 / 127.5, 0.0, 1 / 127.5, 127 / 127.5]),
     # range 0 (no statistics): scale 1, clip to [-128, 127].
     (8, 0.0, [0.4, 0.6, 200.0, -300.0], [0.0, 1.0, 127.0, -128.0]),
     (16, 32767.5, [1.5, -40000.0, 40000.0], [2.0, -32768.0, 32767.0]),
 ]
+
+
+def test_reference_formula_reproduces_golden_values():
+    for bits, range_, inputs, expected in GOLDEN:
+        codes, scale, _ = reference_quantize(inputs, range_, bits)
+        np.testing.assert_allclose(codes * scale, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("bits,range_,inputs,expected", GOLDEN)
@@ -52,13 +102,13 @@ def test_fake_quant_golden(bits, range_, inputs, expected):
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 @pytest.mark.parametrize("per_axis", [False, True])
-def test_fake_quant_matches_numpy(bits, per_axis):
+def test_fake_quant_matches_reference_formula(bits, per_axis):
     rng = np.random.default_rng(bits)
     x = (rng.standard_normal((6, 5, 4)) * 3).astype(np.float32)
     range_ = (np.abs(x).max(axis=(1, 2), keepdims=True) * 0.8 if per_axis
               else np.float32(2.5)).astype(np.float32)
     y = fake_quant(tf.constant(x), tf.constant(range_), bits).numpy()
-    np.testing.assert_array_equal(y, np_fake_quant(x, range_, bits))
+    assert_reference_quantized(y, x, range_, bits)
 
 
 def test_fake_quant_straight_through_gradient():
@@ -104,8 +154,7 @@ def test_ema_updates_match_numpy(axis):
         np.testing.assert_allclose(got_max, v_max, rtol=1e-6)
         assert initialized == 1.0
         range_ = np_range(got_min, got_max)
-        np.testing.assert_array_equal(
-            y, np_fake_quant(x, range_.reshape(1, 3, 1) if axis == 1 else range_, bits))
+        assert_reference_quantized(y, x, range_.reshape(1, 3, 1) if axis == 1 else range_, bits)
 
 
 def test_ema_frozen_at_inference_and_empty_state_means_unit_scale():
@@ -119,7 +168,7 @@ def test_ema_frozen_at_inference_and_empty_state_means_unit_scale():
     state = _values(weights)
     y = quantizer(x, False, weights)
     assert _values(weights) == state
-    np.testing.assert_array_equal(y.numpy(), np_fake_quant(x.numpy(), np.float32(2.0), 8))
+    assert_reference_quantized(y.numpy(), x.numpy(), 2.0, 8)
 
 
 def test_warmup_initialises_at_inference_then_freezes():
@@ -128,7 +177,7 @@ def test_warmup_initialises_at_inference_then_freezes():
     first = np.array([[-2.0, 0.5, 1.0]], np.float32)
     y = quantizer(tf.constant(first), False, weights)
     assert _values(weights) == (-2.0, 1.0, 1.0)
-    np.testing.assert_array_equal(y.numpy(), np_fake_quant(first, np.float32(2.0), 8))
+    assert_reference_quantized(y.numpy(), first, 2.0, 8)
     quantizer(tf.constant([[-8.0, 9.0]]), False, weights)
     assert _values(weights) == (-2.0, 1.0, 1.0)
     quantizer(tf.constant([[-8.0, 9.0]]), True, weights)  # training: EMA as usual
@@ -149,8 +198,7 @@ def test_training_flag_as_tensor():
     y = run(tf.constant(True))
     np.testing.assert_array_equal(_values(weights)[0], [-1.0, 3.0])
     np.testing.assert_array_equal(_values(weights)[1], [0.5, 4.0])
-    np.testing.assert_array_equal(
-        y.numpy(), np_fake_quant(x.numpy(), np.array([[1.0], [4.0]], np.float32), 8))
+    assert_reference_quantized(y.numpy(), x.numpy(), np.array([[1.0], [4.0]]), 8)
 
 
 def test_ranges_do_not_depend_on_the_number_of_replicas(distribute_scope):
@@ -176,7 +224,7 @@ def test_ranges_do_not_depend_on_the_number_of_replicas(distribute_scope):
     v_max = first.max(0) + np.float32(0.01) * (second.max(0) - first.max(0))
     np.testing.assert_allclose(_values(weights)[0], v_min, rtol=1e-6)
     np.testing.assert_allclose(_values(weights)[1], v_max, rtol=1e-6)
-    np.testing.assert_allclose(y, np_fake_quant(second, np_range(v_min, v_max), 8), rtol=1e-6)
+    assert_reference_quantized(y, second, np_range(v_min, v_max), 8)
 
 
 def test_max_abs_quantizer_is_stateless():
@@ -184,7 +232,7 @@ def test_max_abs_quantizer_is_stateless():
     quantizer = MaxAbsQuantizer(4)
     assert quantizer.build((2, 4), "A_t", tf_keras.layers.Layer()) == {}
     y = quantizer(tf.constant(a_t * 0.3), True, {})
-    np.testing.assert_array_equal(y.numpy(), np_fake_quant(a_t * 0.3, np.float32(0.3), 4))
+    assert_reference_quantized(y.numpy(), a_t * 0.3, np.float32(0.3), 4)
 
 
 def test_config_round_trip():

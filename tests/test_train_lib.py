@@ -50,6 +50,46 @@ def test_adam_l2_matches_torch_adam_with_weight_decay():
     # The decay matters here: without it the result is measurably different.
     assert np.abs(_torch_adam_l2(init, grads, 0.01, 0.0) - expected).max() > 1e-4
 
+    # Gradients (after the decay term) of the order of epsilon = 1e-8, where
+    # its placement decides the update.  PyTorch adds eps to sqrt(v_hat), after
+    # the bias correction; Keras's default adds it to sqrt(v), i.e. eps /
+    # sqrt(1 - beta2^t) to sqrt(v_hat): 31.6 eps at the first step.
+    # First step by hand (m_hat = g, v_hat = g^2): w -= lr * g / (|g| + eps),
+    # with g = grad + 0.1 * w = [1, -2, 1, 1] * 1e-8: moves of lr * [1/2, -2/3, 1/2, 1/2].
+    lr, l2 = 1e-7, 0.1
+    small = np.array([1e-7, -2e-7, 0.0, 5e-8], np.float32)
+    small_grad = np.array([0.0, 0.0, 1e-8, 5e-9], np.float32)
+    var = tf.Variable(small)
+    opt = AdamL2(learning_rate=lr, l2=l2)
+    opt.apply_gradients([(tf.constant(small_grad), var)])
+    np.testing.assert_allclose(var.numpy(), [5e-8, -2e-7 + 2e-7 / 3, -5e-8, 0.0],
+                               rtol=1e-5, atol=1e-5 * lr)
+    # Keras's default placement would have moved the first weight by
+    # lr * 1e-8 * sqrt(0.001) / (1e-8 * sqrt(0.001) + 1e-8) = 0.0307 lr, not lr / 2.
+    assert abs(1e-7 - lr * np.sqrt(0.001) / (np.sqrt(0.001) + 1) - var.numpy()[0]) > 0.4 * lr
+
+    # Four more steps of such gradients against the numpy transcription.
+    small_grads = [small_grad] + [(rng.normal(size=4) * 1e-8).astype(np.float32)
+                                  for _ in range(4)]
+    for g in small_grads[1:]:
+        opt.apply_gradients([(tf.constant(g), var)])
+    expected = _torch_adam_l2(small, small_grads, lr=lr, wd=l2)
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-5 * lr)
+
+    def keras_placement(params, grads_per_step, b1=0.9, b2=0.999, eps=1e-8):
+        p = params.astype(np.float64).copy()
+        m, v = np.zeros_like(p), np.zeros_like(p)
+        for t, g in enumerate(grads_per_step, start=1):
+            g = g + l2 * p
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            p = p - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+        return p
+
+    # The placement changes the result by a large part of the weights' movement.
+    moved = np.abs(expected - small).max()
+    assert moved > lr and np.abs(keras_placement(small, small_grads) - expected).max() > 0.3 * moved
+
 
 @pytest.fixture
 def fresh_collective_keys():

@@ -58,7 +58,34 @@ def test_exact_correlation_float64(m, r, points):
 
 
 def test_f6_is_a_convolution_and_well_conditioned():
-    a_t, b_t, g = transforms.winograd_matrices(6, 3)
+    """The default F(6x6, 3x3), tiled over a multi-channel image, is its correlation."""
+    a_t, b_t, g_mat = transforms.winograd_matrices(6, 3)
+    rng = np.random.default_rng(6)
+    m, r, t, channels = 6, 3, 8, 3
+    size = 3 * m + r - 1  # 3 x 3 output tiles
+    image = rng.standard_normal((size, size, channels))
+    kernel = rng.standard_normal((r, r, channels))
+    # Direct correlation, summed over channels, by loops.
+    direct = np.zeros((size - r + 1, size - r + 1))
+    for i in range(size - r + 1):
+        for j in range(size - r + 1):
+            for c in range(channels):
+                for u in range(r):
+                    for v in range(r):
+                        direct[i, j] += image[i + u, j + v, c] * kernel[u, v, c]
+    # Winograd: each m x m output tile from its t x t input tile; the element-wise
+    # products are summed over channels in the Winograd domain, as a layer does.
+    tiled = np.zeros_like(direct)
+    for i in range(0, size - r + 1, m):
+        for j in range(0, size - r + 1, m):
+            acc = np.zeros((t, t))
+            for c in range(channels):
+                u_mat = g_mat @ kernel[:, :, c] @ g_mat.T
+                v_mat = b_t @ image[i:i + t, j:j + t, c] @ b_t.T
+                acc += u_mat * v_mat
+            tiled[i:i + m, j:j + m] = a_t @ acc @ a_t.T
+    assert np.abs(direct).max() > 1  # a non-trivial image
+    np.testing.assert_allclose(tiled, direct, atol=1e-10, rtol=0)
     # The default F6 points keep B_t far better conditioned than e.g. 0..+-3.
     worse = transforms.winograd_matrices(6, 3, [0, 1, -1, 2, -2, 3, -3])[1]
     assert np.linalg.cond(b_t) < np.linalg.cond(worse)
