@@ -91,28 +91,25 @@ def tile_geometry(height, width, m, r, padding):
     return out_h, out_w, n_h, n_w, pad, pad, extra
 
 
-def _gather_rows(params, indices, inverse, zero_row=False):
-    """``params[indices]`` (rows) with a gradient that is a gather too.
+def _gather_rows(params, indices, inverse):
+    """``params[indices]`` (rows, R for a zero row) with a gradient that is a gather too.
 
     TensorFlow's gradient of a gather is a scatter-add (``unsorted_segment_sum``),
     several times slower on CPUs than a gather.  Here row p of the gradient is
     ``sum_s dz[inverse[s, p]]``, where ``inverse`` lists, for each row of
-    ``params``, the (at most ``inverse.shape[0]``) output rows it was copied to,
-    and ``len(indices)`` stands for none (a zero row).
+    ``params``, the (at most ``inverse.shape[0]``) output rows it was copied to.
 
     Args:
       params: (R, X) tensor.
-      indices: (Z,) int32 rows of ``params`` to gather; with ``zero_row``, R
-        stands for a row of zeros.
+      indices: (Z,) int32 rows of ``params`` to gather, R for a row of zeros.
       inverse: (S, R) int32 rows of the result, Z for none.
-      zero_row: Append a zero row to ``params`` before gathering.
 
     Returns:
       (Z, X) tensor.
     """
     @tf.custom_gradient
     def gather(params):
-        source = tf.concat([params, tf.zeros_like(params[:1])], 0) if zero_row else params
+        source = tf.concat([params, tf.zeros_like(params[:1])], 0)
 
         def grad(dz):
             parts = tf.gather(tf.concat([dz, tf.zeros_like(dz[:1])], 0), inverse)
@@ -181,7 +178,7 @@ def extract_tiles(x, m, r, padding):
     t = m + r - 1
     n, height, width, c = (_dim(x, i) for i in range(4))
     indices, inverse, geo = _tile_indices(n, height, width, m, r, padding)
-    tiles = _gather_rows(tf.reshape(x, [-1, c]), indices, inverse, zero_row=True)
+    tiles = _gather_rows(tf.reshape(x, [-1, c]), indices, inverse)
     return tf.reshape(tiles, [t * t, -1]), geo
 
 
