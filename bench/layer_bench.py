@@ -4,7 +4,8 @@ For each stage shape of the ResNet-18-like model (width 0.5, batch 64) and
 each of F2/F4/F6 x static/flex, measures the median time of a forward+backward
 step (gradients for the input and every trainable weight) and the peak memory
 the step allocates, and prints both as ratios to a direct convolution with the
-same shapes measured in the same run.
+same shapes measured in the same run.  Rows marked ``fwd`` time the forward pass
+alone (inference), as ratios to conv2d's forward pass.
 
 Peak memory (see bench/common.py): TensorFlow's allocator peak above the
 pre-step level where the device keeps allocator statistics (GPUs, some CPUs),
@@ -42,6 +43,7 @@ flags.DEFINE_list("tiles", ["2", "4", "6"], "Tile sizes m of F(m x m, 3 x 3).")
 flags.DEFINE_integer("repeats", 20, "Timed steps per configuration (after 3 warm-up steps).")
 flags.DEFINE_bool("jit_compile", False, "Also time XLA-compiled steps.")
 flags.DEFINE_bool("recompute", False, "Also time recompute=True (gradient checkpointing).")
+flags.DEFINE_bool("forward", True, "Also time forward-only (inference) steps.")
 flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
                   "Peak memory measure: TensorFlow's allocator statistics, the peak RSS growth "
                   "of a fresh process per configuration, or auto (allocator where it works).")
@@ -63,6 +65,13 @@ def _step_fn(layer_fn, variables, x, jit):
     return step
 
 
+def _forward_fn(layer_fn, x, jit):
+    @tf.function(jit_compile=jit)
+    def step():
+        return [layer_fn(x)]
+    return step
+
+
 def measure(spec, memory):
     """Returns (median seconds, peak bytes) of the fwd+bwd step of one configuration.
 
@@ -80,7 +89,8 @@ def measure(spec, memory):
                                   recompute=spec["recompute"])
         layer_fn.build(x.shape)
         variables = layer_fn.trainable_variables
-    step = _step_fn(layer_fn, variables, x, spec["jit"])
+    step = (_forward_fn(layer_fn, x, spec["jit"]) if spec.get("forward")
+            else _step_fn(layer_fn, variables, x, spec["jit"]))
     rss_before = common.rss_bytes()
     for _ in range(_WARMUP):
         out = step()
@@ -131,20 +141,29 @@ def main(argv):
     header = f"{'input':>14} {'layer':>18} {'ms':>8} {'x conv':>7} {mem_column:>9} {'x conv':>7}"
     print(header)
     print("-" * len(header))
-    variants = [("", False, False)]
+    variants = [("", False, False, False)]
+    if FLAGS.forward:
+        variants.append((" fwd", False, False, True))
     if FLAGS.jit_compile:
-        variants.append((" xla", True, False))
+        variants.append((" xla", True, False, False))
     if FLAGS.recompute:
-        variants.append((" recompute", False, True))
+        variants.append((" recompute", False, True, False))
     for shape in FLAGS.shapes:
-        base = {"shape": shape, "m": None, "flex": False, "jit": False, "recompute": False}
-        conv_t, conv_m = run(base)
-        print(f"{shape:>14} {'tf.nn.conv2d':>18} {conv_t * 1e3:8.2f} {1.0:7.2f} "
-              f"{conv_m / 2**20:9.1f} {1.0:7.2f}")
+        base = {"shape": shape, "m": None, "flex": False, "jit": False, "recompute": False,
+                "forward": False}
+        conv = {False: run(base)}
+        if FLAGS.forward:
+            conv[True] = run(dict(base, forward=True))
+        for forward, (conv_t, conv_m) in conv.items():
+            name = "tf.nn.conv2d" + (" fwd" if forward else "")
+            print(f"{shape:>14} {name:>18} {conv_t * 1e3:8.2f} {1.0:7.2f} "
+                  f"{conv_m / 2**20:9.1f} {1.0:7.2f}")
         for m in (int(v) for v in FLAGS.tiles):
             for flex in (False, True):
-                for suffix, jit, recompute in variants:
-                    t, mem = run(dict(base, m=m, flex=flex, jit=jit, recompute=recompute))
+                for suffix, jit, recompute, forward in variants:
+                    t, mem = run(dict(base, m=m, flex=flex, jit=jit, recompute=recompute,
+                                      forward=forward))
+                    conv_t, conv_m = conv[forward]
                     name = f"F{m} {'flex' if flex else 'static'}{suffix}"
                     print(f"{shape:>14} {name:>18} {t * 1e3:8.2f} {t / conv_t:7.2f} "
                           f"{mem / 2**20:9.1f} {mem / max(conv_m, 1):7.2f}")

@@ -230,3 +230,21 @@ def test_weights_copy_from_conv2d():
     layer(x)
     layer.kernel.assign(conv.kernel)
     assert rel_err(layer(x), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+@pytest.mark.parametrize("size,padding", [((7, 9), "same"), ((16, 15), "same"), ((11, 10), "valid")])
+def test_input_gradient_matches_conv2d(m, size, padding):
+    # The tile gather has a hand-written gradient: every input pixel's share
+    # of each overlapping tile, edges and padding included.
+    x = tf.random.stateless_normal((2, *size, 3), seed=(7, m))
+    layer = WinogradConv2D(4, tile_size=m, flex=False, padding=padding)
+    layer.build(x.shape)
+    dy = tf.random.stateless_normal(layer.compute_output_shape(x.shape), seed=(8, m))
+    grads = []
+    for fn in (layer, lambda z: tf.nn.conv2d(z, layer.kernel, 1, padding.upper())):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        grads.append(tape.gradient(y, x, output_gradients=dy))
+    assert rel_err(grads[0], grads[1]) <= TOL[m]

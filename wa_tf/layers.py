@@ -17,9 +17,9 @@ element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
     g (r, r, C, K) --G . G^T--> U (t^2, C, K)
     M = V @ U (t^2, N*P, K) --A_t . A_t^T--> (m^2, N*P*K) --untile--> y
 
-The large layout changes (tile gather, output untile) are pads, splits,
-reshapes and one transpose each, never gathers or strided slices, whose
-gradients are an order of magnitude slower.
+The tiles are gathered in one pass (a gather of C-channel rows whose gradient
+is a gather too, not TensorFlow's scatter-add); the output is untiled by one
+transpose.
 
 :func:`winograd_conv` is the pipeline as a function, with a hook on each
 Winograd-domain stage; :class:`WinogradConv2D` is the layer that owns the
@@ -76,25 +76,78 @@ def _as_pair(value, name):
     return pair
 
 
-def _gather_tile_axis(x, axis, n, m, t, extra):
-    """(.., n + extra, m, ..) blocks -> (.., n, t, ..) overlapping tiles along `axis`."""
-    parts = []
-    for s in range(extra + 1):
-        length = min(m, t - s * m)
-        if length <= 0:
-            break
-        block = tf.split(x, [s, n, extra - s], axis=axis)[1] if extra else x
-        if length < m:
-            block = tf.split(block, [length, m - length], axis=axis + 1)[0]
-        parts.append(block)
-    return tf.concat(parts, axis=axis + 1) if len(parts) > 1 else parts[0]
+def _gather_rows(params, indices, inverse):
+    """``params[indices]`` (rows, R for a zero row) with a gradient that is a gather too.
+
+    TensorFlow's gradient of a gather is a scatter-add (``unsorted_segment_sum``),
+    several times slower on CPUs than a gather.  Here row p of the gradient is
+    ``sum_s dz[inverse[s, p]]``, where ``inverse`` lists, for each row of
+    ``params``, the (at most ``inverse.shape[0]``) output rows it was copied to.
+
+    Args:
+      params: (R, X) tensor.
+      indices: (Z,) int32 rows of ``params`` to gather, R for a row of zeros.
+      inverse: (S, R) int32 rows of the result, Z for none.
+
+    Returns:
+      (Z, X) tensor.
+    """
+    @tf.custom_gradient
+    def gather(params):
+        source = tf.concat([params, tf.zeros_like(params[:1])], 0)
+
+        def grad(dz):
+            parts = tf.gather(tf.concat([dz, tf.zeros_like(dz[:1])], 0), inverse)
+            return tf.reduce_sum(parts, 0) if inverse.shape[0] != 1 else parts[0]
+        return tf.gather(source, indices), grad
+    return gather(params)
+
+
+def _tile_indices(n, height, width, m, r, padding):
+    """Row indices of :func:`extract_tiles`' gather and of its gradient.
+
+    Returns:
+      (indices, inverse, geometry): ``indices`` (t*t * N*n_h*n_w,) rows of the
+      input flattened to (N*H*W, C), N*H*W for padding, in the order of the
+      tiles (position j*t + i, then n, tile row, tile column); ``inverse``
+      ((extra+1)^2, N*H*W) the tiles' rows that each input pixel was copied to.
+    """
+    t = m + r - 1
+    geo = tile_geometry(height, width, m, r, padding)
+    _, _, n_h, n_w, pad_top, pad_left, extra = geo
+    tiles = n_h * n_w
+    pixels = n * height * width
+    # Input row of row i of tile row th (i, th), input column of column j of tile column tw (j, tw).
+    rows = tf.range(t)[:, None] + tf.range(n_h)[None, :] * m - pad_top
+    cols = tf.range(t)[:, None] + tf.range(n_w)[None, :] * m - pad_left
+    inside = (((cols >= 0) & (cols < width))[:, None, None, :]
+              & ((rows >= 0) & (rows < height))[None, :, :, None])  # (j, i, th, tw)
+    spatial = cols[:, None, None, :] + rows[None, :, :, None] * width
+    spatial = tf.reshape(tf.where(inside, spatial, -1), [t * t, 1, tiles])
+    indices = tf.where(spatial >= 0, spatial + tf.range(n)[None, :, None] * (height * width),
+                       pixels)
+    # Pixel (y, x) lies in tiles th = (y + pad_top) // m - s, s = 0..extra (and so for x).
+    shift = tf.range(extra + 1)[:, None]
+    y, x = tf.range(height)[None, :] + pad_top, tf.range(width)[None, :] + pad_left
+    th, tw = y // m - shift, x // m - shift  # (s, H), (s, W)
+    i, j = y - th * m, x - tw * m
+    ok_h = (th >= 0) & (th < n_h) & (i < t)
+    ok_w = (tw >= 0) & (tw < n_w) & (j < t)
+    position = j[None, :, None, :] * t + i[:, None, :, None]  # (s_h, s_w, H, W)
+    tile = th[:, None, :, None] * n_w + tw[None, :, None, :]
+    inverse = (position[:, :, None] * (n * tiles) + tile[:, :, None]
+               + tf.range(n)[None, None, :, None, None] * tiles)  # (s_h, s_w, N, H, W)
+    inside = (ok_h[:, None, :, None] & ok_w[None, :, None, :])[:, :, None]
+    inverse = tf.where(inside, inverse, t * t * n * tiles)
+    return tf.reshape(indices, [-1]), tf.reshape(inverse, [(extra + 1) ** 2, -1]), geo
 
 
 def extract_tiles(x, m, r, padding):
     """Gathers the overlapping t x t input tiles of a Winograd convolution.
 
-    Uses padding, reshapes, slices and one transpose (no gathers), so the
-    gradient is equally cheap.
+    One gather of C-channel rows (padding reads a zero row) whose gradient is
+    a gather too (:func:`_gather_rows`): a single pass over the tiles each way,
+    where pads, splits and a 6-D transpose took several.
 
     Args:
       x: (N, H, W, C) input.
@@ -109,19 +162,9 @@ def extract_tiles(x, m, r, padding):
     """
     t = m + r - 1
     n, height, width, c = (_dim(x, i) for i in range(4))
-    geo = tile_geometry(height, width, m, r, padding)
-    n_h, n_w, extra = geo.n_h, geo.n_w, geo.extra
-    rows, cols = (n_h + extra) * m, (n_w + extra) * m
-    x = tf.pad(x, [[0, 0], [geo.pad_top, rows - height - geo.pad_top],
-                   [geo.pad_left, cols - width - geo.pad_left], [0, 0]])
-    x = tf.reshape(x, [n, n_h + extra, m, n_w + extra, m, c])
-    # Row offset i of a tile is offset i - s*m of block s + i // m.  tf.split
-    # rather than slicing: the gradient of a 6-D strided slice is ~10x slower.
-    x = _gather_tile_axis(x, 1, n_h, m, t, extra)
-    x = _gather_tile_axis(x, 3, n_w, m, t, extra)
-    # (N, n_h, t_i, n_w, t_j, C) -> (t_j, t_i, N, n_h, n_w, C)
-    x = tf.transpose(x, [4, 2, 0, 1, 3, 5])
-    return tf.reshape(x, [t * t, -1]), geo
+    indices, inverse, geo = _tile_indices(n, height, width, m, r, padding)
+    tiles = _gather_rows(tf.reshape(x, [-1, c]), indices, inverse)
+    return tf.reshape(tiles, [t * t, -1]), geo
 
 
 def untile(y, m, n, n_h, n_w, k, out_h, out_w):
@@ -135,7 +178,8 @@ def untile(y, m, n, n_h, n_w, k, out_h, out_w):
     if (isinstance(out_h, int) and isinstance(n_h, int) and out_h == n_h * m
             and isinstance(out_w, int) and isinstance(n_w, int) and out_w == n_w * m):
         return y
-    return y[:, :out_h, :out_w, :]
+    # tf.slice, not y[...]: its gradient is a pad, a strided slice's is far slower.
+    return tf.slice(y, [0, 0, 0, 0], [-1, out_h, out_w, -1])
 
 
 def winograd_weights(kernel, g):
