@@ -471,8 +471,10 @@ def run_sweep(sweep: Sweep, results_dir: str, bin_dir: str, extra_flags: Sequenc
         if row.adapt_from is not None:
             source_dir = find_run(row_dir(results_dir, row.adapt_from))
             if run_status(source_dir) != experiment.FINISHED:
-                print_fn(f"{label}: blocked: row {row.adapt_from} has no finished run")
-                continue
+                if not dry_run:
+                    print_fn(f"{label}: blocked: row {row.adapt_from} has no finished run")
+                    continue
+                source_dir = f"<the run folder of row {row.adapt_from}>"
         argv = row_argv(sweep, row, results_dir, extra_flags, source_dir)
         cmd = [sys.executable, os.path.join(bin_dir, f"{row.binary}.py")] + argv
         model_dir = find_run(out_dir)
