@@ -461,7 +461,8 @@ def run_sweep(sweep: Sweep, results_dir: str, bin_dir: str, extra_flags: Sequenc
     for binary in BINARIES:
         if not os.path.isfile(os.path.join(bin_dir, f"{binary}.py")):
             raise ValueError(f"bin_dir {bin_dir} has no {binary}.py")
-    os.makedirs(os.path.join(results_dir, "logs"), exist_ok=True)
+    if not dry_run:
+        os.makedirs(os.path.join(results_dir, "logs"), exist_ok=True)
     commit, host = git_commit(), machine()
     runnable = [r for r in sweep.rows if r.name in selected]
     for number, row in enumerate(runnable, 1):
