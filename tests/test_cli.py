@@ -198,8 +198,7 @@ def test_config_flagfiles_are_valid(path):
     wa_flags.define_flags(values)
     wa_flags.parse_argv(["x", f"--flagfile={os.path.join(ROOT, path)}"], values)
     program = "adapt" if os.path.basename(path).startswith("adapt") else "train"
-    config = wa_flags.as_dict(values)
     if program == "adapt":
-        config["modelDir"] = "<the run to adapt>"  # given on the command line
-    wa_flags.validate(config, program)
+        values["modelDir"].value = "<the run to adapt>"  # given on the command line
+    wa_flags.from_flags(values, program)
     assert any(values[name].present for name in wa_flags.MODES)
