@@ -263,3 +263,17 @@ def test_copy_weights_rejects_incompatible_models():
     other.build((None, 4))
     with pytest.raises(ValueError, match="no weight .* matches"):
         quantization.copy_weights(other, narrow)
+
+
+def test_out_dir_of_a_run_folder():
+    """The folder a run's <ModelName>/.../<time> folder lies in (adapt.py's default outDir)."""
+    config = RunConfig(conv="flex", quantize=True, out_dir="somewhere/else")
+    tail = os.path.join("ResNet18LikeF4", "Flex", "mult_0.5", "bits_8", "lr_0.001",
+                        "2024_01_01_00_00_00")
+    assert experiment.out_dir_of(os.path.join("runs", tail), config) == "runs"
+    assert experiment.out_dir_of(os.path.join("/abs", "runs", tail), config) == "/abs/runs"
+    assert experiment.out_dir_of(tail, config) == "."
+    # A folder moved out of that layout: its recorded outDir.
+    assert experiment.out_dir_of(os.path.join("moved", "2024_01_01"), config) == "somewhere/else"
+    assert experiment.out_dir_of(os.path.join("runs", tail), config.replace(lr=0.01)) == \
+        "somewhere/else"

@@ -31,8 +31,10 @@ FLAG_NAMES = {
     "checkpoint": "modelToLoad", "dataset": "dataset", "data_dir": "data_dir",
     "steps_per_epoch": "steps_per_epoch", "per_tap": "per_tap", "recompute": "recompute",
     "jit_compile": "jit_compile", "distribution_strategy": "distribution_strategy",
-    "num_gpus": "num_gpus", "resume": "resume",
+    "num_gpus": "num_gpus", "resume": "resume", "deterministic": "deterministic",
 }
+# Fields an adapt config may leave None: the source run's value is used.
+FROM_SOURCE = ("width_multiplier", "dataset", "out_dir", "lr", "seed", "use_cpu")
 PROGRAMS = ("train", "adapt")
 
 def _int(value) -> bool:
@@ -48,9 +50,9 @@ class RunConfig:
       tile_size: Winograd tile size m of F(m x m, 3 x 3) (``--F``).
       quantize: Quantization-aware training (``--Q``).
       bits: Bit-width with ``quantize`` (``--bits``).
-      warmup: Calibrate the quantizers' ranges before training (``--warmup``).
-      width_multiplier: Width of the residual stages (``--mult``); None in an
-        adapt config means "as the source run".
+      warmup: adapt: calibrate the quantizer ranges the source run has no
+        statistics for on a training batch before the first step (``--warmup``).
+      width_multiplier: Width of the residual stages (``--mult``).
       epochs: Number of epochs.
       batch_size: Global batch size.
       lr: Initial learning rate.
@@ -59,7 +61,7 @@ class RunConfig:
       out_dir: Folder receiving the experiment folders (``--outDir``).
       model_dir: adapt: the source run's experiment folder (``--modelDir``).
       checkpoint: adapt: the source checkpoint (``--modelToLoad``).
-      dataset: Dataset name; None in an adapt config means "as the source run".
+      dataset: Dataset name.
       data_dir: Data folder (image_folder) or TFDS data directory.
       steps_per_epoch: Cap on the training steps of an epoch.
       per_tap: One quantization range per Winograd tap.
@@ -68,6 +70,10 @@ class RunConfig:
       distribution_strategy: tf.distribute strategy name, or None to choose.
       num_gpus: GPUs to use, or None for all.
       resume: Resume the newest unfinished run of the same command.
+      deterministic: Enable TensorFlow's op determinism.
+
+    In an adapt config the fields of :data:`FROM_SOURCE` may be None: the
+    source run's value is used.
     """
 
     conv: str
@@ -93,6 +99,7 @@ class RunConfig:
     distribution_strategy: Optional[str] = None
     num_gpus: Optional[int] = None
     resume: bool = True
+    deterministic: bool = False
 
     @property
     def bits_or_none(self) -> Optional[int]:
@@ -137,7 +144,11 @@ class RunConfig:
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ArgumentError("steps_per_epoch", lambda n: f"{n('steps_per_epoch')} must be "
                                 f"a positive integer; got {self.steps_per_epoch}")
-        if self.lr is None or not self.lr > 0:
+        if program == "train":
+            for name in FROM_SOURCE:
+                if getattr(self, name) is None:
+                    raise ArgumentError(name, lambda n, name=name: f"{n(name)} is required")
+        if self.lr is not None and not self.lr > 0:
             raise ArgumentError("lr", lambda n: f"{n('lr')} must be positive; got {self.lr}")
         if self.dataset is not None and self.dataset not in DATASETS:
             raise ArgumentError("dataset", lambda n: f"{n('dataset')} must be one of "
@@ -154,11 +165,16 @@ class RunConfig:
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ArgumentError("num_gpus", lambda n: f"{n('num_gpus')} must be >= 0; "
                                 f"got {self.num_gpus}")
-        if not self.out_dir:
+        if self.out_dir is not None and not self.out_dir:
             raise ArgumentError("out_dir", lambda n: f"{n('out_dir')} must not be empty")
         if program == "adapt" and not self.model_dir:
             raise ArgumentError("model_dir", lambda n: f"{n('model_dir')} is required: the "
                                 "experiment folder of the model to adapt")
+        if program == "train" and self.warmup:
+            raise ArgumentError("warmup", lambda n: f"{n('warmup')} is for adapting a model "
+                                "(bin/adapt.py): it calibrates the ranges its source run has "
+                                "no statistics for; a model trained from scratch takes every "
+                                "range from its first training batch")
         return self
 
     # -- conversion from and to the reference's flags (FLAGS.txt) -------------

@@ -64,6 +64,36 @@ def parent_dir(config: RunConfig, model_name: str) -> str:
     return os.path.join(*parts)
 
 
+def out_dir_of(model_dir: str, config: RunConfig, model_name: Optional[str] = None) -> str:
+    """The ``outDir`` a run's folder lies in: `model_dir` without its
+    ``<ModelName>/.../lr_<lr>/<time>`` part.
+
+    A folder that was moved or renamed out of that layout gives its recorded
+    ``config.out_dir`` instead.
+
+    Args:
+      model_dir: The run's experiment folder.
+      config: The run's config.
+      model_name: The run's model name (``metrics.json``'s ``model``); by
+        default the reference's name for `config`.
+    """
+    if model_name is None:
+        from wa_tf import models  # pylint: disable=import-outside-toplevel
+        model_name = models.model_name(config.conv, config.tile_size)
+    tail = parent_dir(config.replace(out_dir="."), model_name).split(os.sep)[1:]
+    parts = os.path.normpath(model_dir).split(os.sep)[:-1]  # without <time>
+    head = parts[:len(parts) - len(tail)]
+    if len(parts) >= len(tail) and parts[len(head):] == tail:
+        return os.sep.join(head) or ("." if not head else os.sep)
+    return config.out_dir
+
+
+def split_seed(metrics: Mapping, config: RunConfig) -> int:
+    """The seed that chose a run's validation split (its ``seed`` unless
+    ``metrics.json`` records another, as an adapted run does)."""
+    return int(metrics.get("validation_split_seed", config.seed))
+
+
 def create(config: RunConfig, model_name: str, now: Optional[datetime.datetime] = None) -> str:
     """Creates a new, empty experiment folder named after the UTC time.
 
@@ -350,13 +380,18 @@ def _group_by_weight(keys: Sequence[str]) -> str:
     return ", ".join(f"{name} x{count}" for name, count in counts.items())
 
 
-def adapt_summary(source_dir: str, checkpoint: str, copied: Mapping[str, Sequence[str]]) -> str:
+def adapt_summary(source_dir: str, checkpoint: str, copied: Mapping[str, Sequence[str]],
+                  from_source: Optional[Mapping] = None,
+                  split_seed: Optional[int] = None) -> str:
     """What an adapted run took from its source run (printed and in report.txt).
 
     Args:
       source_dir: The source run's folder.
       checkpoint: The source checkpoint's path prefix.
       copied: :func:`wa_tf.quantization.copy_weights`'s report.
+      from_source: Flag name -> value of the flags taken from the source run
+        because the command line did not give them.
+      split_seed: The seed of the source run's validation split, used here too.
     """
     lines = [f"Adapted from {source_dir} (checkpoint {checkpoint}): "
              f"copied {len(copied['copied'])} weights by layer name and shape."]
@@ -365,6 +400,11 @@ def adapt_summary(source_dir: str, checkpoint: str, copied: Mapping[str, Sequenc
         if copied[key]:
             lines.append(f"{label} ({len(copied[key])}, all listed in metrics.json): "
                          + _group_by_weight(copied[key]))
+    if from_source:
+        lines.append("From the source run's FLAGS.txt (not given on the command line): "
+                     + " ".join(flags_to_lines(from_source)))
+    if split_seed is not None:
+        lines.append(f"Validation split: the source run's (seed {split_seed}).")
     return "\n".join(lines)
 
 
@@ -381,7 +421,8 @@ def new_report(command: str, config: RunConfig, layer_table: str,
 
 def initial_metrics(program: str, model_name: str, info, config: RunConfig, steps: int,
                     num_replicas: int, lr_milestones: Sequence[float],
-                    adapted: Optional[Mapping] = None) -> Dict:
+                    adapted: Optional[Mapping] = None, split_seed: Optional[int] = None,
+                    calibration: Optional[Mapping] = None) -> Dict:
     """``metrics.json`` of a run that has not trained yet.
 
     Args:
@@ -392,8 +433,11 @@ def initial_metrics(program: str, model_name: str, info, config: RunConfig, step
       steps: Training steps per epoch.
       num_replicas: Replicas in sync.
       lr_milestones: Epochs at which the learning rate decays.
-      adapted: adapt: {'model_dir', 'checkpoint', and the lists of
-        :func:`wa_tf.quantization.copy_weights`'s report}.
+      adapted: adapt: {'model_dir', 'checkpoint', the lists of
+        :func:`wa_tf.quantization.copy_weights`'s report, and 'from_source':
+        the flags taken from the source run}.
+      split_seed: The seed of the validation split; default ``config.seed``.
+      calibration: --warmup's calibration: {'images', 'quantizers'}.
     """
     metrics = {
         "status": RUNNING,
@@ -407,6 +451,7 @@ def initial_metrics(program: str, model_name: str, info, config: RunConfig, step
         "global_batch_size": config.batch_size,
         "num_replicas": num_replicas,
         "lr_milestones": list(lr_milestones),
+        "validation_split_seed": config.seed if split_seed is None else split_seed,
         "history": [],
         "best": None,
         "test": None,
@@ -414,6 +459,8 @@ def initial_metrics(program: str, model_name: str, info, config: RunConfig, step
     if adapted:
         metrics["adapted_from"] = {k: (list(v) if isinstance(v, (list, tuple)) else v)
                                    for k, v in adapted.items()}
+    if calibration:
+        metrics["warmup_calibration"] = dict(calibration)
     return metrics
 
 

@@ -21,13 +21,13 @@ from absl import flags
 from absl import logging
 
 from wa_tf.data import DATASETS
-from wa_tf.training.config import FLAG_NAMES, MODE_FLAGS, RunConfig
+from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, MODE_FLAGS, RunConfig
 from wa_tf.training.errors import ArgumentError
 from wa_tf.training.distribute import STRATEGIES
 
 MODES = tuple(MODE_FLAGS.values())
-# Architecture flags that adapt.py takes from --modelDir's FLAGS.txt.
-FIXED_BY_MODEL_DIR = ("mult", "dataset")
+# Flags that adapt.py takes from --modelDir's FLAGS.txt unless given.
+FROM_MODEL_DIR = tuple(FLAG_NAMES[field] for field in FROM_SOURCE)
 
 EXIT_BAD_INPUT = 2
 
@@ -50,21 +50,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_boolean("Q", False, "Quantization-aware training.", flag_values=fv)
     flags.DEFINE_integer("bits", 8, "Bit-width of weights and activations with --Q (2..16).",
                          flag_values=fv)
-    flags.DEFINE_boolean("warmup", False, "Winograd-domain quantizers take their range from "
-                         "the incoming batch until they have statistics (for adapting).",
-                         flag_values=fv)
+    flags.DEFINE_boolean("warmup", False, "adapt.py: before the first step, quantizers with no "
+                         "statistics in --modelDir's checkpoint (the Winograd-domain ones "
+                         "after a normal-to-Winograd copy) take their range from an inference "
+                         "pass over a training batch.", flag_values=fv)
     flags.DEFINE_float("mult", 0.5, "Width multiplier of the residual stages, in (0, 1].",
                        flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Number of epochs.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "Global batch size (split across replicas).",
                          flag_values=fv)
-    flags.DEFINE_float("lr", 0.001, "Initial learning rate of Adam.", flag_values=fv)
-    flags.DEFINE_boolean("use_cpu", False, "Train on the CPU even when GPUs are present.",
-                         flag_values=fv)
-    flags.DEFINE_integer("seed", 1, "Random seed (weights, data order, validation split).",
-                         flag_values=fv)
+    flags.DEFINE_float("lr", 0.001, "Initial learning rate of Adam (adapt.py: --modelDir's "
+                       "unless given).", flag_values=fv)
+    flags.DEFINE_boolean("use_cpu", False, "Train on the CPU even when GPUs are present "
+                         "(adapt.py: --modelDir's unless given).", flag_values=fv)
+    flags.DEFINE_integer("seed", 1, "Random seed (weights, data order, validation split; "
+                         "adapt.py: --modelDir's unless given, and always --modelDir's "
+                         "validation split).", flag_values=fv)
     flags.DEFINE_string("outDir", "experiments/", "Folder that receives the experiment "
-                        "folders.", flag_values=fv)
+                        "folders (adapt.py: --modelDir's unless given).", flag_values=fv)
     flags.DEFINE_string("modelDir", None, "adapt.py: experiment folder of the model to start "
                         "from.", flag_values=fv)
     flags.DEFINE_string("modelToLoad", "model.pt", "adapt.py: checkpoint in --modelDir: "
@@ -92,6 +95,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_boolean("resume", True, "Resume the newest unfinished experiment folder of "
                          "the same command, if there is one (--noresume: always start anew).",
                          flag_values=fv)
+    flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism "
+                         "(tf.config.experimental.enable_op_determinism): bit-identical reruns "
+                         "and resumes on any device, at some speed cost.", flag_values=fv)
 
 
 def flag_names(flag_values: flags.FlagValues = flags.FLAGS):
@@ -124,15 +130,16 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS, program: str = "trai
 
     Args:
       flag_values: Parsed flags (:func:`define_flags`).
-      program: 'train' or 'adapt'.  For adapt, --mult and --dataset left off
-        the command line are None: the run to adapt decides them.
+      program: 'train' or 'adapt'.  For adapt, the flags of
+        :data:`FROM_MODEL_DIR` left off the command line are None: the run to
+        adapt decides them.
 
     Raises:
       FlagError: naming the first bad flag.
     """
     values = as_dict(flag_values)
     if program == "adapt":
-        for name in FIXED_BY_MODEL_DIR:
+        for name in FROM_MODEL_DIR:
             if not flag_values[name].present:
                 values[name] = None
     try:

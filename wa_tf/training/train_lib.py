@@ -44,7 +44,7 @@ import tf_keras
 from wa_tf import quantization
 from wa_tf.training import distribute
 from wa_tf.training import experiment
-from wa_tf.training.config import RunConfig
+from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, RunConfig
 from wa_tf.training.errors import ArgumentError
 from wa_tf.training.optimizer import WEIGHT_DECAY, AdamL2
 
@@ -148,28 +148,43 @@ class SourceRun:
       model_dir: Its experiment folder.
       config: Its config (from its ``FLAGS.txt``).
       checkpoint: The checkpoint path prefix to start from.
+      split_seed: The seed that chose its validation split.
+      out_dir: The folder its experiment folder lies in, as its ``outDir``
+        (:func:`~wa_tf.training.experiment.out_dir_of`).
     """
 
     model_dir: str
     config: RunConfig
     checkpoint: str
+    split_seed: int
+    out_dir: str
 
     @classmethod
     def read(cls, model_dir: str, checkpoint: str) -> "SourceRun":
         """Reads the run in `model_dir`; fails before anything is written if the
         folder or the checkpoint is missing (ArgumentError)."""
         config = experiment.read_config(model_dir)
-        return cls(model_dir, config, experiment.checkpoint_path(model_dir, checkpoint))
+        path = experiment.checkpoint_path(model_dir, checkpoint)
+        metrics = experiment.read_metrics(model_dir) or {}
+        return cls(model_dir, config, path, experiment.split_seed(metrics, config),
+                   experiment.out_dir_of(model_dir, config, metrics.get("model")))
 
-    def resolve(self, config: RunConfig) -> RunConfig:
-        """`config` with what the source run decides: width and dataset (and data_dir
-        when not given).
+    def resolve(self, config: RunConfig):
+        """`config` with what the source run decides.
+
+        The architecture (width, dataset) is the source run's; `out_dir`,
+        `lr`, `seed` and `use_cpu` are the source run's unless set (not None),
+        as the reference's configurator does; `data_dir` too when not given.
+
+        Returns:
+          (resolved config, {field: value} of the fields taken from the source
+          run although `config` could have set them).
 
         Raises:
           ArgumentError: if `config` sets a field of :data:`FIXED_BY_SOURCE`
             to another value than the source run's.
         """
-        changes = {}
+        changes, taken = {}, {}
         for name in FIXED_BY_SOURCE:
             mine, theirs = getattr(config, name), getattr(self.config, name)
             if mine is not None and mine != theirs:
@@ -177,9 +192,13 @@ class SourceRun:
                                     f"{n(name)} is fixed by {n('model_dir')} ({theirs}); "
                                     f"got {mine}")
             changes[name] = theirs
+        for name in FROM_SOURCE:
+            if name not in FIXED_BY_SOURCE and getattr(config, name) is None:
+                changes[name] = taken[name] = (self.out_dir if name == "out_dir"
+                                               else getattr(self.config, name))
         if not config.data_dir:
             changes["data_dir"] = self.config.data_dir
-        return config.replace(**changes)
+        return config.replace(**changes), taken
 
 
 class Runner:
@@ -201,10 +220,17 @@ class Runner:
         self.program = program
         self.source = (SourceRun.read(config.model_dir, config.checkpoint)
                        if program == "adapt" else None)
-        self.config = self.source.resolve(config) if self.source else config
+        # Flag name -> value of what an adapted run took from its source run.
+        self.config, self.from_source = (self.source.resolve(config) if self.source
+                                         else (config, {}))
+        # An adapted run validates on its source run's validation split, so its
+        # best epoch is never chosen on images the source model trained on.
+        self.split_seed = self.source.split_seed if self.source else self.config.seed
         self.strategy = self._build_strategy()
         self.chief = distribute.is_chief(self.strategy)
         tf_keras.utils.set_random_seed(self.config.seed)
+        if self.config.deterministic:
+            tf.config.experimental.enable_op_determinism()
         self.splits, self.info = self._build_data()
         # The raw training split is cached once; each epoch's pipeline reads from it.
         self.train_split = self.splits["train"].cache()
@@ -212,7 +238,9 @@ class Runner:
                                      distribute.num_workers(self.strategy),
                                      self.config.steps_per_epoch)
         self.model = self._build_model()
+        self._predict = self._build_predict()
         self.adapted = self._build_adapted()
+        self.calibration = self._build_calibration()
         self.lock, self.resumed, self.model_dir = self._build_folder()
         try:
             task_type, task_id = distribute.task_info(self.strategy)
@@ -226,7 +254,6 @@ class Runner:
             self.start_epoch = self._restore_backup()
             self.metrics = self._build_metrics()
             self.writer = tf.summary.create_file_writer(self._path(experiment.LOG_DIR))
-            self._predict = self._build_predict()
         except BaseException:
             self._release()
             raise
@@ -249,7 +276,7 @@ class Runner:
         from wa_tf import data  # pylint: disable=import-outside-toplevel
         config = self.config
         try:
-            return data.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
+            return data.load(config.dataset, data_dir=config.data_dir, seed=self.split_seed)
         except ValueError as e:
             raise ArgumentError("data_dir", lambda n, e=e: f"{n('data_dir')}/{n('dataset')}: "
                                 f"{e}") from None
@@ -285,7 +312,37 @@ class Runner:
             copied = quantization.copy_weights(source, self.model)
         except ValueError as e:
             raise ArgumentError("checkpoint", lambda n, e=e: f"{n('checkpoint')}: {e}") from None
-        return {"model_dir": source_dir, "checkpoint": self.source.checkpoint, **copied}
+        # In the flags' order, as FLAGS.txt lists them.
+        from_source = {flag: self.from_source[name] for name, flag in FLAG_NAMES.items()
+                       if name in self.from_source}
+        return {"model_dir": source_dir, "checkpoint": self.source.checkpoint, **copied,
+                "from_source": from_source}
+
+    def _build_calibration(self) -> Optional[Dict]:
+        """--warmup: sets the ranges the source checkpoint had no statistics for.
+
+        One inference pass over the first training batch (not augmented):
+        the warm-up quantizers without statistics (those of the Winograd
+        layers: transforms, Winograd-domain stages) take its range, with
+        BatchNorm on its copied moving statistics, as the adapted model
+        computes at inference; no weight or BatchNorm statistic changes.
+        Without it they take their range from the first training step, with
+        BatchNorm on the batch's statistics.
+
+        Returns:
+          {'images': batch size, 'variables': names of the variables set}, or
+          None without --warmup or --Q.
+        """
+        from wa_tf import data  # pylint: disable=import-outside-toplevel
+        if not (self.config.warmup and self.config.quantize):
+            return None
+        weights = quantization.named_weights(self.model)
+        before = {key: v.numpy() for key, v in weights.items()}
+        images, _ = next(iter(data.pipeline(self.splits["train"], self.config.batch_size,
+                                            self.info, training=False, seed=self.config.seed)))
+        self._predict(images)
+        changed = [key for key, v in weights.items() if not np.array_equal(v.numpy(), before[key])]
+        return {"images": int(images.shape[0]), "variables": changed}
 
     def _build_folder(self):
         """Chooses (chief) and shares (all workers) the experiment folder.
@@ -332,13 +389,19 @@ class Runner:
         return experiment.initial_metrics(
             self.program, self.model.name, self.info, self.config, self.steps,
             self.strategy.num_replicas_in_sync, lr_milestones(self.config.epochs),
-            self.adapted)
+            self.adapted, self.split_seed, self.calibration)
 
     def _adapt_summary(self) -> Optional[str]:
         if not self.adapted:
             return None
-        return experiment.adapt_summary(self.adapted["model_dir"], self.adapted["checkpoint"],
-                                        self.adapted)
+        summary = experiment.adapt_summary(
+            self.adapted["model_dir"], self.adapted["checkpoint"], self.adapted,
+            self.adapted["from_source"], self.split_seed)
+        if self.calibration:
+            summary += (f"\nWarm-up: {len(self.calibration['variables'])} quantizer state "
+                        "variables set by an inference pass over "
+                        f"{self.calibration['images']} training images.")
+        return summary
 
     def _layer_table(self) -> str:
         from wa_tf import models  # pylint: disable=import-outside-toplevel
