@@ -8,7 +8,7 @@ The reference's flags keep their names and defaults (``--use_normal_conv`` /
 :func:`from_flags` converts the flags, once, into the typed
 :class:`~wa_tf.training.config.RunConfig` the library reads.  Bad input is
 reported as one line naming the flag: the library's
-:class:`~wa_tf.training.config.ArgumentError` names a config field or argument,
+:class:`~wa_tf.training.errors.ArgumentError` names a config field or argument,
 :func:`flag_message` spells it as its flag, and :func:`parse_argv` /
 :func:`run_main` print it (and absl's own parsing errors) as ``error: ...`` on
 stderr with a non-zero exit.
@@ -168,7 +168,7 @@ def run_main(fn: Callable[[RunConfig], object], program: str,
 
     Bad input ends the program with one ``error:`` line naming the flag: bad
     flag values, and the library's
-    :class:`~wa_tf.training.config.ArgumentError` (missing data or
+    :class:`~wa_tf.training.errors.ArgumentError` (missing data or
     checkpoints, checkpoints that do not fit).  A run stopped on a NaN loss
     (:class:`~wa_tf.training.train_lib.TrainingStopped`) ends with one line and
     exit code 1; other exceptions keep their traceback.

@@ -205,8 +205,8 @@ class Runner:
     """One training (or adaptation) run.
 
     Construction builds everything and writes nothing before the input is
-    known to be good (a bad flag, data folder or checkpoint raises
-    :class:`~wa_tf.training.config.ArgumentError` first); it then chooses
+    known to be good (a bad value, data folder or checkpoint raises
+    :class:`~wa_tf.training.errors.ArgumentError` first); it then chooses
     the experiment folder (a new one, or an unfinished one of the same command
     to resume) and restores the last backup.  :meth:`run` trains the
     remaining epochs.
@@ -220,7 +220,7 @@ class Runner:
         self.program = program
         self.source = (SourceRun.read(config.model_dir, config.checkpoint)
                        if program == "adapt" else None)
-        # Flag name -> value of what an adapted run took from its source run.
+        # Field -> value of what an adapted run took from its source run.
         self.config, self.from_source = (self.source.resolve(config) if self.source
                                          else (config, {}))
         # An adapted run validates on its source run's validation split, so its
