@@ -4,7 +4,10 @@
 Copies every weight of --modelDir's checkpoint whose layer name, weight name
 and shape match (a normal Conv2D kernel goes into the WinogradConv2D kernel of
 the same layer), reports what did not match, and trains as bin/train.py.  The
-width (--mult) and --dataset come from --modelDir/FLAGS.txt.
+width (--mult) and --dataset come from --modelDir/FLAGS.txt, and so do --outDir,
+--lr, --seed and --use_cpu unless given; validation is always on --modelDir's
+validation split.  --warmup sets the Winograd-domain quantizer ranges from an
+inference pass before the first step.
 
 Example (the reference's):
   bin/train.py --use_normal_conv --mult 0.5 --Q --bits 8 --epochs 120

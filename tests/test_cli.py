@@ -9,10 +9,11 @@ import pytest
 import tf_keras
 from absl import flags as absl_flags
 
-from wa_tf import models
+from wa_tf import data, models, quantization
 from wa_tf.evaluate import evaluate_checkpoint
 from wa_tf.training import experiment, train_lib
 from wa_tf.training import flags as wa_flags
+from wa_tf.training.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=digits", "--mult=0.125", "--steps_per_epoch=2"]
@@ -139,6 +140,7 @@ BAD_INPUT = [
     ("adapt", ["--flex", "--modelDir={wrong}", "--modelToLoad=best"], "--modelToLoad: no checkpoint"),
     ("adapt", ["--flex", "--modelDir={wrong}"], "--modelToLoad: checkpoint"),
     ("adapt", ["--flex", "--modelDir={wrong}", "--mult=0.5"], "--mult is fixed by --modelDir"),
+    ("train", ["--flex", "--Q", "--warmup"], "--warmup is for adapting a model (bin/adapt.py)"),
 ]
 
 
@@ -198,8 +200,116 @@ def test_config_flagfiles_are_valid(path):
     wa_flags.define_flags(values)
     wa_flags.parse_argv(["x", f"--flagfile={os.path.join(ROOT, path)}"], values)
     program = "adapt" if os.path.basename(path).startswith("adapt") else "train"
-    config = wa_flags.as_dict(values)
     if program == "adapt":
-        config["modelDir"] = "<the run to adapt>"  # given on the command line
-    wa_flags.validate(config, program)
+        values["modelDir"].value = "<the run to adapt>"  # given on the command line
+    wa_flags.from_flags(values, program)
     assert any(values[name].present for name in wa_flags.MODES)
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A finished INT8 normal-convolution run (lr 0.002, seed 3) to adapt from."""
+    out = tmp_path_factory.mktemp("source") / "runs"
+    config = RunConfig(conv="normal", quantize=True, dataset="digits", width_multiplier=0.125,
+                       epochs=1, steps_per_epoch=2, lr=0.002, seed=3, out_dir=str(out))
+    result = train_lib.run(config)
+    tf_keras.backend.clear_session()
+    return str(out), result["model_dir"]
+
+
+def _adapt_runner(model_dir, *argv):
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    wa_flags.parse_argv(["adapt", f"--modelDir={model_dir}", "--static", "--F=2", "--Q",
+                         "--epochs=1", "--steps_per_epoch=1", "--noresume", *argv], values)
+    return train_lib.Runner(wa_flags.from_flags(values, "adapt"), "adapt")
+
+
+def _image_set(split):
+    return {np.asarray(image).tobytes() for image, _ in split}
+
+
+def test_adapt_takes_source_settings_and_validates_on_its_split(source_run, tmp_path,
+                                                                monkeypatch):
+    """outDir, lr, seed, use_cpu come from --modelDir unless given; the validation split
+    is always the source run's, whatever --seed says."""
+    out, source_dir = source_run
+    monkeypatch.chdir(tmp_path)  # a relative ./experiments would land here
+    runner = _adapt_runner(source_dir, "--seed=7")
+    try:
+        config = runner.config
+        assert (config.out_dir, config.lr, config.seed, config.use_cpu) == (out, 0.002, 7, False)
+        assert runner.model_dir.startswith(os.path.join(out, "ResNet18LikeF2", "Static"))
+        assert not os.path.exists(tmp_path / "experiments")
+        # digits' validation split is chosen by the seed: the source run's (3), not 7.
+        source_val = _image_set(data.load("digits", seed=3)[0]["validation"])
+        assert source_val != _image_set(data.load("digits", seed=7)[0]["validation"])
+        assert _image_set(runner.splits["validation"]) == source_val
+        report = open(os.path.join(runner.model_dir, "report.txt"), encoding="utf-8").read()
+        line = [l for l in report.splitlines() if l.startswith("From the source run's")]
+        assert line == [f"From the source run's FLAGS.txt (not given on the command line): "
+                        f"--lr=0.002 --nouse_cpu --outDir={out}"], report
+        assert "Validation split: the source run's (seed 3)." in report
+        metrics = experiment.read_metrics(runner.model_dir)
+        assert metrics["validation_split_seed"] == 3
+        assert metrics["adapted_from"]["from_source"] == {"outDir": out, "lr": 0.002,
+                                                          "use_cpu": False}
+        assert experiment.read_flags(runner.model_dir)["seed"] == 7
+    finally:
+        runner.run()
+    # A flag given on the command line wins.
+    explicit = wa_flags.from_flags(_parsed("--static", f"--modelDir={source_dir}", "--lr=0.01",
+                                           f"--outDir={tmp_path}"), "adapt")
+    assert explicit.lr == 0.01 and explicit.out_dir == str(tmp_path) and explicit.seed is None
+
+
+def _parsed(*argv):
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    wa_flags.parse_argv(["x", *argv], values)
+    return values
+
+
+def _state(model):
+    return {key: v.numpy() for key, v in quantization.named_weights(model).items()}
+
+
+def test_adapt_warmup_calibrates_the_ranges_the_source_lacks(source_run, tmp_path):
+    """--warmup sets the Winograd-domain ranges before the first step from an inference
+    pass; everything else is as without it."""
+    _, source_dir = source_run
+    source, _ = experiment.load_model(source_dir, "final")
+    images = next(iter(data.pipeline(data.load("digits", seed=3)[0]["test"], 64,
+                                     data.load("digits", seed=3)[1], training=False)))[0]
+    expected = source(images, training=False).numpy()
+    outputs, states, metrics = {}, {}, {}
+    for warmup in (False, True):
+        runner = _adapt_runner(source_dir, f"--outDir={tmp_path / str(warmup)}",
+                               "--warmup" if warmup else "--nowarmup")
+        try:
+            states[warmup] = _state(runner.model)
+            outputs[warmup] = runner.model(images, training=False).numpy()
+            not_found = runner.adapted["not_found"]
+        finally:
+            runner.run()
+        metrics[warmup] = experiment.read_metrics(runner.model_dir)
+    assert states[False].keys() == states[True].keys()
+    stages = [k for k in states[True] if k.rsplit("/", 1)[1].startswith(
+        ("weights_winograd_", "input_winograd_", "hadamard_"))]
+    assert len(stages) == 8 * 2 * 9  # 16 WinogradConv2D layers x 3 stages x (min, max, init)
+    for key in stages:
+        assert key in not_found
+        if key.endswith("_initialized"):
+            assert states[False][key] == 0 and states[True][key] == 1, key
+    assert "warmup_calibration" not in metrics[False]
+    assert sorted(metrics[True]["warmup_calibration"]["variables"]) == sorted(
+        k for k in stages if not np.array_equal(states[False][k], states[True][k]))
+    assert any(np.any(states[True][k] != 0) for k in stages if k.endswith("_max"))
+    for key in states[True].keys() - set(stages):
+        np.testing.assert_array_equal(states[True][key], states[False][key], err_msg=key)
+    # The copied F(2x2, 3x3) model computes what the INT8 source computes, up to
+    # quantization, once its Winograd-domain ranges are set; without them (scale 1
+    # until the first training step) it is several times further off.
+    errors = {w: np.abs(outputs[w] - expected) for w in (False, True)}
+    assert errors[True].max() < 0.15 * np.abs(expected).max()
+    assert errors[False].mean() > 3 * errors[True].mean()

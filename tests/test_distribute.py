@@ -44,9 +44,9 @@ def test_strategies_from_flags(mirrored):
     strategy = mirrored()  # no GPUs: mirrored over the logical CPUs of conftest
     assert strategy.num_replicas_in_sync == 2
     assert distribute.is_chief(strategy) and distribute.num_workers(strategy) == 1
-    with pytest.raises(ValueError, match="--distribution_strategy must be one of"):
+    with pytest.raises(ValueError, match="distribution_strategy must be one of"):
         distribute.get_distribution_strategy("parameter_server")
-    with pytest.raises(ValueError, match="--num_gpus must be between 0 and the 0"):
+    with pytest.raises(ValueError, match="num_gpus must be between 0 and the 0"):
         distribute.get_distribution_strategy("mirrored", num_gpus=2)
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
 
-from wa_tf import data
+from wa_tf import data, quantization
 from wa_tf.training import experiment, train_lib
 from wa_tf.training import flags as wa_flags
 
@@ -104,3 +104,65 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
             if dtype.is_floating:
                 assert np.isfinite(reader.get_tensor(name)).all(), (path, name)
     assert tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1
+
+
+def test_non_finite_quantizer_range_stops_with_nan_loss(tmp_path, monkeypatch, capsys):
+    """A quantizer range corrupted to NaN after epoch 1 stops training at epoch 2's first
+    step as a NaN loss does; the end of epoch 1 stays the last good state."""
+    end_epoch = train_lib.Runner._end_epoch  # pylint: disable=protected-access
+    corrupted = []
+
+    def end_then_corrupt(runner, epoch, record, started):
+        end_epoch(runner, epoch, record, started)
+        if epoch == 0:
+            key = "layer2.0.conv1/kernel_max"
+            quantization.named_weights(runner.model)[key].assign(np.float32(np.nan))
+            corrupted.append(key)
+
+    monkeypatch.setattr(train_lib.Runner, "_end_epoch", end_then_corrupt)
+    values = _config(tmp_path)
+    values["Q"].value = True
+    with pytest.raises(SystemExit) as exit_info:
+        wa_flags.run_main(train_lib.run, "train", values)
+    assert corrupted and exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the loss is NaN at epoch 2, step 1" in err[0], err
+    assert "the last good state (the end of epoch 1)" in err[0]
+    (run,) = _runs(tmp_path)
+    metrics = experiment.read_metrics(run)
+    assert metrics["status"] == experiment.NAN_LOSS and len(metrics["history"]) == 1
+    backup = tf.train.latest_checkpoint(os.path.join(run, "backup"))
+    assert tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1
+    for path in (backup, os.path.join(run, "checkpoints", "best")):
+        reader = tf.train.load_checkpoint(path)
+        for name, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype.is_floating:
+                assert np.isfinite(reader.get_tensor(name)).all(), (path, name)
+
+
+def test_deterministic_flag_enables_op_determinism(tmp_path):
+    """--deterministic turns on TensorFlow's op determinism for the run and is kept in
+    FLAGS.txt (a process of its own: op determinism cannot be turned off again)."""
+    script = (
+        "import sys\n"
+        "import wa_tf\n"
+        "from absl import flags\n"
+        "from tensorflow.python.framework import config\n"
+        "from wa_tf.training import flags as wa_flags, train_lib\n"
+        "values = flags.FlagValues()\n"
+        "wa_flags.define_flags(values)\n"
+        "values(sys.argv)\n"
+        "runner = train_lib.Runner(wa_flags.from_flags(values))\n"
+        "print('op determinism:', config.is_op_determinism_enabled())\n"
+        "runner.run()\n")
+    for flag, expected in (("--deterministic", True), ("--nodeterministic", False)):
+        out = tmp_path / flag
+        proc = subprocess.run(
+            [sys.executable, "-c", script, "--use_normal_conv", "--dataset=digits",
+             "--mult=0.125", "--epochs=1", "--steps_per_epoch=1", f"--outDir={out}", flag],
+            cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"op determinism: {expected}" in proc.stdout
+        (run,) = _runs(out)
+        lines = open(os.path.join(run, "FLAGS.txt"), encoding="utf-8").read().splitlines()
+        assert flag in lines

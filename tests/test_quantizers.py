@@ -251,3 +251,24 @@ def test_eager_and_graph_quantize_identically(bits):
         x = tf.constant(rng.standard_normal((7, 50)).astype("float32") * rng.uniform(0.01, 100))
         for range_ in (tf.reduce_max(tf.abs(x)), tf.reduce_max(tf.abs(x), axis=1, keepdims=True)):
             np.testing.assert_array_equal(fake_quant(x, range_, bits), graph_fq(x, range_))
+
+
+def test_fake_quant_propagates_a_non_finite_range():
+    """Only a range of 0 means "no statistics yet" (scale 1); NaN or infinity is a
+    corrupted state and must not be hidden behind scale 1."""
+    x = tf.constant([[0.3, -1.7], [2.2, 0.0]])
+    # Range 0, 8 bits: scale 1, so round(x) clipped to [-128, 127] (worked by hand).
+    np.testing.assert_array_equal(fake_quant(x, 0.0, 8), [[0.0, -2.0], [2.0, 0.0]])
+    for bad in (np.nan, np.inf):
+        assert np.isnan(fake_quant(x, bad, 8).numpy()).all(), bad
+    # Per-axis ranges: only the corrupted row becomes NaN.
+    y = fake_quant(x, tf.constant([[np.nan], [2.2]]), 8).numpy()
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
+    # A quantizer whose stored range is NaN yields NaN in training and at inference.
+    layer = tf_keras.layers.Layer()
+    quantizer = EMAQuantizer(8)
+    weights = quantizer.build((2, 2), "t", layer)
+    weights["max_var"].assign(np.nan)
+    weights["initialized_var"].assign(1.0)
+    for training in (True, False):
+        assert np.isnan(quantizer(x, training, weights).numpy()).all(), training

@@ -1,6 +1,7 @@
 """Tests of wa_tf.training: optimizer, schedule, flags, experiment folders, weight copying."""
 import datetime
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,14 +13,21 @@ from wa_tf import models, quantization
 from wa_tf.training import experiment
 from wa_tf.training import flags as wa_flags
 from wa_tf.training import train_lib
+from wa_tf.training.config import RunConfig
+from wa_tf.training.errors import ArgumentError
 from wa_tf.training.optimizer import AdamL2
 
 
-def _config(**overrides):
+def _flags(*argv):
     values = absl_flags.FlagValues()
     wa_flags.define_flags(values)
-    values(["test"])
-    config = wa_flags.as_dict(values)
+    values(["test", *argv])
+    return values
+
+
+def _config(**overrides):
+    """A flag dict: the training flags' defaults with `overrides`."""
+    config = wa_flags.as_dict(_flags())
     config.update(overrides)
     return config
 
@@ -134,52 +142,111 @@ def test_learning_rate_schedule(epochs, expected):
 
 
 def test_flags_validation_names_the_flag():
-    wa_flags.validate(_config(flex=True))
+    wa_flags.from_flags(_flags("--flex"))
     cases = {
-        "--F": _config(flex=True, F=3),
-        "--bits": _config(flex=True, bits=17),
-        "--mult": _config(flex=True, mult=0.0),
-        "exactly one of": _config(flex=True, static=True),
-        "--data_dir": _config(flex=True, dataset="image_folder"),
-        "--dataset": _config(flex=True, dataset="mnist"),
-        "--distribution_strategy": _config(flex=True, distribution_strategy="tpu"),
+        "--F must be one of 2, 4, 6": ["--flex", "--F=3"],
+        "--bits must be an integer from 2 to 16; got 17": ["--flex", "--bits=17"],
+        "--mult must be in (0, 1]": ["--flex", "--mult=0.0"],
+        "exactly one of --use_normal_conv, --static, --flex is required; got --static --flex":
+            ["--flex", "--static"],
+        "--data_dir is required with --dataset=image_folder": ["--flex",
+                                                               "--dataset=image_folder"],
+        "--dataset must be one of": ["--flex", "--dataset=mnist"],
+        "--distribution_strategy must be one of": ["--flex", "--distribution_strategy=tpu"],
+        "--epochs must be a positive integer; got 0": ["--flex", "--epochs=0"],
+        "--outDir must not be empty": ["--flex", "--outDir="],
     }
-    for needle, config in cases.items():
-        with pytest.raises(wa_flags.FlagError, match=needle):
-            wa_flags.validate(config)
-    with pytest.raises(wa_flags.FlagError, match="--modelDir"):
-        wa_flags.validate(_config(flex=True), program="adapt")
+    for needle, argv in cases.items():
+        with pytest.raises(wa_flags.FlagError, match=re.escape(needle)):
+            wa_flags.from_flags(_flags(*argv))
+    with pytest.raises(wa_flags.FlagError, match="--modelDir is required"):
+        wa_flags.from_flags(_flags("--flex"), program="adapt")
+
+
+def test_run_config_validation_names_the_field():
+    """The library's errors name config fields; the flags layer spells them as flags."""
+    RunConfig(conv="flex").validate()
+    cases = {"tile_size": dict(tile_size=3), "bits": dict(bits=1),
+             "width_multiplier": dict(width_multiplier=0.0), "conv": dict(conv="winograd"),
+             "lr": dict(lr=0.0), "data_dir": dict(dataset="image_folder"),
+             "num_gpus": dict(num_gpus=-1), "steps_per_epoch": dict(steps_per_epoch=0)}
+    for field, changes in cases.items():
+        with pytest.raises(ArgumentError) as info:
+            RunConfig(**dict(dict(conv="flex"), **changes)).validate()
+        assert info.value.argument == field and str(info.value).startswith(field), info.value
+        assert "--" not in str(info.value)
+    with pytest.raises(ArgumentError, match="^model_dir is required"):
+        RunConfig(conv="flex").validate("adapt")
+    # adapt takes data_dir from the source run.
+    RunConfig(conv="flex", dataset="image_folder", model_dir="x").validate("adapt")
+    error = ArgumentError("tile_size", lambda n: f"{n('tile_size')} is bad, see {n('model_dir')}")
+    assert str(error) == "tile_size is bad, see model_dir"
+    assert wa_flags.flag_message(error) == "--F is bad, see --modelDir"
+    assert wa_flags.flag_message(error, {"model_dir": "run"}) == "--F is bad, see --run"
+
+
+def test_run_config_from_and_to_flags():
+    values = _flags("--static", "--F=2", "--Q", "--bits=6", "--mult=0.25", "--outDir=out",
+                    "--modelToLoad=best")
+    config = wa_flags.from_flags(values)
+    assert config == RunConfig(conv="static", tile_size=2, quantize=True, bits=6,
+                               width_multiplier=0.25, out_dir="out", checkpoint="best")
+    assert config.to_flag_dict() == wa_flags.as_dict(values)
+    # FLAGS.txt keeps the flags' definition order.
+    assert list(config.to_flag_dict()) == wa_flags.flag_names(values)
+    assert RunConfig.from_flag_dict(config.to_flag_dict()) == config
+    # adapt: width and dataset left off the command line come from the source run.
+    adapt = wa_flags.from_flags(_flags("--flex", "--modelDir=run"), program="adapt")
+    assert adapt.width_multiplier is None and adapt.dataset is None
+    assert wa_flags.from_flags(_flags("--flex", "--modelDir=run", "--mult=0.25"),
+                               program="adapt").width_multiplier == 0.25
 
 
 def test_flagfile_round_trip(tmp_path):
     config = _config(flex=True, F=6, Q=True, bits=6, mult=0.25, lr=0.01, dataset="digits",
                      data_dir="/some where/data", steps_per_epoch=3, resume=False)
-    experiment.write_flags(str(tmp_path), config)
+    experiment.write_flags(str(tmp_path), RunConfig.from_flag_dict(config))
     assert experiment.read_flags(str(tmp_path)) == config
     text = (tmp_path / "FLAGS.txt").read_text()
     assert "--flex\n" in text and "--nouse_normal_conv\n" in text and "--modelDir" not in text
+    assert text.splitlines() == experiment.flags_to_lines(config)
+    assert experiment.read_config(str(tmp_path)) == RunConfig.from_flag_dict(config)
+
+
+def test_old_flags_file_without_newer_flags_still_loads(tmp_path):
+    """A FLAGS.txt written before some flags existed reads with their defaults."""
+    (tmp_path / "FLAGS.txt").write_text("--nouse_normal_conv\n--nostatic\n--flex\n--F=2\n"
+                                        "--mult=0.25\n--dataset=digits\n")
+    config = experiment.read_config(str(tmp_path))
+    assert config == RunConfig(conv="flex", tile_size=2, width_multiplier=0.25,
+                               dataset="digits")
 
 
 def test_read_flags_errors_name_model_dir(tmp_path):
-    with pytest.raises(wa_flags.FlagError, match="--modelDir: .* is not a directory"):
+    with pytest.raises(ArgumentError, match="^model_dir: .* is not a directory") as info:
         experiment.read_flags(str(tmp_path / "missing"))
-    with pytest.raises(wa_flags.FlagError, match="--modelDir: .* has no FLAGS.txt"):
+    assert info.value.argument == "model_dir"
+    assert wa_flags.flag_message(info.value).startswith("--modelDir: ")
+    with pytest.raises(ArgumentError, match="^model_dir: .* has no FLAGS.txt"):
         experiment.read_flags(str(tmp_path))
     (tmp_path / "FLAGS.txt").write_text("--no_such_flag=1\n")
-    with pytest.raises(wa_flags.FlagError, match="--modelDir: cannot read"):
+    with pytest.raises(ArgumentError, match="^model_dir: cannot read"):
         experiment.read_flags(str(tmp_path))
+    with pytest.raises(ArgumentError, match="^checkpoint: no checkpoint") as info:
+        experiment.checkpoint_path(str(tmp_path), "best")
+    assert wa_flags.flag_message(info.value).startswith("--modelToLoad: no checkpoint")
 
 
 def test_experiment_folder_layout_and_no_overwrite(tmp_path):
     now = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
-    flex = _config(flex=True, Q=True, outDir=str(tmp_path))
+    flex = RunConfig(conv="flex", quantize=True, out_dir=str(tmp_path))
     first = experiment.create(flex, "ResNet18LikeF4", now)
     assert os.path.relpath(first, tmp_path) == os.path.join(
         "ResNet18LikeF4", "Flex", "mult_0.5", "bits_8", "lr_0.001", "2024_05_06_07_08_09")
     (tmp_path / first / "keep.txt").write_text("x")
     second = experiment.create(flex, "ResNet18LikeF4", now)  # same second: a new folder
     assert second == first + "_2" and (tmp_path / first / "keep.txt").exists()
-    normal = _config(use_normal_conv=True, outDir=str(tmp_path))
+    normal = RunConfig(conv="normal", out_dir=str(tmp_path))
     assert os.path.relpath(experiment.parent_dir(normal, "ResNet18Like"), tmp_path) == \
         os.path.join("ResNet18Like", "mult_0.5", "bits_FP", "lr_0.001")
 
@@ -193,14 +260,14 @@ def _fake_run(config, name, stamp, status):
 
 
 def test_find_unfinished_picks_newest_free_folder_of_same_command(tmp_path):
-    config = _config(flex=True, outDir=str(tmp_path), epochs=3)
+    config = RunConfig(conv="flex", out_dir=str(tmp_path), epochs=3)
     name = "ResNet18LikeF4"
     older = _fake_run(config, name, "20240101", experiment.RUNNING)
     newer = _fake_run(config, name, "20240102", experiment.RUNNING)
     _fake_run(config, name, "20240103", experiment.FINISHED)
-    _fake_run(dict(config, epochs=4), name, "20240104", experiment.RUNNING)  # other command
+    _fake_run(config.replace(epochs=4), name, "20240104", experiment.RUNNING)  # other command
     # Runtime flags do not make another command.
-    path, lock = experiment.find_unfinished(dict(config, jit_compile=True), name)
+    path, lock = experiment.find_unfinished(config.replace(jit_compile=True), name)
     assert path == newer
     # While that lock is held, the next free one is found; a held folder is never shared.
     path2, lock2 = experiment.find_unfinished(config, name)
@@ -236,3 +303,17 @@ def test_copy_weights_rejects_incompatible_models():
     other.build((None, 4))
     with pytest.raises(ValueError, match="no weight .* matches"):
         quantization.copy_weights(other, narrow)
+
+
+def test_out_dir_of_a_run_folder():
+    """The folder a run's <ModelName>/.../<time> folder lies in (adapt.py's default outDir)."""
+    config = RunConfig(conv="flex", quantize=True, out_dir="somewhere/else")
+    tail = os.path.join("ResNet18LikeF4", "Flex", "mult_0.5", "bits_8", "lr_0.001",
+                        "2024_01_01_00_00_00")
+    assert experiment.out_dir_of(os.path.join("runs", tail), config) == "runs"
+    assert experiment.out_dir_of(os.path.join("/abs", "runs", tail), config) == "/abs/runs"
+    assert experiment.out_dir_of(tail, config) == "."
+    # A folder moved out of that layout: its recorded outDir.
+    assert experiment.out_dir_of(os.path.join("moved", "2024_01_01"), config) == "somewhere/else"
+    assert experiment.out_dir_of(os.path.join("runs", tail), config.replace(lr=0.01)) == \
+        "somewhere/else"

@@ -34,7 +34,9 @@ def fake_quant(x, range_, num_bits):
 
     ``y = clip(round(x / s), qmin, qmax) * s`` with ``qmin = -2^(b-1)``,
     ``qmax = 2^(b-1) - 1`` and ``s = range_ / ((qmax - qmin) / 2)``; ``s = 1``
-    where ``range_`` is 0 (no statistics yet), and ``s >= 1e-8``.  The gradient
+    where ``range_`` is 0 (no statistics yet), and ``s >= 1e-8``.  A NaN or
+    infinite range gives NaN: a corrupted state must surface (as a NaN loss)
+    rather than quantize at an arbitrary scale.  The gradient
     with respect to ``x`` is the identity (not masked outside the range); no
     gradient flows into ``range_``.
 
@@ -56,7 +58,9 @@ def fake_quant(x, range_, num_bits):
     # (Grappler) rewrite the division so, and eager and graph runs (and
     # wa_tf.integer) must agree on the scale to the last bit.
     scale = tf.maximum(range_ * (1.0 / ((qmax - qmin) / 2.0)), 1e-8)
-    scale = tf.where(range_ > 0, scale, tf.ones_like(scale))
+    # Only "no statistics yet" (0) falls back to 1; `range_ > 0` would also send
+    # NaN there (NaN compares False) and hide it.
+    scale = tf.where(range_ <= 0, tf.ones_like(scale), scale)
 
     @tf.custom_gradient
     def _quantize(v):

@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from wa_tf.training.errors import ArgumentError
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker_mirrored")
 
 
@@ -39,8 +41,8 @@ def get_distribution_strategy(distribution_strategy: Optional[str] = None,
       A ``tf.distribute.Strategy``.
 
     Raises:
-      ValueError: for an unknown strategy name or an impossible GPU count; the
-        message names the flag.
+      ArgumentError (a ValueError): about 'distribution_strategy' or
+        'num_gpus', for an unknown strategy name or an impossible GPU count.
     """
     # Visible physical GPUs: listing logical devices would initialise the
     # runtime, after which MultiWorkerMirroredStrategy can no longer be created.
@@ -48,16 +50,18 @@ def get_distribution_strategy(distribution_strategy: Optional[str] = None,
     if num_gpus is None:
         num_gpus = len(gpus)
     if num_gpus < 0 or num_gpus > len(gpus):
-        raise ValueError(f"--num_gpus must be between 0 and the {len(gpus)} visible GPU(s); "
-                         f"got {num_gpus}")
+        raise ArgumentError("num_gpus", lambda n: f"{n('num_gpus')} must be between 0 and the "
+                            f"{len(gpus)} visible GPU(s); got {num_gpus}")
     name = distribution_strategy or ("mirrored" if num_gpus > 1 else "default")
     name = name.lower()
     if name not in STRATEGIES:
-        raise ValueError(f"--distribution_strategy must be one of {', '.join(STRATEGIES)}; "
-                         f"got {distribution_strategy!r}")
+        raise ArgumentError("distribution_strategy", lambda n: f"{n('distribution_strategy')} "
+                            f"must be one of {', '.join(STRATEGIES)}; got "
+                            f"{distribution_strategy!r}")
     if name in ("default", "one_device") and num_gpus > 1:
-        raise ValueError(f"--distribution_strategy={name} runs on one device; use mirrored "
-                         f"for --num_gpus={num_gpus}")
+        raise ArgumentError("distribution_strategy", lambda n: f"{n('distribution_strategy')}="
+                            f"{name} runs on one device; use mirrored for {n('num_gpus')}="
+                            f"{num_gpus}")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":

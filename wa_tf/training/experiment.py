@@ -16,19 +16,25 @@ the reference does::
 
 An existing folder is never reused for a new run.  A run is *unfinished*
 while ``metrics.json`` says ``"status": "running"``; re-running the same
-command (same flags apart from :data:`~wa_tf.training.flags.RUNTIME_FLAGS`)
-finds the newest unfinished folder whose lock is free and resumes there.
+command (same flags apart from :data:`RUNTIME_FLAGS`) finds the newest
+unfinished folder whose lock is free and resumes there.
+
+This module also composes what goes into ``report.txt`` and ``metrics.json``
+(:func:`new_report`, :func:`initial_metrics`, :func:`add_epoch`,
+:func:`results_text`); :mod:`~wa_tf.training.train_lib` decides when.
 """
 
 import datetime
 import fcntl
 import json
 import os
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import flags as absl_flags
 
 from wa_tf.training import flags as wa_flags
+from wa_tf.training.config import RunConfig
+from wa_tf.training.errors import ArgumentError
 
 FLAGS_FILE = "FLAGS.txt"
 REPORT_FILE = "report.txt"
@@ -40,18 +46,55 @@ BACKUP_DIR = "backup"
 
 RUNNING, FINISHED, NAN_LOSS = "running", "finished", "nan_loss"
 
+# Flags that change how a run executes, not what it computes: a run resumed with
+# other values of these is still "the same command" (see find_unfinished).
+RUNTIME_FLAGS = ("use_cpu", "distribution_strategy", "num_gpus", "jit_compile", "resume")
+# The reference's names for the final and best checkpoints, accepted as checkpoint names.
+CHECKPOINT_ALIASES = {"model.pt": "final", "best_model.pt": "best", "final": "final",
+                      "best": "best"}
 
-def parent_dir(config: Mapping, model_name: str) -> str:
+
+def parent_dir(config: RunConfig, model_name: str) -> str:
     """``<outDir>/<ModelName>[/Flex|/Static]/mult_<m>/bits_<b|FP>/lr_<lr>``."""
-    parts = [config["outDir"], model_name]
-    if not config["use_normal_conv"]:
-        parts.append("Flex" if config["flex"] else "Static")
-    parts += [f"mult_{config['mult']}", f"bits_{config['bits'] if config['Q'] else 'FP'}",
-              f"lr_{config['lr']}"]
+    parts = [config.out_dir, model_name]
+    if config.conv != "normal":
+        parts.append(config.conv.capitalize())
+    parts += [f"mult_{config.width_multiplier}",
+              f"bits_{config.bits if config.quantize else 'FP'}", f"lr_{config.lr}"]
     return os.path.join(*parts)
 
 
-def create(config: Mapping, model_name: str, now: Optional[datetime.datetime] = None) -> str:
+def out_dir_of(model_dir: str, config: RunConfig, model_name: Optional[str] = None) -> str:
+    """The ``outDir`` a run's folder lies in: `model_dir` without its
+    ``<ModelName>/.../lr_<lr>/<time>`` part.
+
+    A folder that was moved or renamed out of that layout gives its recorded
+    ``config.out_dir`` instead.
+
+    Args:
+      model_dir: The run's experiment folder.
+      config: The run's config.
+      model_name: The run's model name (``metrics.json``'s ``model``); by
+        default the reference's name for `config`.
+    """
+    if model_name is None:
+        from wa_tf import models  # pylint: disable=import-outside-toplevel
+        model_name = models.model_name(config.conv, config.tile_size)
+    tail = parent_dir(config.replace(out_dir="."), model_name).split(os.sep)[1:]
+    parts = os.path.normpath(model_dir).split(os.sep)[:-1]  # without <time>
+    head = parts[:len(parts) - len(tail)]
+    if len(parts) >= len(tail) and parts[len(head):] == tail:
+        return os.sep.join(head) or ("." if not head else os.sep)
+    return config.out_dir
+
+
+def split_seed(metrics: Mapping, config: RunConfig) -> int:
+    """The seed that chose a run's validation split (its ``seed`` unless
+    ``metrics.json`` records another, as an adapted run does)."""
+    return int(metrics.get("validation_split_seed", config.seed))
+
+
+def create(config: RunConfig, model_name: str, now: Optional[datetime.datetime] = None) -> str:
     """Creates a new, empty experiment folder named after the UTC time.
 
     A folder that exists already (two runs started in the same second) is
@@ -83,9 +126,19 @@ def flags_to_lines(config: Mapping) -> List[str]:
     return lines
 
 
-def write_flags(model_dir: str, config: Mapping):
-    """Writes ``FLAGS.txt``, an absl flagfile reproducing the run."""
-    _write_atomic(os.path.join(model_dir, FLAGS_FILE), "\n".join(flags_to_lines(config)) + "\n")
+def _flag_dict(config: Union[RunConfig, Mapping]) -> Mapping:
+    return config.to_flag_dict() if isinstance(config, RunConfig) else config
+
+
+def write_flags(model_dir: str, config: Union[RunConfig, Mapping]):
+    """Writes ``FLAGS.txt``, an absl flagfile reproducing the run.
+
+    Args:
+      model_dir: The experiment folder.
+      config: The run's config, or its flag dict (flag name -> value).
+    """
+    _write_atomic(os.path.join(model_dir, FLAGS_FILE),
+                  "\n".join(flags_to_lines(_flag_dict(config))) + "\n")
 
 
 def read_flags(model_dir: str) -> Dict:
@@ -96,28 +149,42 @@ def read_flags(model_dir: str) -> Dict:
       the file does not set).
 
     Raises:
-      FlagError: naming --modelDir if the folder or its FLAGS.txt is missing
-        or unreadable.
+      ArgumentError: about 'model_dir' if the folder or its FLAGS.txt is
+        missing or unreadable.
     """
     if not model_dir or not os.path.isdir(model_dir):
-        raise wa_flags.FlagError(f"--modelDir: {model_dir!r} is not a directory")
+        raise ArgumentError("model_dir", lambda n: f"{n('model_dir')}: {model_dir!r} is not "
+                            "a directory")
     path = os.path.join(model_dir, FLAGS_FILE)
     if not os.path.isfile(path):
-        raise wa_flags.FlagError(f"--modelDir: {model_dir} has no {FLAGS_FILE} "
-                                 "(not an experiment folder of bin/train.py or bin/adapt.py)")
+        raise ArgumentError("model_dir", lambda n: f"{n('model_dir')}: {model_dir} has no "
+                            f"{FLAGS_FILE} (not an experiment folder of bin/train.py or "
+                            "bin/adapt.py)")
     values = absl_flags.FlagValues()
     wa_flags.define_flags(values)
     try:
         values(["read_flags", f"--flagfile={path}"])
     except absl_flags.Error as e:
-        raise wa_flags.FlagError(f"--modelDir: cannot read {path}: "
-                                 f"{str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0]
+        raise ArgumentError("model_dir", lambda n: f"{n('model_dir')}: cannot read {path}: "
+                            f"{reason}") from None
     return wa_flags.as_dict(values)
 
 
-def same_command(a: Mapping, b: Mapping) -> bool:
-    """Whether two flag dicts describe the same run (runtime flags aside)."""
-    keys = (set(a) | set(b)) - set(wa_flags.RUNTIME_FLAGS)
+def read_config(model_dir: str) -> RunConfig:
+    """The :class:`RunConfig` of the run in `model_dir` (see :func:`read_flags`)."""
+    flag_values = read_flags(model_dir)
+    try:
+        return RunConfig.from_flag_dict(flag_values)
+    except ArgumentError as e:
+        raise ArgumentError("model_dir", lambda n: f"{n('model_dir')}: {model_dir}/"
+                            f"{FLAGS_FILE}: {e}") from None
+
+
+def same_command(a: Union[RunConfig, Mapping], b: Union[RunConfig, Mapping]) -> bool:
+    """Whether two configs (or flag dicts) describe the same run (runtime flags aside)."""
+    a, b = _flag_dict(a), _flag_dict(b)
+    keys = (set(a) | set(b)) - set(RUNTIME_FLAGS)
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -183,7 +250,7 @@ class Lock:
             self._file = None
 
 
-def find_unfinished(config: Mapping, model_name: str) -> Tuple[Optional[str], Optional[Lock]]:
+def find_unfinished(config: RunConfig, model_name: str) -> Tuple[Optional[str], Optional[Lock]]:
     """The newest unfinished folder of the same command whose lock is free.
 
     Returns:
@@ -200,7 +267,7 @@ def find_unfinished(config: Mapping, model_name: str) -> Tuple[Optional[str], Op
         try:
             if not same_command(read_flags(path), config):
                 continue
-        except wa_flags.FlagError:
+        except ArgumentError:
             continue
         lock = Lock(path)
         if lock.acquire():
@@ -208,14 +275,20 @@ def find_unfinished(config: Mapping, model_name: str) -> Tuple[Optional[str], Op
     return None, None
 
 
-def build_model(config: Mapping, num_classes: int, input_shape):
-    """The ResNet-18-like model described by the flags."""
+def build_model(config: Union[RunConfig, Mapping], num_classes: int, input_shape):
+    """The ResNet-18-like model described by a run's config (or flag dict)."""
     from wa_tf import models  # pylint: disable=import-outside-toplevel
+    config = RunConfig.of(config)
     return models.resnet18_like(
-        conv=wa_flags.conv_mode(config), tile_size=config["F"],
-        width_multiplier=config["mult"], num_classes=num_classes,
-        bits=config["bits"] if config["Q"] else None, input_shape=tuple(input_shape),
-        per_tap=config["per_tap"], warmup=config["warmup"], recompute=config["recompute"])
+        conv=config.conv, tile_size=config.tile_size,
+        width_multiplier=config.width_multiplier, num_classes=num_classes,
+        bits=config.bits_or_none, input_shape=tuple(input_shape), per_tap=config.per_tap,
+        warmup=config.warmup, recompute=config.recompute)
+
+
+def checkpoint_name(checkpoint: str) -> str:
+    """'final', 'best' or the checkpoint path prefix `checkpoint` names."""
+    return CHECKPOINT_ALIASES.get(checkpoint, checkpoint)
 
 
 def checkpoint_path(model_dir: str, checkpoint: str = "best") -> str:
@@ -223,13 +296,14 @@ def checkpoint_path(model_dir: str, checkpoint: str = "best") -> str:
     or a checkpoint path prefix to an existing checkpoint prefix.
 
     Raises:
-      FlagError: naming --modelToLoad if there is no such checkpoint.
+      ArgumentError: about 'checkpoint' if there is no such checkpoint.
     """
-    name = wa_flags.checkpoint_name(checkpoint)
+    name = checkpoint_name(checkpoint)
     path = os.path.join(model_dir, CHECKPOINT_DIR, name) if name in ("best", "final") else name
     if not os.path.isfile(path + ".index"):
-        raise wa_flags.FlagError(f"--modelToLoad: no checkpoint {path} (expected {path}.index; "
-                                 "use final, best or a checkpoint path prefix)")
+        raise ArgumentError("checkpoint", lambda n: f"{n('checkpoint')}: no checkpoint {path} "
+                            f"(expected {path}.index; use final, best or a checkpoint path "
+                            "prefix)")
     return path
 
 
@@ -237,25 +311,27 @@ def restore_weights(model, path: str):
     """Restores `model`'s weights from a checkpoint prefix written by save_weights.
 
     Raises:
-      FlagError: naming --modelToLoad if the checkpoint does not fit the model.
+      ArgumentError: about 'checkpoint' if the checkpoint does not fit the model.
     """
     try:
         status = model.load_weights(path)
         status.assert_existing_objects_matched()
         status.expect_partial()  # the optimizer's slots are not needed here
     except (AssertionError, ValueError) as e:
-        raise wa_flags.FlagError(f"--modelToLoad: checkpoint {path} does not fit the model "
-                                 f"{model.name}: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0]
+        raise ArgumentError("checkpoint", lambda n: f"{n('checkpoint')}: checkpoint {path} "
+                            f"does not fit the model {model.name}: {reason}") from None
 
 
-def dataset_meta(model_dir: str, config: Mapping) -> Dict:
+def dataset_meta(model_dir: str, config: Union[RunConfig, Mapping]) -> Dict:
     """num_classes and image_shape of a run: from metrics.json, else from the data."""
     metrics = read_metrics(model_dir) or {}
     meta = metrics.get("dataset")
     if meta and "num_classes" in meta and "image_shape" in meta:
         return meta
     from wa_tf import data  # pylint: disable=import-outside-toplevel
-    _, info = data.load(config["dataset"], data_dir=config["data_dir"], seed=config["seed"])
+    config = RunConfig.of(config)
+    _, info = data.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
     return {"num_classes": info.num_classes, "image_shape": list(info.image_shape)}
 
 
@@ -271,15 +347,162 @@ def load_model(model_dir: str, checkpoint: str = "best"):
         'model.pt', or a checkpoint path prefix.
 
     Returns:
-      (model, flags dict).  The model is not compiled.
+      (model, flags dict as :func:`read_flags` returns it).  The model is not compiled.
 
     Raises:
-      FlagError (a ValueError): for a missing folder or checkpoint, or a
-        checkpoint that does not fit the model.
+      ArgumentError (a ValueError): about 'model_dir' for a missing folder, about
+        'checkpoint' for a missing checkpoint or one that does not fit the model.
     """
-    config = read_flags(model_dir)
+    flag_values = read_flags(model_dir)
     path = checkpoint_path(model_dir, checkpoint)
-    meta = dataset_meta(model_dir, config)
-    model = build_model(config, meta["num_classes"], meta["image_shape"])
+    meta = dataset_meta(model_dir, flag_values)
+    model = build_model(flag_values, meta["num_classes"], meta["image_shape"])
     restore_weights(model, path)
-    return model, config
+    return model, flag_values
+
+
+# -- report.txt and metrics.json contents -------------------------------------
+
+
+def result_line(label: str, result: Mapping) -> str:
+    """The reference's evaluation line: 'Val set: Average loss: ..., Accuracy: c/N (x%)'."""
+    correct = round(result["accuracy"] * result["examples"])
+    return (f"{label}: Average loss: {result['loss']:.4f}, Accuracy: {correct}/"
+            f"{result['examples']} ({100 * result['accuracy']:.2f}%)")
+
+
+def _group_by_weight(keys: Sequence[str]) -> str:
+    """'A_t x16, B_t x16, ...': weight names with the number of layers having them."""
+    counts = {}
+    for key in keys:
+        name = key.rsplit("/", 1)[-1]
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} x{count}" for name, count in counts.items())
+
+
+def adapt_summary(source_dir: str, checkpoint: str, copied: Mapping[str, Sequence[str]],
+                  from_source: Optional[Mapping] = None,
+                  split_seed: Optional[int] = None) -> str:
+    """What an adapted run took from its source run (printed and in report.txt).
+
+    Args:
+      source_dir: The source run's folder.
+      checkpoint: The source checkpoint's path prefix.
+      copied: :func:`wa_tf.quantization.copy_weights`'s report.
+      from_source: Flag name -> value of the flags taken from the source run
+        because the command line did not give them.
+      split_seed: The seed of the source run's validation split, used here too.
+    """
+    lines = [f"Adapted from {source_dir} (checkpoint {checkpoint}): "
+             f"copied {len(copied['copied'])} weights by layer name and shape."]
+    for key, label in (("not_found", "Not in the checkpoint, kept as initialised"),
+                       ("unused", "In the checkpoint but not in this model")):
+        if copied[key]:
+            lines.append(f"{label} ({len(copied[key])}, all listed in metrics.json): "
+                         + _group_by_weight(copied[key]))
+    if from_source:
+        lines.append("From the source run's FLAGS.txt (not given on the command line): "
+                     + " ".join(flags_to_lines(from_source)))
+    if split_seed is not None:
+        lines.append(f"Validation split: the source run's (seed {split_seed}).")
+    return "\n".join(lines)
+
+
+def new_report(command: str, config: RunConfig, layer_table: str,
+               summary: Optional[str] = None) -> str:
+    """The first part of ``report.txt``: command, flags, layer table (and adapt summary)."""
+    report = [f"Command: {command}", "", FLAGS_FILE + ":"]
+    report += ["  " + line for line in flags_to_lines(config.to_flag_dict())]
+    report += ["", layer_table]
+    if summary:
+        report += ["", summary]
+    return "\n".join(report)
+
+
+def initial_metrics(program: str, model_name: str, info, config: RunConfig, steps: int,
+                    num_replicas: int, lr_milestones: Sequence[float],
+                    adapted: Optional[Mapping] = None, split_seed: Optional[int] = None,
+                    calibration: Optional[Mapping] = None) -> Dict:
+    """``metrics.json`` of a run that has not trained yet.
+
+    Args:
+      program: 'train' or 'adapt'.
+      model_name: The model's name.
+      info: The dataset's :class:`wa_tf.data.DatasetInfo`.
+      config: The run's config.
+      steps: Training steps per epoch.
+      num_replicas: Replicas in sync.
+      lr_milestones: Epochs at which the learning rate decays.
+      adapted: adapt: {'model_dir', 'checkpoint', the lists of
+        :func:`wa_tf.quantization.copy_weights`'s report, and 'from_source':
+        the flags taken from the source run}.
+      split_seed: The seed of the validation split; default ``config.seed``.
+      calibration: --warmup's calibration: {'images', 'quantizers'}.
+    """
+    metrics = {
+        "status": RUNNING,
+        "program": program,
+        "model": model_name,
+        "dataset": {"name": info.name, "num_classes": info.num_classes,
+                    "image_shape": list(info.image_shape), "mean": list(info.mean),
+                    "std": list(info.std), "num_examples": dict(info.num_examples)},
+        "epochs": config.epochs,
+        "steps_per_epoch": steps,
+        "global_batch_size": config.batch_size,
+        "num_replicas": num_replicas,
+        "lr_milestones": list(lr_milestones),
+        "validation_split_seed": config.seed if split_seed is None else split_seed,
+        "history": [],
+        "best": None,
+        "test": None,
+    }
+    if adapted:
+        metrics["adapted_from"] = {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                                   for k, v in adapted.items()}
+    if calibration:
+        metrics["warmup_calibration"] = dict(calibration)
+    return metrics
+
+
+def truncate_history(metrics: Dict, epochs_done: int):
+    """Keeps the first `epochs_done` epochs of `metrics` (a resumed run) and their best."""
+    metrics["history"] = metrics["history"][:epochs_done]
+    best = max(metrics["history"], key=lambda h: h["val_accuracy"], default=None)
+    metrics["best"] = {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"]} \
+        if best else None
+
+
+def add_epoch(metrics: Dict, record: Mapping) -> bool:
+    """Appends an epoch's record; True if it is the new best validation accuracy."""
+    metrics["history"].append(dict(record))
+    if metrics["best"] is None or record["val_accuracy"] > metrics["best"]["val_accuracy"]:
+        metrics["best"] = {"epoch": record["epoch"], "val_accuracy": record["val_accuracy"]}
+        return True
+    return False
+
+
+def stop_on_nan(metrics: Dict, message: str):
+    """Marks `metrics` as stopped on a NaN loss with `message`."""
+    metrics["status"] = NAN_LOSS
+    metrics["error"] = message
+
+
+def results_text(dataset: str, test: Optional[Mapping], best_epoch: Optional[int]) -> List[str]:
+    """The lines of the final results: test accuracy of the final and the best model.
+
+    Args:
+      dataset: The dataset's name.
+      test: {'final': result, 'best': result} or None when there is no test split.
+      best_epoch: The best validation epoch.
+    """
+    if not test:
+        return [f"Dataset {dataset} has no test split: no test accuracy "
+                "(the validation accuracy of each epoch is in metrics.json)."]
+    return [result_line("Test set (final model)", test["final"]),
+            result_line(f"Test set (best model, epoch {best_epoch})", test["best"])]
+
+
+def finish(metrics: Dict, test: Optional[Mapping]):
+    """Marks `metrics` as finished with the test results."""
+    metrics["test"] = dict(test) if test else None
+    metrics["status"] = FINISHED

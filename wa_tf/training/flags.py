@@ -5,30 +5,29 @@ The reference's flags keep their names and defaults (``--use_normal_conv`` /
 ``--batch_size``, ``--lr``, ``--use_cpu``, ``--seed``, ``--outDir``,
 ``--modelDir``, ``--modelToLoad``, ``--warmup``); the others are wa_tf's.
 
-Bad input is reported as one line naming the flag: :func:`validate` raises
-:class:`FlagError`, and :func:`parse_argv` / :func:`run_main` turn it (and
-absl's own parsing errors) into ``error: ...`` on stderr and a non-zero exit.
+:func:`from_flags` converts the flags, once, into the typed
+:class:`~wa_tf.training.config.RunConfig` the library reads.  Bad input is
+reported as one line naming the flag: the library's
+:class:`~wa_tf.training.errors.ArgumentError` names a config field or argument,
+:func:`flag_message` spells it as its flag, and :func:`parse_argv` /
+:func:`run_main` print it (and absl's own parsing errors) as ``error: ...`` on
+stderr with a non-zero exit.
 """
 
 import sys
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 from absl import flags
 from absl import logging
 
 from wa_tf.data import DATASETS
+from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, MODE_FLAGS, RunConfig
+from wa_tf.training.errors import ArgumentError
 from wa_tf.training.distribute import STRATEGIES
 
-MODES = ("use_normal_conv", "static", "flex")
-TILE_SIZES = (2, 4, 6)
-# The reference's names for the final and best checkpoints, accepted by --modelToLoad.
-CHECKPOINT_ALIASES = {"model.pt": "final", "best_model.pt": "best", "final": "final",
-                      "best": "best"}
-# Flags that change how a run executes, not what it computes: a run resumed with
-# other values of these is still "the same command" (see experiment.find_unfinished).
-RUNTIME_FLAGS = ("use_cpu", "distribution_strategy", "num_gpus", "jit_compile", "resume")
-# Architecture flags that adapt.py takes from --modelDir's FLAGS.txt.
-FIXED_BY_MODEL_DIR = ("mult", "dataset")
+MODES = tuple(MODE_FLAGS.values())
+# Flags that adapt.py takes from --modelDir's FLAGS.txt unless given.
+FROM_MODEL_DIR = tuple(FLAG_NAMES[field] for field in FROM_SOURCE)
 
 EXIT_BAD_INPUT = 2
 
@@ -51,21 +50,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_boolean("Q", False, "Quantization-aware training.", flag_values=fv)
     flags.DEFINE_integer("bits", 8, "Bit-width of weights and activations with --Q (2..16).",
                          flag_values=fv)
-    flags.DEFINE_boolean("warmup", False, "Winograd-domain quantizers take their range from "
-                         "the incoming batch until they have statistics (for adapting).",
-                         flag_values=fv)
+    flags.DEFINE_boolean("warmup", False, "adapt.py: before the first step, quantizers with no "
+                         "statistics in --modelDir's checkpoint (the Winograd-domain ones "
+                         "after a normal-to-Winograd copy) take their range from an inference "
+                         "pass over a training batch.", flag_values=fv)
     flags.DEFINE_float("mult", 0.5, "Width multiplier of the residual stages, in (0, 1].",
                        flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Number of epochs.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "Global batch size (split across replicas).",
                          flag_values=fv)
-    flags.DEFINE_float("lr", 0.001, "Initial learning rate of Adam.", flag_values=fv)
-    flags.DEFINE_boolean("use_cpu", False, "Train on the CPU even when GPUs are present.",
-                         flag_values=fv)
-    flags.DEFINE_integer("seed", 1, "Random seed (weights, data order, validation split).",
-                         flag_values=fv)
+    flags.DEFINE_float("lr", 0.001, "Initial learning rate of Adam (adapt.py: --modelDir's "
+                       "unless given).", flag_values=fv)
+    flags.DEFINE_boolean("use_cpu", False, "Train on the CPU even when GPUs are present "
+                         "(adapt.py: --modelDir's unless given).", flag_values=fv)
+    flags.DEFINE_integer("seed", 1, "Random seed (weights, data order, validation split; "
+                         "adapt.py: --modelDir's unless given, and always --modelDir's "
+                         "validation split).", flag_values=fv)
     flags.DEFINE_string("outDir", "experiments/", "Folder that receives the experiment "
-                        "folders.", flag_values=fv)
+                        "folders (adapt.py: --modelDir's unless given).", flag_values=fv)
     flags.DEFINE_string("modelDir", None, "adapt.py: experiment folder of the model to start "
                         "from.", flag_values=fv)
     flags.DEFINE_string("modelToLoad", "model.pt", "adapt.py: checkpoint in --modelDir: "
@@ -93,6 +95,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_boolean("resume", True, "Resume the newest unfinished experiment folder of "
                          "the same command, if there is one (--noresume: always start anew).",
                          flag_values=fv)
+    flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism "
+                         "(tf.config.experimental.enable_op_determinism): bit-identical reruns "
+                         "and resumes on any device, at some speed cost.", flag_values=fv)
 
 
 def flag_names(flag_values: flags.FlagValues = flags.FLAGS):
@@ -107,61 +112,40 @@ def as_dict(flag_values: flags.FlagValues = flags.FLAGS) -> Dict:
     return {name: flag_values[name].value for name in flag_names(flag_values)}
 
 
-def conv_mode(config: Mapping) -> str:
-    """'normal', 'static' or 'flex' from the three mode flags (validated)."""
-    return "normal" if config["use_normal_conv"] else ("static" if config["static"] else "flex")
-
-
-def validate(config: Mapping, program: str = "train"):
-    """Checks flag values; raises FlagError naming the first bad flag.
+def flag_message(error: ArgumentError, names: Optional[Mapping[str, str]] = None) -> str:
+    """`error`'s message with each argument spelled as its flag (``tile_size`` -> ``--F``).
 
     Args:
-      config: Flag values (:func:`as_dict`); for 'adapt', --mult and --dataset
-        may be None (taken from --modelDir's FLAGS.txt).
-      program: 'train' or 'adapt' (adapt needs --modelDir).
+      error: An error of the library.
+      names: Argument -> flag name, for arguments whose flag differs from
+        :data:`~wa_tf.training.config.FLAG_NAMES` (another binary's flags);
+        other arguments keep their own name.
     """
-    modes = [f"--{m}" for m in MODES if config[m]]
-    if len(modes) != 1:
-        raise FlagError("exactly one of --use_normal_conv, --static, --flex is required; got "
-                        + (" ".join(modes) if modes else "none"))
-    if config["F"] not in TILE_SIZES:
-        raise FlagError(f"--F must be one of 2, 4, 6 (F(2x2,3x3), F(4x4,3x3), F(6x6,3x3)); "
-                        f"got {config['F']}")
-    if not 2 <= config["bits"] <= 16:
-        raise FlagError(f"--bits must be an integer from 2 to 16; got {config['bits']}")
-    if config["mult"] is not None and not 1 / 64 <= config["mult"] <= 1:
-        raise FlagError(f"--mult must be in (0, 1] (and at least 1/64, so every stage has a "
-                        f"channel); got {config['mult']}")
-    for name in ("epochs", "batch_size"):
-        if config[name] < 1:
-            raise FlagError(f"--{name} must be a positive integer; got {config[name]}")
-    if config["steps_per_epoch"] is not None and config["steps_per_epoch"] < 1:
-        raise FlagError(f"--steps_per_epoch must be a positive integer; "
-                        f"got {config['steps_per_epoch']}")
-    if not config["lr"] > 0:
-        raise FlagError(f"--lr must be positive; got {config['lr']}")
-    if config["dataset"] is not None and config["dataset"] not in DATASETS:
-        raise FlagError(f"--dataset must be one of {', '.join(DATASETS)}; "
-                        f"got {config['dataset']!r}")
-    # adapt.py takes --data_dir from --modelDir's FLAGS.txt when not given.
-    if config["dataset"] == "image_folder" and not config["data_dir"] and program != "adapt":
-        raise FlagError("--data_dir is required with --dataset=image_folder "
-                        "(a folder with <split>/<class>/<image> files)")
-    if config["distribution_strategy"] is not None and \
-            config["distribution_strategy"].lower() not in STRATEGIES:
-        raise FlagError(f"--distribution_strategy must be one of {', '.join(STRATEGIES)}; "
-                        f"got {config['distribution_strategy']!r}")
-    if config["num_gpus"] is not None and config["num_gpus"] < 0:
-        raise FlagError(f"--num_gpus must be >= 0; got {config['num_gpus']}")
-    if not config["outDir"]:
-        raise FlagError("--outDir must not be empty")
-    if program == "adapt" and not config["modelDir"]:
-        raise FlagError("--modelDir is required: the experiment folder of the model to adapt")
+    spelling = dict(FLAG_NAMES, **(names or {}))
+    return error.message(lambda argument: "--" + spelling.get(argument, argument))
 
 
-def checkpoint_name(model_to_load: str) -> str:
-    """'final', 'best' or the path given by --modelToLoad."""
-    return CHECKPOINT_ALIASES.get(model_to_load, model_to_load)
+def from_flags(flag_values: flags.FlagValues = flags.FLAGS, program: str = "train") -> RunConfig:
+    """The validated :class:`RunConfig` of the parsed training flags.
+
+    Args:
+      flag_values: Parsed flags (:func:`define_flags`).
+      program: 'train' or 'adapt'.  For adapt, the flags of
+        :data:`FROM_MODEL_DIR` left off the command line are None: the run to
+        adapt decides them.
+
+    Raises:
+      FlagError: naming the first bad flag.
+    """
+    values = as_dict(flag_values)
+    if program == "adapt":
+        for name in FROM_MODEL_DIR:
+            if not flag_values[name].present:
+                values[name] = None
+    try:
+        return RunConfig.from_flag_dict(values).validate(program)
+    except ArgumentError as e:
+        raise FlagError(flag_message(e)) from None
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -178,32 +162,26 @@ def parse_argv(argv, flag_values: flags.FlagValues = flags.FLAGS):
         fail(str(e).splitlines()[0])
 
 
-class TrainingStopped(RuntimeError):
-    """Training stopped early (NaN loss); the message says what was kept."""
-
-
-def run_main(fn: Callable[[Dict], object], program: str,
+def run_main(fn: Callable[[RunConfig], object], program: str,
              flag_values: flags.FlagValues = flags.FLAGS):
-    """Validates the flags and calls ``fn(config)``; bad input exits with one line.
+    """Converts the flags (:func:`from_flags`) and calls ``fn(config)``.
 
-    The library raises :class:`FlagError` for bad input (it converts the
-    ValueErrors of data loading, model building and checkpoint loading), and
-    :class:`TrainingStopped` when training stops on a NaN loss; both end the
-    program with one ``error:`` line, other exceptions keep their traceback.
+    Bad input ends the program with one ``error:`` line naming the flag: bad
+    flag values, and the library's
+    :class:`~wa_tf.training.errors.ArgumentError` (missing data or
+    checkpoints, checkpoints that do not fit).  A run stopped on a NaN loss
+    (:class:`~wa_tf.training.train_lib.TrainingStopped`) ends with one line and
+    exit code 1; other exceptions keep their traceback.
     """
+    from wa_tf.training.train_lib import TrainingStopped  # pylint: disable=import-outside-toplevel
     if "verbosity" in flag_values and not flag_values["verbosity"].present:
         # TensorFlow's INFO lines (one per checkpoint) would bury the progress bar.
         logging.set_verbosity(logging.WARNING)
-    config = as_dict(flag_values)
-    if program == "adapt":
-        # Not given: taken from --modelDir's FLAGS.txt (see train_lib.adapt).
-        for name in FIXED_BY_MODEL_DIR:
-            if not flag_values[name].present:
-                config[name] = None
     try:
-        validate(config, program)
-        fn(config)
+        fn(from_flags(flag_values, program))
     except FlagError as e:
         fail(str(e).splitlines()[0])
+    except ArgumentError as e:
+        fail(flag_message(e).splitlines()[0])
     except TrainingStopped as e:
         fail(str(e).splitlines()[0], code=1)

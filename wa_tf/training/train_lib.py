@@ -16,6 +16,13 @@ with the same command resumes after the last completed epoch, in the same
 folder (see :mod:`wa_tf.training.experiment`), and ends with the metrics of an
 uninterrupted run.  A NaN loss stops training without saving the NaN weights.
 
+:class:`Runner` holds one run, in the shape of Model Garden's
+``OrbitExperimentRunner``: construction builds the strategy, data, model and
+experiment folder in small ``_build_*`` steps (and restores a backup), and
+:meth:`Runner.run` loops over the epochs with ``_train_epoch`` and
+``_end_epoch``; what goes into ``report.txt`` and ``metrics.json`` is composed
+by :mod:`~wa_tf.training.experiment`.
+
 Distribution: the model, optimizer, quantizers and metrics are created under
 the strategy's scope, ``--batch_size`` is the global batch, and the input is
 distributed with ``distribute_datasets_from_function`` and per-replica
@@ -23,11 +30,12 @@ batches.  Under ``multi_worker_mirrored`` the chief writes the experiment
 folder; the other workers save into temporary folders they delete at the end.
 """
 
+import dataclasses
 import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -36,7 +44,8 @@ import tf_keras
 from wa_tf import quantization
 from wa_tf.training import distribute
 from wa_tf.training import experiment
-from wa_tf.training import flags as wa_flags
+from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, RunConfig
+from wa_tf.training.errors import ArgumentError
 from wa_tf.training.optimizer import WEIGHT_DECAY, AdamL2
 
 LR_DECAY = 0.1
@@ -44,6 +53,12 @@ LR_MILESTONES = (3 / 5, 4 / 5)
 # Seeds of consecutive epochs are this far apart; multi-worker input pipelines
 # add their index (< this) to the seed.
 _EPOCH_SEED_STRIDE = 1000
+# Config fields an adapted run must share with its source run (the architecture).
+FIXED_BY_SOURCE = ("width_multiplier", "dataset")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early (NaN loss); the message says what was kept."""
 
 
 def lr_milestones(epochs: int) -> List[float]:
@@ -88,31 +103,19 @@ def distributed_dataset(strategy: tf.distribute.Strategy, split: tf.data.Dataset
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def steps_per_epoch(num_train: int, global_batch: int, num_workers: int,
+def steps_per_epoch(num_train: int, batch_size: int, num_workers: int,
                     limit: Optional[int] = None) -> int:
-    """Full training steps in an epoch (each worker reads its own shard), capped by `limit`."""
-    per_worker = global_batch // num_workers
+    """Full training steps in an epoch (each worker reads its own shard), capped by `limit`.
+
+    Raises:
+      ArgumentError: about 'batch_size' if not one batch fits in the examples.
+    """
+    per_worker = batch_size // num_workers
     steps = (num_train // num_workers) // per_worker
     if steps < 1:
-        raise wa_flags.FlagError(f"--batch_size={global_batch} is larger than the "
-                                 f"{num_train} training examples")
+        raise ArgumentError("batch_size", lambda n: f"{n('batch_size')}={batch_size} is "
+                            f"larger than the {num_train} training examples")
     return min(steps, limit) if limit else steps
-
-
-def _group_by_weight(keys: List[str]) -> str:
-    """'A_t x16, B_t x16, ...': weight names with the number of layers having them."""
-    counts = {}
-    for key in keys:
-        name = key.rsplit("/", 1)[-1]
-        counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{name} x{count}" for name, count in counts.items())
-
-
-def _result_line(label: str, result: Mapping) -> str:
-    """The reference's evaluation line: 'Val set: Average loss: ..., Accuracy: c/N (x%)'."""
-    correct = round(result["accuracy"] * result["examples"])
-    return (f"{label}: Average loss: {result['loss']:.4f}, Accuracy: {correct}/"
-            f"{result['examples']} ({100 * result['accuracy']:.2f}%)")
 
 
 class _NanGuard(tf_keras.callbacks.Callback):
@@ -137,199 +140,301 @@ class _OneEpoch(tf_keras.callbacks.Callback):
         self.model.stop_training = True
 
 
-class _Run:
-    """State of one training run: strategy, data, model and experiment folder."""
+@dataclasses.dataclass(frozen=True)
+class SourceRun:
+    """The run an adapted run starts from.
 
-    def __init__(self, config: Mapping, program: str):
-        self.config = dict(config)
-        self.program = program
-        self.source_model_dir = None
-        self.adapted = None
-        self.model_dir = None
-        self.work_dir = None  # where this process writes: model_dir, or a worker temp dir
-        self.lock = None
-        self.resumed = False
-        self._predict = None
+    Attributes:
+      model_dir: Its experiment folder.
+      config: Its config (from its ``FLAGS.txt``).
+      checkpoint: The checkpoint path prefix to start from.
+      split_seed: The seed that chose its validation split.
+      out_dir: The folder its experiment folder lies in, as its ``outDir``
+        (:func:`~wa_tf.training.experiment.out_dir_of`).
+    """
 
-    # -- setup (bad input raises FlagError before anything is written) -------
+    model_dir: str
+    config: RunConfig
+    checkpoint: str
+    split_seed: int
+    out_dir: str
 
-    def setup(self):
-        config = self.config
-        if config["use_cpu"]:
-            distribute.hide_gpus()
-        try:
-            self.strategy = distribute.get_distribution_strategy(
-                config["distribution_strategy"], config["num_gpus"])
-        except ValueError as e:
-            raise wa_flags.FlagError(str(e)) from None
-        self.chief = distribute.is_chief(self.strategy)
-        replicas = self.strategy.num_replicas_in_sync
-        if config["batch_size"] % replicas:
-            raise wa_flags.FlagError(f"--batch_size={config['batch_size']} must be divisible "
-                                     f"by the {replicas} replicas")
-        if self.program == "adapt":
-            self._resolve_adapt_flags()
-        tf_keras.utils.set_random_seed(config["seed"])
-        self._load_data()
-        with self.strategy.scope():
-            try:
-                self.model = experiment.build_model(config, self.info.num_classes,
-                                                    self.info.image_shape)
-            except ValueError as e:
-                raise wa_flags.FlagError(str(e)) from None
-            compile_model(self.model, config["lr"], config["jit_compile"])
-            # Create the optimizer's variables now, so checkpoints restore into them.
-            self.model.optimizer.build(self.model.trainable_variables)
-        if self.program == "adapt":
-            self._copy_source_weights()
+    @classmethod
+    def read(cls, model_dir: str, checkpoint: str) -> "SourceRun":
+        """Reads the run in `model_dir`; fails before anything is written if the
+        folder or the checkpoint is missing (ArgumentError)."""
+        config = experiment.read_config(model_dir)
+        path = experiment.checkpoint_path(model_dir, checkpoint)
+        metrics = experiment.read_metrics(model_dir) or {}
+        return cls(model_dir, config, path, experiment.split_seed(metrics, config),
+                   experiment.out_dir_of(model_dir, config, metrics.get("model")))
 
-    def _resolve_adapt_flags(self):
-        """Takes the architecture flags (width, dataset) from --modelDir's FLAGS.txt.
+    def resolve(self, config: RunConfig):
+        """`config` with what the source run decides.
 
-        A None value means "as --modelDir"; a value that differs is an error.
+        The architecture (width, dataset) is the source run's; `out_dir`,
+        `lr`, `seed` and `use_cpu` are the source run's unless set (not None),
+        as the reference's configurator does; `data_dir` too when not given.
+
+        Returns:
+          (resolved config, {field: value} of the fields taken from the source
+          run although `config` could have set them).
+
+        Raises:
+          ArgumentError: if `config` sets a field of :data:`FIXED_BY_SOURCE`
+            to another value than the source run's.
         """
-        config = self.config
-        self.source_model_dir = config["modelDir"]
-        source = experiment.read_flags(self.source_model_dir)
-        for name in wa_flags.FIXED_BY_MODEL_DIR:
-            if config[name] is not None and config[name] != source[name]:
-                raise wa_flags.FlagError(
-                    f"--{name} is fixed by --modelDir ({source[name]}); got {config[name]}")
-            config[name] = source[name]
-        if not config["data_dir"]:
-            config["data_dir"] = source["data_dir"]
-        self.source_config = source
-        # Fail before anything is written if the checkpoint is missing.
-        self.source_checkpoint = experiment.checkpoint_path(
-            self.source_model_dir, config["modelToLoad"])
+        changes, taken = {}, {}
+        for name in FIXED_BY_SOURCE:
+            mine, theirs = getattr(config, name), getattr(self.config, name)
+            if mine is not None and mine != theirs:
+                raise ArgumentError(name, lambda n, name=name, mine=mine, theirs=theirs:
+                                    f"{n(name)} is fixed by {n('model_dir')} ({theirs}); "
+                                    f"got {mine}")
+            changes[name] = theirs
+        for name in FROM_SOURCE:
+            if name not in FIXED_BY_SOURCE and getattr(config, name) is None:
+                changes[name] = taken[name] = (self.out_dir if name == "out_dir"
+                                               else getattr(self.config, name))
+        if not config.data_dir:
+            changes["data_dir"] = self.config.data_dir
+        return config.replace(**changes), taken
 
-    def _load_data(self):
+
+class Runner:
+    """One training (or adaptation) run.
+
+    Construction builds everything and writes nothing before the input is
+    known to be good (a bad value, data folder or checkpoint raises
+    :class:`~wa_tf.training.errors.ArgumentError` first); it then chooses
+    the experiment folder (a new one, or an unfinished one of the same command
+    to resume) and restores the last backup.  :meth:`run` trains the
+    remaining epochs.
+
+    Example:
+      >>> result = Runner(RunConfig(conv="flex", dataset="digits")).run()
+    """
+
+    def __init__(self, config: RunConfig, program: str = "train"):
+        config.validate(program)
+        self.program = program
+        self.source = (SourceRun.read(config.model_dir, config.checkpoint)
+                       if program == "adapt" else None)
+        # Field -> value of what an adapted run took from its source run.
+        self.config, self.from_source = (self.source.resolve(config) if self.source
+                                         else (config, {}))
+        # An adapted run validates on its source run's validation split, so its
+        # best epoch is never chosen on images the source model trained on.
+        self.split_seed = self.source.split_seed if self.source else self.config.seed
+        self.strategy = self._build_strategy()
+        self.chief = distribute.is_chief(self.strategy)
+        tf_keras.utils.set_random_seed(self.config.seed)
+        if self.config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        self.splits, self.info = self._build_data()
+        # The raw training split is cached once; each epoch's pipeline reads from it.
+        self.train_split = self.splits["train"].cache()
+        self.steps = steps_per_epoch(self.info.num_examples["train"], self.config.batch_size,
+                                     distribute.num_workers(self.strategy),
+                                     self.config.steps_per_epoch)
+        self.model = self._build_model()
+        self._predict = self._build_predict()
+        self.adapted = self._build_adapted()
+        self.calibration = self._build_calibration()
+        self.lock, self.resumed, self.model_dir = self._build_folder()
+        try:
+            task_type, task_id = distribute.task_info(self.strategy)
+            # Where this process writes: the folder, or a worker's temporary folder.
+            self.work_dir = (self.model_dir if self.chief else os.path.join(
+                self.model_dir, f"workertemp_{task_type}_{task_id}"))
+            os.makedirs(self.work_dir, exist_ok=True)
+            if self.chief and not self.resumed:
+                self._write_new_folder()
+            self.backup, self.manager = self._build_backup()
+            self.start_epoch = self._restore_backup()
+            self.metrics = self._build_metrics()
+            self.writer = tf.summary.create_file_writer(self._path(experiment.LOG_DIR))
+        except BaseException:
+            self._release()
+            raise
+
+    # -- construction ---------------------------------------------------------
+
+    def _build_strategy(self) -> tf.distribute.Strategy:
+        config = self.config
+        if config.use_cpu:
+            distribute.hide_gpus()
+        strategy = distribute.get_distribution_strategy(config.distribution_strategy,
+                                                        config.num_gpus)
+        replicas = strategy.num_replicas_in_sync
+        if config.batch_size % replicas:
+            raise ArgumentError("batch_size", lambda n: f"{n('batch_size')}={config.batch_size}"
+                                f" must be divisible by the {replicas} replicas")
+        return strategy
+
+    def _build_data(self):
         from wa_tf import data  # pylint: disable=import-outside-toplevel
         config = self.config
         try:
-            self.splits, self.info = data.load(config["dataset"], data_dir=config["data_dir"],
-                                               seed=config["seed"])
+            return data.load(config.dataset, data_dir=config.data_dir, seed=self.split_seed)
         except ValueError as e:
-            raise wa_flags.FlagError(f"--data_dir/--dataset: {e}") from None
-        # The raw training split is cached once; each epoch's pipeline reads from it.
-        self.train_split = self.splits["train"].cache()
-        self.num_workers = distribute.num_workers(self.strategy)
-        self.steps = steps_per_epoch(self.info.num_examples["train"], config["batch_size"],
-                                     self.num_workers, config["steps_per_epoch"])
+            raise ArgumentError("data_dir", lambda n, e=e: f"{n('data_dir')}/{n('dataset')}: "
+                                f"{e}") from None
 
-    def _copy_source_weights(self):
-        meta = experiment.dataset_meta(self.source_model_dir, self.source_config)
+    def _build_model(self) -> tf_keras.Model:
+        config = self.config
+        with self.strategy.scope():
+            try:
+                model = experiment.build_model(config, self.info.num_classes,
+                                               self.info.image_shape)
+            except ValueError as e:
+                raise ArgumentError(None, str(e)) from None
+            compile_model(model, config.lr, config.jit_compile)
+            # Create the optimizer's variables now, so checkpoints restore into them.
+            model.optimizer.build(model.trainable_variables)
+        return model
+
+    def _build_adapted(self) -> Optional[Dict]:
+        """adapt: copies the source run's weights; returns what was copied (else None)."""
+        if self.source is None:
+            return None
+        source_dir = self.source.model_dir
+        meta = experiment.dataset_meta(source_dir, self.source.config)
         if meta["num_classes"] != self.info.num_classes:
-            raise wa_flags.FlagError(f"--modelDir: its model has {meta['num_classes']} classes, "
-                                     f"the dataset {self.info.num_classes}")
+            raise ArgumentError("model_dir", lambda n: f"{n('model_dir')}: its model has "
+                                f"{meta['num_classes']} classes, the dataset "
+                                f"{self.info.num_classes}")
         # The source model is only read: built outside the strategy, then dropped.
-        source = experiment.build_model(self.source_config, meta["num_classes"],
+        source = experiment.build_model(self.source.config, meta["num_classes"],
                                         meta["image_shape"])
-        experiment.restore_weights(source, self.source_checkpoint)
+        experiment.restore_weights(source, self.source.checkpoint)
         try:
-            self.adapted = quantization.copy_weights(source, self.model)
+            copied = quantization.copy_weights(source, self.model)
         except ValueError as e:
-            raise wa_flags.FlagError(f"--modelToLoad: {e}") from None
-        del source
+            raise ArgumentError("checkpoint", lambda n, e=e: f"{n('checkpoint')}: {e}") from None
+        # In the flags' order, as FLAGS.txt lists them.
+        from_source = {flag: self.from_source[name] for name, flag in FLAG_NAMES.items()
+                       if name in self.from_source}
+        return {"model_dir": source_dir, "checkpoint": self.source.checkpoint, **copied,
+                "from_source": from_source}
 
-    # -- experiment folder ----------------------------------------------------
+    def _build_calibration(self) -> Optional[Dict]:
+        """--warmup: sets the ranges the source checkpoint had no statistics for.
 
-    def open_folder(self):
-        """Chooses (chief) and shares (all workers) the experiment folder."""
-        config, name = self.config, self.model.name
-        path = ""
+        One inference pass over the first training batch (not augmented):
+        the warm-up quantizers without statistics (those of the Winograd
+        layers: transforms, Winograd-domain stages) take its range, with
+        BatchNorm on its copied moving statistics, as the adapted model
+        computes at inference; no weight or BatchNorm statistic changes.
+        Without it they take their range from the first training step, with
+        BatchNorm on the batch's statistics.
+
+        Returns:
+          {'images': batch size, 'variables': names of the variables set}, or
+          None without --warmup or --Q.
+        """
+        from wa_tf import data  # pylint: disable=import-outside-toplevel
+        if not (self.config.warmup and self.config.quantize):
+            return None
+        weights = quantization.named_weights(self.model)
+        before = {key: v.numpy() for key, v in weights.items()}
+        images, _ = next(iter(data.pipeline(self.splits["train"], self.config.batch_size,
+                                            self.info, training=False, seed=self.config.seed)))
+        self._predict(images)
+        changed = [key for key, v in weights.items() if not np.array_equal(v.numpy(), before[key])]
+        return {"images": int(images.shape[0]), "variables": changed}
+
+    def _build_folder(self):
+        """Chooses (chief) and shares (all workers) the experiment folder.
+
+        Returns:
+          (held lock or None, whether an unfinished run is resumed, folder).
+        """
+        path, lock, resumed = "", None, False
         if self.chief:
-            if config["resume"]:
-                path, self.lock = experiment.find_unfinished(config, name)
-            self.resumed = bool(path)
+            if self.config.resume:
+                path, lock = experiment.find_unfinished(self.config, self.model.name)
+            resumed = bool(path)
             if not path:
-                path = experiment.create(config, name)
-                self.lock = experiment.Lock(path)
-                self.lock.acquire()
-        self.model_dir = distribute.broadcast_string(self.strategy, path or "")
-        task_type, task_id = distribute.task_info(self.strategy)
-        self.work_dir = (self.model_dir if self.chief else
-                         os.path.join(self.model_dir, f"workertemp_{task_type}_{task_id}"))
-        os.makedirs(self.work_dir, exist_ok=True)
-        if self.chief and not self.resumed:
-            self._write_new_folder()
+                path = experiment.create(self.config, self.model.name)
+                lock = experiment.Lock(path)
+                lock.acquire()
+        return lock, resumed, distribute.broadcast_string(self.strategy, path)
 
-    def _write_new_folder(self):
-        config = self.config
-        experiment.write_flags(self.model_dir, config)
-        report = [f"Command: {' '.join(sys.argv)}", "", experiment.FLAGS_FILE + ":"]
-        report += ["  " + line for line in experiment.flags_to_lines(config)]
-        report += ["", self._layer_table()]
-        if self.adapted:
-            report += ["", self._adapt_summary()]
-        experiment.append_report(self.model_dir, "\n".join(report))
-        experiment.write_metrics(self.model_dir, self._initial_metrics())
-
-    def _layer_table(self):
-        from wa_tf import models  # pylint: disable=import-outside-toplevel
-        return models.layer_table(self.model)
-
-    def _adapt_summary(self):
-        a = self.adapted
-        lines = [f"Adapted from {self.source_model_dir} (checkpoint {self.source_checkpoint}): "
-                 f"copied {len(a['copied'])} weights by layer name and shape."]
-        for key, label in (("not_found", "Not in the checkpoint, kept as initialised"),
-                           ("unused", "In the checkpoint but not in this model")):
-            if a[key]:
-                lines.append(f"{label} ({len(a[key])}, all listed in metrics.json): "
-                             + _group_by_weight(a[key]))
-        return "\n".join(lines)
-
-    def _initial_metrics(self):
-        info = self.info
-        metrics = {
-            "status": experiment.RUNNING,
-            "program": self.program,
-            "model": self.model.name,
-            "dataset": {"name": info.name, "num_classes": info.num_classes,
-                        "image_shape": list(info.image_shape), "mean": list(info.mean),
-                        "std": list(info.std), "num_examples": dict(info.num_examples)},
-            "epochs": self.config["epochs"],
-            "steps_per_epoch": self.steps,
-            "global_batch_size": self.config["batch_size"],
-            "num_replicas": self.strategy.num_replicas_in_sync,
-            "lr_milestones": lr_milestones(self.config["epochs"]),
-            "history": [],
-            "best": None,
-            "test": None,
-        }
-        if self.adapted:
-            metrics["adapted_from"] = {"model_dir": self.source_model_dir,
-                                       "checkpoint": self.source_checkpoint,
-                                       **{k: list(v) for k, v in self.adapted.items()}}
-        return metrics
-
-    # -- training -------------------------------------------------------------
-
-    def _path(self, *parts):
-        return os.path.join(self.work_dir, *parts)
-
-    def _save_weights(self, name):
-        self.model.save_weights(self._path(experiment.CHECKPOINT_DIR, name))
-
-    def train(self):
-        config = self.config
-        epochs = config["epochs"]
+    def _build_backup(self):
         backup = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer,
                                      epoch=tf.Variable(0, dtype=tf.int64))
         manager = tf.train.CheckpointManager(backup, self._path(experiment.BACKUP_DIR),
                                              max_to_keep=1)
+        return backup, manager
+
+    def _restore_backup(self) -> int:
+        """Restores the last completed epoch's state, if any; returns the epochs done."""
+        if not self.manager.latest_checkpoint:
+            return 0
+        self.backup.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        return int(self.backup.epoch.numpy())
+
+    def _build_metrics(self) -> Dict:
         metrics = (experiment.read_metrics(self.model_dir) if self.chief else None) \
             or self._initial_metrics()
-        start_epoch = 0
-        if manager.latest_checkpoint:
-            backup.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            start_epoch = int(backup.epoch.numpy())
-        metrics["history"] = metrics["history"][:start_epoch]
-        best = max(metrics["history"], key=lambda h: h["val_accuracy"], default=None)
-        metrics["best"] = {"epoch": best["epoch"], "val_accuracy": best["val_accuracy"]} \
-            if best else None
+        experiment.truncate_history(metrics, self.start_epoch)
+        return metrics
 
+    def _build_predict(self):
+        from wa_tf.evaluate import keras_predict  # pylint: disable=import-outside-toplevel
+        return keras_predict(self.model)
+
+    def _initial_metrics(self) -> Dict:
+        return experiment.initial_metrics(
+            self.program, self.model.name, self.info, self.config, self.steps,
+            self.strategy.num_replicas_in_sync, lr_milestones(self.config.epochs),
+            self.adapted, self.split_seed, self.calibration)
+
+    def _adapt_summary(self) -> Optional[str]:
+        if not self.adapted:
+            return None
+        summary = experiment.adapt_summary(
+            self.adapted["model_dir"], self.adapted["checkpoint"], self.adapted,
+            self.adapted["from_source"], self.split_seed)
+        if self.calibration:
+            summary += (f"\nWarm-up: {len(self.calibration['variables'])} quantizer state "
+                        "variables set by an inference pass over "
+                        f"{self.calibration['images']} training images.")
+        return summary
+
+    def _layer_table(self) -> str:
+        from wa_tf import models  # pylint: disable=import-outside-toplevel
+        return models.layer_table(self.model)
+
+    def _write_new_folder(self):
+        experiment.write_flags(self.model_dir, self.config)
+        experiment.append_report(self.model_dir, experiment.new_report(
+            " ".join(sys.argv), self.config, self._layer_table(), self._adapt_summary()))
+        experiment.write_metrics(self.model_dir, self._initial_metrics())
+
+    # -- training -------------------------------------------------------------
+
+    def run(self) -> Dict:
+        """Trains the remaining epochs, then tests the final and the best model.
+
+        Returns:
+          {'model_dir': experiment folder, 'metrics': the metrics.json content}.
+
+        Raises:
+          TrainingStopped: when the loss becomes NaN or infinite.
+        """
+        try:
+            self._print_banner()
+            for epoch in range(self.start_epoch, self.config.epochs):
+                self._end_epoch(epoch, *self._train_epoch(epoch))
+            self._finish()
+        finally:
+            self._release()
+        return {"model_dir": self.model_dir, "metrics": self.metrics}
+
+    def _print_banner(self):
+        epochs = self.config.epochs
         print(self._layer_table())
         print(f"Output dir: {self.model_dir}")
         if self.adapted:
@@ -337,155 +442,144 @@ class _Run:
         print(f"Learning rate decay at: {[round(m, 6) for m in lr_milestones(epochs)]}")
         if self.resumed:
             print(f"Resuming the unfinished run in {self.model_dir} after epoch "
-                  f"{start_epoch}/{epochs}")
+                  f"{self.start_epoch}/{epochs}")
             if self.chief:
-                experiment.append_report(self.model_dir, f"Resumed after epoch {start_epoch}.")
+                experiment.append_report(self.model_dir,
+                                         f"Resumed after epoch {self.start_epoch}.")
         sys.stdout.flush()
 
-        writer = tf.summary.create_file_writer(self._path(experiment.LOG_DIR))
-        verbose = 1 if sys.stdout.isatty() else 2
-        for epoch in range(start_epoch, epochs):
-            lr = learning_rate(epoch, epochs, config["lr"])
-            self.model.optimizer.learning_rate.assign(lr)
-            train_data = distributed_dataset(
-                self.strategy, self.train_split, config["batch_size"], self.info, True,
-                config["seed"] + _EPOCH_SEED_STRIDE * epoch)
-            guard = _NanGuard()
-            started = time.time()
-            history = self.model.fit(
-                train_data, epochs=epochs, initial_epoch=epoch, steps_per_epoch=self.steps,
-                callbacks=[guard, _OneEpoch()], verbose=verbose)
-            if guard.bad_step is not None:
-                self._stop_on_nan(metrics, manager, backup, epoch, guard.bad_step)
-            logs = {k: float(v[-1]) for k, v in history.history.items()}
-            val = self._evaluate("validation")
-            print(_result_line("Val set", val))
-            record = {"epoch": epoch + 1, "lr": lr, "loss": logs["loss"],
-                      "accuracy": logs["accuracy"], "val_loss": val["loss"],
-                      "val_accuracy": val["accuracy"],
-                      "seconds": round(time.time() - started, 2)}
-            metrics["history"].append(record)
-            if metrics["best"] is None or record["val_accuracy"] > metrics["best"]["val_accuracy"]:
-                metrics["best"] = {"epoch": epoch + 1, "val_accuracy": record["val_accuracy"]}
-                self._save_weights("best")
-                print(f"New best model found (val accuracy {100 * record['val_accuracy']:.2f}%): "
-                      f"saved to {os.path.join(self.model_dir, experiment.CHECKPOINT_DIR, 'best')}")
-            with writer.as_default(step=epoch):
-                for tag, key in (("Train/Loss", "loss"), ("Train/Accuracy", "accuracy"),
-                                 ("Train/lr", "lr"), ("Val/Loss", "val_loss"),
-                                 ("Val/Accuracy", "val_accuracy")):
-                    tf.summary.scalar(tag, record[key])
-            writer.flush()
-            if self.chief:
-                experiment.write_metrics(self.model_dir, metrics)
-            # Last: a kill before this line redoes the epoch, and the epoch's
-            # metrics and best checkpoint are rewritten identically.
-            backup.epoch.assign(epoch + 1)
-            manager.save()
-            sys.stdout.flush()
-        self._finish(metrics, writer, epochs)
+    def _train_epoch(self, epoch: int):
+        """Trains one epoch; returns (its record without validation, start time)."""
+        config = self.config
+        lr = learning_rate(epoch, config.epochs, config.lr)
+        self.model.optimizer.learning_rate.assign(lr)
+        train_data = distributed_dataset(
+            self.strategy, self.train_split, config.batch_size, self.info, True,
+            config.seed + _EPOCH_SEED_STRIDE * epoch)
+        guard = _NanGuard()
+        started = time.time()
+        history = self.model.fit(
+            train_data, epochs=config.epochs, initial_epoch=epoch, steps_per_epoch=self.steps,
+            callbacks=[guard, _OneEpoch()], verbose=1 if sys.stdout.isatty() else 2)
+        if guard.bad_step is not None:
+            self._stop_on_nan(epoch, guard.bad_step)
+        logs = {k: float(v[-1]) for k, v in history.history.items()}
+        return {"epoch": epoch + 1, "lr": lr, "loss": logs["loss"],
+                "accuracy": logs["accuracy"]}, started
 
-    def _stop_on_nan(self, metrics, manager, backup, epoch, step):
+    def _end_epoch(self, epoch: int, record: Dict, started: float):
+        """Validates, keeps the best model, writes summaries, metrics and the backup."""
+        val = self._evaluate("validation")
+        print(experiment.result_line("Val set", val))
+        record = dict(record, val_loss=val["loss"], val_accuracy=val["accuracy"],
+                      seconds=round(time.time() - started, 2))
+        if experiment.add_epoch(self.metrics, record):
+            self._save_weights("best")
+            print(f"New best model found (val accuracy {100 * record['val_accuracy']:.2f}%): "
+                  f"saved to {os.path.join(self.model_dir, experiment.CHECKPOINT_DIR, 'best')}")
+        with self.writer.as_default(step=epoch):
+            for tag, key in (("Train/Loss", "loss"), ("Train/Accuracy", "accuracy"),
+                             ("Train/lr", "lr"), ("Val/Loss", "val_loss"),
+                             ("Val/Accuracy", "val_accuracy")):
+                tf.summary.scalar(tag, record[key])
+        self.writer.flush()
+        if self.chief:
+            experiment.write_metrics(self.model_dir, self.metrics)
+        # Last: a kill before this line redoes the epoch, and the epoch's
+        # metrics and best checkpoint are rewritten identically.
+        self.backup.epoch.assign(epoch + 1)
+        self.manager.save()
+        sys.stdout.flush()
+
+    def _stop_on_nan(self, epoch: int, step: int):
         message = (f"training stopped: the loss is NaN at epoch {epoch + 1}, step {step}; "
                    "nothing was saved from that epoch")
-        if manager.latest_checkpoint:
-            backup.restore(manager.latest_checkpoint)
-            message += (f"; the last good state (the end of epoch {int(backup.epoch.numpy())}) "
-                        f"is in {os.path.join(self.model_dir, experiment.BACKUP_DIR)} and the "
-                        "best model in "
+        if self.manager.latest_checkpoint:
+            self.backup.restore(self.manager.latest_checkpoint)
+            message += (f"; the last good state (the end of epoch "
+                        f"{int(self.backup.epoch.numpy())}) is in "
+                        f"{os.path.join(self.model_dir, experiment.BACKUP_DIR)} and the best "
+                        "model in "
                         f"{os.path.join(self.model_dir, experiment.CHECKPOINT_DIR, 'best')}")
         if self.chief:
-            metrics["status"] = experiment.NAN_LOSS
-            metrics["error"] = message
-            experiment.write_metrics(self.model_dir, metrics)
+            experiment.stop_on_nan(self.metrics, message)
+            experiment.write_metrics(self.model_dir, self.metrics)
             experiment.append_report(self.model_dir, message)
         self._release()
-        raise wa_flags.TrainingStopped(message)
+        raise TrainingStopped(message)
 
-    def _evaluate(self, split):
+    def _evaluate(self, split: str) -> Optional[Dict]:
         """Loss and accuracy of the model on a whole split (None if there is no such split).
 
         Evaluation runs on the undistributed split in the strategy's
         cross-replica context: exact over every example, and no replica ever
         gets an empty batch (which oneDNN's CPU convolution mishandles).
         """
-        from wa_tf.evaluate import evaluate, keras_predict  # pylint: disable=import-outside-toplevel
+        from wa_tf.evaluate import evaluate  # pylint: disable=import-outside-toplevel
         from wa_tf import data  # pylint: disable=import-outside-toplevel
         if split not in self.splits:
             return None
-        if self._predict is None:
-            self._predict = keras_predict(self.model)
-        dataset = data.pipeline(self.splits[split], self.config["batch_size"], self.info,
-                                training=False, seed=self.config["seed"])
+        dataset = data.pipeline(self.splits[split], self.config.batch_size, self.info,
+                                training=False, seed=self.config.seed)
         return evaluate(self._predict, dataset)
 
-    def _finish(self, metrics, writer, epochs):
-        config = self.config
+    def _finish(self):
+        epochs = self.config.epochs
         self._save_weights("final")
-        lines = []
         test = {}
-        if "test" not in self.splits:
-            lines.append(f"Dataset {config['dataset']} has no test split: no test accuracy "
-                         "(the validation accuracy of each epoch is in metrics.json).")
-        else:
+        if "test" in self.splits:
             test["final"] = self._evaluate("test")
-            best_path = self._path(experiment.CHECKPOINT_DIR, "best")
-            self.model.load_weights(best_path).expect_partial()
+            self.model.load_weights(self._path(experiment.CHECKPOINT_DIR, "best")).expect_partial()
             test["best"] = self._evaluate("test")
-            test["best"]["epoch"] = metrics["best"]["epoch"]
+            test["best"]["epoch"] = self.metrics["best"]["epoch"]
             for name, step in (("final", epochs), ("best", epochs + 1)):
-                r = test[name]
-                label = "final model" if name == "final" else \
-                    f"best model, epoch {metrics['best']['epoch']}"
-                lines.append(_result_line(f"Test set ({label})", r))
-                with writer.as_default(step=step):
-                    tf.summary.scalar("Test/Accuracy", r["accuracy"])
-        writer.flush()
+                with self.writer.as_default(step=step):
+                    tf.summary.scalar("Test/Accuracy", test[name]["accuracy"])
+        self.writer.flush()
+        lines = experiment.results_text(self.config.dataset, test,
+                                        self.metrics["best"]["epoch"] if test else None)
         print("\n".join(lines))
         if self.chief:
-            metrics["test"] = test or None
-            metrics["status"] = experiment.FINISHED
-            experiment.write_metrics(self.model_dir, metrics)
+            experiment.finish(self.metrics, test)
+            experiment.write_metrics(self.model_dir, self.metrics)
             experiment.append_report(self.model_dir, "\n".join(["", "Results:"] + lines))
             shutil.rmtree(self._path(experiment.BACKUP_DIR), ignore_errors=True)
         else:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         self._release(finished=True)
-        self.metrics = metrics
 
-    def _release(self, finished=False):
+    # -- helpers --------------------------------------------------------------
+
+    def _path(self, *parts) -> str:
+        return os.path.join(self.work_dir, *parts)
+
+    def _save_weights(self, name: str):
+        self.model.save_weights(self._path(experiment.CHECKPOINT_DIR, name))
+
+    def _release(self, finished: bool = False):
         if self.lock is not None:
             self.lock.release(remove=finished)
             self.lock = None
 
 
-def _run(config: Mapping, program: str) -> Dict:
-    run = _Run(config, program)
-    run.setup()
-    run.open_folder()
-    try:
-        run.train()
-    finally:
-        run._release()  # pylint: disable=protected-access
-    return {"model_dir": run.model_dir, "metrics": run.metrics}
-
-
-def run(config: Mapping) -> Dict:
+def run(config: Union[RunConfig, Mapping]) -> Dict:
     """Trains a model from scratch as ``bin/train.py``.
 
     Args:
-      config: Flag values (:func:`wa_tf.training.flags.as_dict`), validated.
+      config: The run's config (a flag dict, as :func:`wa_tf.training.flags.as_dict`
+        returns, is converted).
 
     Returns:
       {'model_dir': experiment folder, 'metrics': the metrics.json content}.
 
     Raises:
-      FlagError: for bad input, before anything is written.
+      ArgumentError: for bad input, before anything is written.
       TrainingStopped: when the loss becomes NaN.
     """
-    return _run(config, "train")
+    return Runner(RunConfig.of(config), "train").run()
 
 
-def adapt(config: Mapping) -> Dict:
-    """Initialises a model from --modelDir's checkpoint, then trains it, as ``bin/adapt.py``."""
-    return _run(config, "adapt")
+def adapt(config: Union[RunConfig, Mapping]) -> Dict:
+    """Initialises a model from `config.model_dir`'s checkpoint, then trains it, as
+    ``bin/adapt.py`` (see :func:`run`)."""
+    return Runner(RunConfig.of(config), "adapt").run()
