@@ -50,7 +50,8 @@ def _evaluate():
         config = cli.read_run_flags()
     else:
         model, config = cli.load_run()
-    dataset, _ = evaluate.split_dataset(config, FLAGS.split)
+    dataset, _ = evaluate.split_dataset(config, FLAGS.split,
+                                         split_seed=cli.run_split_seed())
     if FLAGS.savedmodel:
         from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
         source, predict = f"SavedModel {FLAGS.savedmodel}", load_serving(FLAGS.savedmodel)

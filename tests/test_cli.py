@@ -313,3 +313,52 @@ def test_adapt_warmup_calibrates_the_ranges_the_source_lacks(source_run, tmp_pat
     errors = {w: np.abs(outputs[w] - expected) for w in (False, True)}
     assert errors[True].max() < 0.15 * np.abs(expected).max()
     assert errors[False].mean() > 3 * errors[True].mean()
+
+
+def _image_folder_with_a_text_file(root):
+    """10 small JPEGs per class in train/ and test/, and one text file named .jpg."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for i in range(10):
+                pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                with open(os.path.join(folder, f"{i}.jpg"), "wb") as f:
+                    f.write(tf_keras.backend.get_value(_encode_jpeg(pixels)))
+    bad = os.path.join(root, "train", "dog", "7.jpg")
+    with open(bad, "w", encoding="utf-8") as f:
+        f.write("not an image\n")
+    return bad
+
+
+def _encode_jpeg(pixels):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    return tf.io.encode_jpeg(pixels)
+
+
+def test_corrupt_image_is_named_in_one_line_or_skipped(tmp_path, capsys):
+    root = str(tmp_path / "images")
+    bad = _image_folder_with_a_text_file(root)
+    out = tmp_path / "out"
+    argv = ["--use_normal_conv", "--dataset=image_folder", f"--data_dir={root}", "--mult=0.125",
+            "--steps_per_epoch=1", "--epochs=1", "--batch_size=8", f"--outDir={out}"]
+    code, err = _cli("train", argv, capsys)
+    assert code == wa_flags.EXIT_BAD_INPUT
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and bad in lines[0] and "--skip_corrupt" in lines[0], err
+    assert not out.exists()  # stopped before anything was written
+    # --skip_corrupt: trains on the 19 readable training images, and says it is on.
+    values = absl_flags.FlagValues()
+    wa_flags.define_flags(values)
+    wa_flags.parse_argv(["train"] + argv + ["--skip_corrupt"], values)
+    config = wa_flags.from_flags(values, "train")
+    assert config.skip_corrupt
+    train_lib.run(config)
+    (run,) = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files
+              if f == "metrics.json"]
+    metrics = experiment.read_metrics(os.path.dirname(run))
+    assert metrics["status"] == experiment.FINISHED
+    counts = metrics["dataset"]["num_examples"]
+    assert counts["train"] + counts["validation"] == 19 and counts["test"] == 20
+    assert "--skip_corrupt" in open(os.path.join(os.path.dirname(run), "FLAGS.txt")).read()

@@ -90,6 +90,16 @@ def load_run(flag_values=None):
     return model, config
 
 
+def run_split_seed(flag_values=None) -> int:
+    """The seed of the validation split of the run named by --modelDir."""
+    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
+    fv = _run_flag_values(flag_values)
+    try:
+        return experiment.run_split_seed(fv.modelDir)
+    except ValueError as e:
+        raise flag_error("--modelDir", e) from None
+
+
 def run_config(config: dict, flag_values=None) -> dict:
     """A run's flags with --data_dir / --batch_size applied when given."""
     fv = flags.FLAGS if flag_values is None else flag_values
@@ -108,7 +118,8 @@ def run_normalization(model_dir: str, config: dict):
         return tuple(meta["mean"]), tuple(meta["std"])
     from wa_tf import data  # pylint: disable=import-outside-toplevel
     _, info = data.load(config["dataset"], data_dir=config.get("data_dir") or None,
-                        seed=int(config.get("seed", 1)))
+                        seed=int(config.get("seed", 1)),
+                        skip_corrupt=bool(config.get("skip_corrupt", False)))
     return info.mean, info.std
 
 

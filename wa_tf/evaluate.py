@@ -53,7 +53,8 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def split_dataset(flags: dict, split: str, batch_size: Optional[int] = None):
+def split_dataset(flags: dict, split: str, batch_size: Optional[int] = None,
+                  split_seed: Optional[int] = None):
     """The normalised, batched evaluation pipeline of a training run's dataset.
 
     Args:
@@ -61,6 +62,9 @@ def split_dataset(flags: dict, split: str, batch_size: Optional[int] = None):
         uses ``dataset``, ``data_dir``, ``batch_size`` and ``seed``.
       split: 'test' or 'validation'.
       batch_size: Overrides the run's batch size.
+      split_seed: The seed that chose the run's validation split, when it is
+        not the run's ``seed`` (an adapted run validates on its source run's
+        split: :func:`wa_tf.training.experiment.run_split_seed`).
 
     Returns:
       ``(dataset, info)`` as :func:`wa_tf.data.pipeline` and :func:`wa_tf.data.load`.
@@ -71,7 +75,9 @@ def split_dataset(flags: dict, split: str, batch_size: Optional[int] = None):
     from wa_tf import data  # pylint: disable=import-outside-toplevel
     _check_choice("split", split, SPLITS)
     seed = int(flags.get("seed", 1))
-    splits, info = data.load(flags["dataset"], data_dir=flags.get("data_dir") or None, seed=seed)
+    splits, info = data.load(flags["dataset"], data_dir=flags.get("data_dir") or None,
+                             seed=seed if split_seed is None else int(split_seed),
+                             skip_corrupt=bool(flags.get("skip_corrupt", False)))
     if split not in splits:
         raise ValueError(f"split {split!r} is not available for dataset {flags['dataset']!r} "
                          f"(has {sorted(splits)})")
@@ -95,7 +101,7 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", checkpoint: str = "
     from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     _check_choice("split", split, SPLITS)
     model, flags = experiment.load_model(model_dir, checkpoint=checkpoint)
-    dataset, _ = split_dataset(flags, split, batch_size)
+    dataset, _ = split_dataset(flags, split, batch_size, experiment.run_split_seed(model_dir))
     return evaluate(keras_predict(model), dataset)
 
 
@@ -117,7 +123,8 @@ def evaluate_savedmodel(path: str, model_dir: str, split: str = "test",
     from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     _check_choice("split", split, SPLITS)
     predict = load_serving(path)
-    dataset, _ = split_dataset(experiment.read_flags(model_dir), split, batch_size)
+    dataset, _ = split_dataset(experiment.read_flags(model_dir), split, batch_size,
+                               experiment.run_split_seed(model_dir))
     return evaluate(predict, dataset)
 
 

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Dict, Mapping, Optional, Union
 
 from wa_tf.data import DATASETS
+from wa_tf.transforms import is_int
 from wa_tf.training.distribute import STRATEGIES
 from wa_tf.training.errors import ArgumentError
 
@@ -32,14 +33,11 @@ FLAG_NAMES = {
     "steps_per_epoch": "steps_per_epoch", "per_tap": "per_tap", "recompute": "recompute",
     "jit_compile": "jit_compile", "distribution_strategy": "distribution_strategy",
     "num_gpus": "num_gpus", "resume": "resume", "deterministic": "deterministic",
+    "skip_corrupt": "skip_corrupt",
 }
 # Fields an adapt config may leave None: the source run's value is used.
 FROM_SOURCE = ("width_multiplier", "dataset", "out_dir", "lr", "seed", "use_cpu")
 PROGRAMS = ("train", "adapt")
-
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -71,6 +69,8 @@ class RunConfig:
       num_gpus: GPUs to use, or None for all.
       resume: Resume the newest unfinished run of the same command.
       deterministic: Enable TensorFlow's op determinism.
+      skip_corrupt: image_folder: skip files that are not JPEG/PNG/GIF/BMP
+        images (with a warning) instead of stopping before training.
 
     In an adapt config the fields of :data:`FROM_SOURCE` may be None: the
     source run's value is used.
@@ -100,6 +100,7 @@ class RunConfig:
     num_gpus: Optional[int] = None
     resume: bool = True
     deterministic: bool = False
+    skip_corrupt: bool = False
 
     @property
     def bits_or_none(self) -> Optional[int]:
@@ -125,10 +126,10 @@ class RunConfig:
         if self.conv not in CONV_MODES:
             raise ArgumentError("conv", lambda n: f"{n('conv')} must be one of "
                                 f"{', '.join(CONV_MODES)}; got {self.conv!r}")
-        if self.tile_size not in TILE_SIZES or not _int(self.tile_size):
+        if self.tile_size not in TILE_SIZES or not is_int(self.tile_size):
             raise ArgumentError("tile_size", lambda n: f"{n('tile_size')} must be one of 2, 4, "
                                 f"6 (F(2x2,3x3), F(4x4,3x3), F(6x6,3x3)); got {self.tile_size}")
-        if not _int(self.bits) or not 2 <= self.bits <= 16:
+        if not is_int(self.bits) or not 2 <= self.bits <= 16:
             raise ArgumentError("bits", lambda n: f"{n('bits')} must be an integer from 2 to "
                                 f"16; got {self.bits}")
         mult = self.width_multiplier
@@ -138,7 +139,7 @@ class RunConfig:
                                 f"channel); got {mult}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
-            if not _int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ArgumentError(name, lambda n, name=name, value=value:
                                     f"{n(name)} must be a positive integer; got {value}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:

@@ -94,6 +94,11 @@ def split_seed(metrics: Mapping, config: RunConfig) -> int:
     return int(metrics.get("validation_split_seed", config.seed))
 
 
+def run_split_seed(model_dir: str) -> int:
+    """The seed that chose the validation split of the run in `model_dir`."""
+    return split_seed(read_metrics(model_dir) or {}, read_config(model_dir))
+
+
 def create(config: RunConfig, model_name: str, now: Optional[datetime.datetime] = None) -> str:
     """Creates a new, empty experiment folder named after the UTC time.
 
@@ -331,7 +336,8 @@ def dataset_meta(model_dir: str, config: Union[RunConfig, Mapping]) -> Dict:
         return meta
     from wa_tf import data  # pylint: disable=import-outside-toplevel
     config = RunConfig.of(config)
-    _, info = data.load(config.dataset, data_dir=config.data_dir, seed=config.seed)
+    _, info = data.load(config.dataset, data_dir=config.data_dir, seed=config.seed,
+                        skip_corrupt=config.skip_corrupt)
     return {"num_classes": info.num_classes, "image_shape": list(info.image_shape)}
 
 

@@ -276,10 +276,14 @@ class Runner:
         from wa_tf import data  # pylint: disable=import-outside-toplevel
         config = self.config
         try:
-            return data.load(config.dataset, data_dir=config.data_dir, seed=self.split_seed)
+            return data.load(config.dataset, data_dir=config.data_dir, seed=self.split_seed,
+                             skip_corrupt=config.skip_corrupt)
         except ValueError as e:
-            raise ArgumentError("data_dir", lambda n, e=e: f"{n('data_dir')}/{n('dataset')}: "
-                                f"{e}") from None
+            # data.load's messages name its own arguments (data_dir, skip_corrupt).
+            text = str(e).removeprefix("data_dir: ")
+            raise ArgumentError("data_dir", lambda n, text=text: (
+                f"{n('data_dir')}/{n('dataset')}: "
+                + text.replace("skip_corrupt", n("skip_corrupt")))) from None
 
     def _build_model(self) -> tf_keras.Model:
         config = self.config
