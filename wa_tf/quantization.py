@@ -17,7 +17,10 @@ every tensor with its own :class:`~wa_tf.quantizers.EMAQuantizer`:
   and frozen).
 
 BatchNormalization, activations, pooling and other layers stay float, and so
-do, by default, the first convolution (stem) and the last ``Dense``.
+do, by default, the first convolution (stem) and the last ``Dense``.  Each
+quantized layer has one bit-width for all its quantizers (its input quantizer
+included); ``quantize_model(layer_bits=...)`` gives layers their own, or keeps
+them float (mixed precision, as mixed architectures use).
 
 Example::
 
