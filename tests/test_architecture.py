@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 import tf_keras
 
 from wa_tf import architecture as arch_lib
@@ -211,7 +210,8 @@ def test_mixed_model_layers_follow_the_file(qmodel):
         inner, bits = _layer_bits(qmodel, name)
         assert bits == entry["bits"], name
         if entry["conv"] == "normal":
-            assert type(inner) is tf_keras.layers.Conv2D, name  # pylint: disable=unidiomatic-typecheck
+            assert isinstance(inner, tf_keras.layers.Conv2D), name
+            assert not isinstance(inner, WinogradConv2D), name
         else:
             assert isinstance(inner, WinogradConv2D), name
             assert inner.tile_size == entry["tile_size"], name

@@ -36,7 +36,7 @@ from wa_tf.architecture import (CONV_MODES, TILE_SIZES, Architecture, Architectu
 from wa_tf.layers import WinogradConv2D
 from wa_tf.transforms import is_int, tile_geometry
 
-# The model name of a non-uniform architecture (see model_name).
+# The model name of a non-uniform architecture (see architecture_name).
 SEARCHED_MODEL_NAME = "ResNet18LikeSearched"
 STEM_CHANNELS = 32
 STAGE_CHANNELS = (64, 128, 256, 512)
