@@ -252,9 +252,9 @@ def test_layer_table_shows_each_layer(qmodel):
 
 
 def test_uniform_architecture_builds_the_uniform_model():
-    tf_keras.utils.set_random_seed(0)
-    uniform = models.resnet18_like("flex", 6, width_multiplier=WIDTH, input_shape=INPUT, bits=8)
-    from_file = _mixed(models.uniform_architecture("flex", 6, 8))
+    # Float: quantized layers follow the file as test_mixed_model_layers_follow_the_file checks.
+    uniform = models.resnet18_like("flex", 6, width_multiplier=WIDTH, input_shape=INPUT)
+    from_file = _mixed(models.uniform_architecture("flex", 6))
     assert from_file.name == uniform.name == "ResNet18LikeF6"
     assert models.layer_table(from_file) == models.layer_table(uniform)
     assert [layer.name for layer in from_file.layers] == [layer.name for layer in uniform.layers]
@@ -320,6 +320,8 @@ def test_integer_export_writes_the_quantized_winograd_layers(qmodel, tmp_path):
         layer = integer.load_layer_npz(paths[name])
         assert int(layer["tile_size"]) == MIXED[name]["tile_size"]
         assert int(layer["input_bits"]) == int(layer["output_bits"]) == MIXED[name]["bits"]
+        if name not in ("layer1.1.conv1", "layer2.0.conv1"):  # F4 16 bits, F6 8 bits
+            continue
         # The integer pipeline reproduces the layer as the model runs it.
         wrapper = qmodel.get_layer("quant_" + name)
         probe = tf_keras.Model(qmodel.inputs, [quantization.input_quant_layer(wrapper).input,
