@@ -12,23 +12,32 @@ The architecture follows the reference implementation (jafermarq/WinogradAwareNe
 * 1x1 shortcut convolutions (always normal convolutions) plus BatchNorm where
   the block pools or changes the number of channels;
 * tile size 6 falls back to 4 in the last stage, whose maps are only 4x4;
+  a mixed architecture may not ask for it there (:func:`searchable_layers`);
 * global average pooling and a linear classifier with bias.
 
 Layers are named after the reference's parameters (``conv1``, ``bn1``,
 ``layer2.0.conv1``, ``layer2.0.shortcut``, ``linear``...), so weights copy by
 name between normal and Winograd-aware models.
+
+Mixed architectures (:mod:`wa_tf.architecture`) give each of the 16 block
+convolutions (``layer1.0.conv1`` ... ``layer4.1.conv2``, the *searchable*
+layers) its own conv mode, tile size and bit-width; a 1x1 shortcut takes the
+bit-width of its block's ``conv1``, which reads the same input.
 """
 
 import math
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tf_keras
 
+from wa_tf.architecture import (CONV_MODES, TILE_SIZES, Architecture, ArchitectureLike,
+                                LayerChoice, SearchableLayer, load_architecture)
 from wa_tf.layers import WinogradConv2D
 from wa_tf.transforms import is_int, tile_geometry
 
-CONV_MODES = ("normal", "static", "flex")
-TILE_SIZES = (2, 4, 6)
+# The model name of a non-uniform architecture (see architecture_name).
+SEARCHED_MODEL_NAME = "ResNet18LikeSearched"
 STEM_CHANNELS = 32
 STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)
@@ -64,6 +73,133 @@ def model_name(conv: str, tile_size: int) -> str:
     return f"ResNet18LikeF{tile_size}"
 
 
+def _check_width_multiplier(width_multiplier):
+    if (not isinstance(width_multiplier, (int, float, np.floating)) or isinstance(width_multiplier, bool)
+            or not 0 < width_multiplier <= 1):
+        raise ValueError(f"width_multiplier must be in (0, 1]; got {width_multiplier!r}")
+    if int(STAGE_CHANNELS[0] * width_multiplier) < 1:
+        raise ValueError(f"width_multiplier must be at least 1/{STAGE_CHANNELS[0]} so every "
+                         f"stage has a channel; got {width_multiplier!r}")
+
+
+def _checked_input_shape(input_shape) -> Tuple[int, int, int]:
+    try:
+        input_shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_shape must be (height, width, channels); got {input_shape!r}") from None
+    if len(input_shape) != 3 or min(input_shape) < 1 or min(input_shape[:2]) < 8:
+        raise ValueError("input_shape must be (height, width, channels) with height and "
+                         f"width >= 8 (three 2x2 poolings); got {input_shape!r}")
+    return input_shape
+
+
+def _blocks(width_multiplier):
+    """(stage, block, in_channels, channels, pool) of each BasicBlock, in order."""
+    in_channels = STEM_CHANNELS
+    for stage, (base, blocks) in enumerate(zip(STAGE_CHANNELS, BLOCKS_PER_STAGE), start=1):
+        channels = int(base * width_multiplier)
+        for block in range(blocks):
+            yield stage, block, in_channels, channels, stage > 1 and block == 0
+            in_channels = channels
+
+
+def _stage_tile_sizes(stage: int) -> Tuple[int, ...]:
+    # The last stage sees 4x4 maps (at 32x32 inputs): an 8x8 input tile of
+    # F(6x6) would be mostly padding, so F6 is not offered there.
+    return (2, 4) if stage == len(STAGE_CHANNELS) else TILE_SIZES
+
+
+def searchable_layers(width_multiplier: float = 0.5,
+                      input_shape=(32, 32, 3)) -> List[SearchableLayer]:
+    """The searchable 3x3 convolutions of :func:`resnet18_like`, in model order.
+
+    The two 3x3 convolutions of every BasicBlock (``layer1.0.conv1`` ...
+    ``layer4.1.conv2``); not the stem, the 1x1 shortcuts or the classifier.
+    Computed from the model's layout, without building it.
+
+    Args:
+      width_multiplier: As :func:`resnet18_like`.
+      input_shape: ``(height, width, channels)`` of the model's input.
+
+    Returns:
+      One :class:`~wa_tf.architecture.SearchableLayer` per layer, with its
+      input shape, filters and offered tile sizes (2, 4, 6; 2, 4 in the last
+      stage).
+
+    Raises:
+      ValueError: On an invalid argument.
+    """
+    _check_width_multiplier(width_multiplier)
+    height, width, _ = _checked_input_shape(input_shape)
+    layers = []
+    for stage, block, in_channels, channels, pool in _blocks(width_multiplier):
+        if pool:  # a 2x2 'valid' max-pool
+            height, width = height // 2, width // 2
+        prefix = f"layer{stage}.{block}"
+        tiles = _stage_tile_sizes(stage)
+        layers.append(SearchableLayer(f"{prefix}.conv1", stage, (height, width, in_channels),
+                                      channels, tiles))
+        layers.append(SearchableLayer(f"{prefix}.conv2", stage, (height, width, channels),
+                                      channels, tiles))
+    return layers
+
+
+def uniform_architecture(conv: str = "normal", tile_size: int = 4, bits: Optional[int] = None,
+                         layers: Optional[Sequence[SearchableLayer]] = None) -> Architecture:
+    """The architecture of the uniform model ``resnet18_like(conv, tile_size, bits=bits)``.
+
+    Every searchable layer gets `conv` and `bits`; tile size 6 becomes 4 in
+    the last stage, as in the uniform model.
+
+    Args:
+      conv: 'normal', 'static' or 'flex'.
+      tile_size: 2, 4 or 6 (ignored for 'normal').
+      bits: None (float) or 2..16.
+      layers: The searchable layers (default :func:`searchable_layers`'s;
+        the layer names and tile sizes do not depend on width or input).
+
+    Raises:
+      ValueError: On an invalid argument.
+    """
+    _check_conv(conv)
+    if conv != "normal":
+        _check_tile_size(tile_size)
+    layers = searchable_layers() if layers is None else layers
+    choices = {}
+    for layer in layers:
+        tile = None if conv == "normal" else max(t for t in layer.tile_sizes if t <= tile_size)
+        choices[layer.name] = LayerChoice(conv, tile, bits)
+    return Architecture(choices)
+
+
+def uniform_choice(architecture: ArchitectureLike) -> Optional[Tuple[str, Optional[int],
+                                                                      Optional[int]]]:
+    """``(conv, tile_size, bits)`` if `architecture` is a uniform model's, else None.
+
+    ``tile_size`` is None for 'normal'.  The architecture is checked against
+    :func:`searchable_layers` (whose names do not depend on width or input).
+    """
+    layers = searchable_layers()
+    architecture = load_architecture(architecture, layers)
+    first = architecture[layers[0].name]
+    tile_size = first.tile_size if first.winograd else 4
+    if architecture != uniform_architecture(first.conv, tile_size, first.bits, layers):
+        return None
+    return first.conv, first.tile_size, first.bits
+
+
+def architecture_name(architecture: ArchitectureLike) -> str:
+    """The name of the model an architecture builds.
+
+    :func:`model_name`'s for a uniform architecture (the uniform model's
+    name), else ``'ResNet18LikeSearched'``.
+    """
+    uniform = uniform_choice(architecture)
+    if uniform is None:
+        return SEARCHED_MODEL_NAME
+    return model_name(uniform[0], uniform[1])
+
+
 def _batch_norm(name):
     # synchronized=True: under MirroredStrategy the batch statistics are taken
     # over the global batch, so results do not depend on the number of devices.
@@ -71,50 +207,58 @@ def _batch_norm(name):
         momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, synchronized=True, name=name)
 
 
-def _conv3x3(filters, name, conv, tile_size, recompute):
-    if conv == "normal":
+def _conv3x3(filters, name, choice: LayerChoice, recompute):
+    if not choice.winograd:
         return tf_keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                                       kernel_initializer=_torch_kernel_init(), name=name)
-    return WinogradConv2D(filters, 3, tile_size=tile_size, flex=conv == "flex",
+    return WinogradConv2D(filters, 3, tile_size=choice.tile_size, flex=choice.conv == "flex",
                           padding="same", use_bias=False, recompute=recompute, name=name)
 
 
-def _basic_block(x, in_channels, channels, pool, prefix, conv, tile_size, recompute):
-    """A BasicBlock; `pool` replaces the stride-2 convolution by a 2x2 max-pool."""
+def _basic_block(x, in_channels, channels, pool, prefix, architecture, recompute):
+    """A BasicBlock; `pool` replaces the stride-2 convolution by a 2x2 max-pool.
+
+    Returns:
+      The block's output and the name of its shortcut convolution (or None).
+    """
     if pool:
         x = tf_keras.layers.MaxPooling2D(2, name=f"{prefix}.pool")(x)
-    y = _conv3x3(channels, f"{prefix}.conv1", conv, tile_size, recompute)(x)
+    y = _conv3x3(channels, f"{prefix}.conv1", architecture[f"{prefix}.conv1"], recompute)(x)
     y = _batch_norm(f"{prefix}.bn1")(y)
     y = tf_keras.layers.ReLU(name=f"{prefix}.relu1")(y)
-    y = _conv3x3(channels, f"{prefix}.conv2", conv, tile_size, recompute)(y)
+    y = _conv3x3(channels, f"{prefix}.conv2", architecture[f"{prefix}.conv2"], recompute)(y)
     y = _batch_norm(f"{prefix}.bn2")(y)
-    shortcut = x
+    shortcut, shortcut_name = x, None
     if pool or in_channels != channels:
         # 1x1 convolutions gain nothing from Winograd: always normal convs.
+        shortcut_name = f"{prefix}.shortcut"
         shortcut = tf_keras.layers.Conv2D(channels, 1, use_bias=False,
                                           kernel_initializer=_torch_kernel_init(),
-                                          name=f"{prefix}.shortcut")(x)
+                                          name=shortcut_name)(x)
         shortcut = _batch_norm(f"{prefix}.shortcut_bn")(shortcut)
     y = tf_keras.layers.Add(name=f"{prefix}.add")([y, shortcut])
-    return tf_keras.layers.ReLU(name=f"{prefix}.relu2")(y)
+    return tf_keras.layers.ReLU(name=f"{prefix}.relu2")(y), shortcut_name
 
 
-def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: float = 0.5,
-                  num_classes: int = 10, bits=None, input_shape=(32, 32, 3),
-                  per_tap: bool = False, warmup: bool = False,
-                  recompute: bool = False) -> tf_keras.Model:
+def resnet18_like(conv: Optional[str] = None, tile_size: Optional[int] = None,
+                  width_multiplier: float = 0.5, num_classes: int = 10, bits=None,
+                  input_shape=(32, 32, 3), per_tap: bool = False, warmup: bool = False,
+                  recompute: bool = False,
+                  architecture: Optional[ArchitectureLike] = None) -> tf_keras.Model:
     """Builds the paper's ResNet-18-like model as a functional tf_keras model.
 
     Example:
       >>> model = resnet18_like("flex", tile_size=4, bits=8)
-      >>> print(layer_table(model))
+      >>> mixed = resnet18_like(architecture="configs/architectures/example_mixed.json")
+      >>> print(layer_table(mixed))
 
     Args:
-      conv: 'normal' (Conv2D), 'static' (WinogradConv2D with fixed Cook-Toom
-        transforms) or 'flex' (WinogradConv2D with learnt transforms) for the
-        3x3 convolutions of the residual blocks.  The stem is always a Conv2D.
-      tile_size: Output tile size m of F(m x m, 3 x 3): 2, 4 or 6 (6 uses 4 in
-        the last stage).  Ignored for 'normal'.
+      conv: 'normal' (Conv2D, the default), 'static' (WinogradConv2D with
+        fixed Cook-Toom transforms) or 'flex' (WinogradConv2D with learnt
+        transforms) for the 3x3 convolutions of the residual blocks.  The stem
+        is always a Conv2D.
+      tile_size: Output tile size m of F(m x m, 3 x 3): 2, 4 (the default) or
+        6 (6 uses 4 in the last stage).  Ignored for 'normal'.
       width_multiplier: Scales the block channels 64/128/256/512, in (0, 1].
       num_classes: Number of output logits.
       bits: None for float, or 2..16 to return
@@ -125,61 +269,80 @@ def resnet18_like(conv: str = "normal", tile_size: int = 4, width_multiplier: fl
         adapting a pretrained model).
       recompute: Recompute Winograd layers in the backward pass to save
         memory (also with quantization).
+      architecture: A mixed architecture (an
+        :class:`~wa_tf.architecture.Architecture`, its dict or the path of its
+        JSON file) naming every searchable layer's conv, tile size and bits,
+        instead of `conv`, `tile_size` and `bits` (which must then be left
+        None, or equal the architecture's if it is uniform).  Layers with bits
+        are quantized as ``quantize_model(..., layer_bits=...)`` does, each
+        1x1 shortcut with its block's ``conv1`` bits; float layers stay float
+        (no input quantizer).  `per_tap` and `warmup` apply to every
+        quantized Winograd layer.
 
     Returns:
-      A functional ``tf_keras.Model`` named 'ResNet18Like' or 'ResNet18LikeF{m}'.
+      A functional ``tf_keras.Model`` named 'ResNet18Like', 'ResNet18LikeF{m}'
+      or, for a non-uniform architecture, 'ResNet18LikeSearched'
+      (:func:`architecture_name`).
 
     Raises:
       ValueError: On an invalid argument; the message names it.
     """
-    _check_conv(conv)
-    _check_tile_size(tile_size)
-    if (not isinstance(width_multiplier, (int, float, np.floating)) or isinstance(width_multiplier, bool)
-            or not 0 < width_multiplier <= 1):
-        raise ValueError(f"width_multiplier must be in (0, 1]; got {width_multiplier!r}")
-    if int(STAGE_CHANNELS[0] * width_multiplier) < 1:
-        raise ValueError(f"width_multiplier must be at least 1/{STAGE_CHANNELS[0]} so every "
-                         f"stage has a channel; got {width_multiplier!r}")
+    _check_width_multiplier(width_multiplier)
     if not is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
-    if bits is not None:
-        # Imported here: the float model does not need the quantizers (nor TF-MOT).
-        from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
-        check_bits(bits, "bits")
-    try:
-        input_shape = tuple(int(d) for d in input_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"input_shape must be (height, width, channels); got {input_shape!r}") from None
-    if len(input_shape) != 3 or min(input_shape) < 1 or min(input_shape[:2]) < 8:
-        raise ValueError("input_shape must be (height, width, channels) with height and "
-                         f"width >= 8 (three 2x2 poolings); got {input_shape!r}")
+    input_shape = _checked_input_shape(input_shape)
+    layers = searchable_layers(width_multiplier, input_shape)
+    if architecture is None:
+        conv = "normal" if conv is None else conv
+        tile_size = 4 if tile_size is None else tile_size
+        _check_conv(conv)
+        _check_tile_size(tile_size)
+        if bits is not None:
+            # Imported here: the float model does not need the quantizers (nor TF-MOT).
+            from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
+            check_bits(bits, "bits")
+        plan = uniform_architecture(conv, tile_size, None, layers)
+        name = model_name(conv, tile_size)
+    else:
+        plan = load_architecture(architecture, layers)
+        uniform = uniform_choice(plan)
+        given = {"conv": conv, "tile_size": tile_size, "bits": bits}
+        for i, (arg, value) in enumerate(given.items()):
+            if arg == "tile_size" and uniform is not None and uniform[0] == "normal":
+                continue  # ignored for normal convolutions, as without an architecture
+            if value is not None and (uniform is None or value != uniform[i]):
+                raise ValueError(f"{arg}={value!r} contradicts the architecture: leave conv, "
+                                 "tile_size and bits unset when giving an architecture")
+        name = architecture_name(plan)
 
     inputs = tf_keras.Input(input_shape, name="image")
     x = tf_keras.layers.Conv2D(STEM_CHANNELS, 3, padding="same", use_bias=False,
                                kernel_initializer=_torch_kernel_init(), name="conv1")(inputs)
     x = _batch_norm("bn1")(x)
     x = tf_keras.layers.ReLU(name="relu1")(x)
-    in_channels = STEM_CHANNELS
-    for stage, (base, blocks) in enumerate(zip(STAGE_CHANNELS, BLOCKS_PER_STAGE), start=1):
-        channels = int(base * width_multiplier)
-        # The last stage sees 4x4 maps: an 8x8 input tile of F(6x6) would be mostly padding.
-        stage_tile = 4 if (stage == len(STAGE_CHANNELS) and tile_size == 6) else tile_size
-        for block in range(blocks):
-            x = _basic_block(x, in_channels, channels, pool=stage > 1 and block == 0,
-                             prefix=f"layer{stage}.{block}", conv=conv, tile_size=stage_tile,
-                             recompute=recompute)
-            in_channels = channels
+    layer_bits = dict(plan.bits)
+    for stage, block, in_channels, channels, pool in _blocks(width_multiplier):
+        prefix = f"layer{stage}.{block}"
+        x, shortcut = _basic_block(x, in_channels, channels, pool=pool, prefix=prefix,
+                                   architecture=plan, recompute=recompute)
+        if shortcut:  # reads the block input, as conv1: quantized as conv1
+            layer_bits[shortcut] = plan[f"{prefix}.conv1"].bits
     x = tf_keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
-    bound = 1.0 / math.sqrt(in_channels)  # PyTorch's Linear bias init
+    bound = 1.0 / math.sqrt(channels)  # PyTorch's Linear bias init
     outputs = tf_keras.layers.Dense(
         num_classes, kernel_initializer=_torch_kernel_init(),
         bias_initializer=tf_keras.initializers.RandomUniform(-bound, bound), name="linear")(x)
-    model = tf_keras.Model(inputs, outputs, name=model_name(conv, tile_size))
-    if bits is None:
+    model = tf_keras.Model(inputs, outputs, name=name)
+    if architecture is None and bits is None:
+        return model
+    if architecture is not None and all(b is None for b in layer_bits.values()):
         return model
     # Imported here: the float model does not need TF-MOT.
     from wa_tf import quantization  # pylint: disable=import-outside-toplevel
-    return quantization.quantize_model(model, bits=bits, per_tap=per_tap, warmup=warmup)
+    if architecture is None:
+        return quantization.quantize_model(model, bits=bits, per_tap=per_tap, warmup=warmup)
+    return quantization.quantize_model(model, bits=None, layer_bits=layer_bits,
+                                       per_tap=per_tap, warmup=warmup)
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,10 @@ every tensor with its own :class:`~wa_tf.quantizers.EMAQuantizer`:
   and frozen).
 
 BatchNormalization, activations, pooling and other layers stay float, and so
-do, by default, the first convolution (stem) and the last ``Dense``.
+do, by default, the first convolution (stem) and the last ``Dense``.  Each
+quantized layer has one bit-width for all its quantizers (its input quantizer
+included); ``quantize_model(layer_bits=...)`` gives layers their own, or keeps
+them float (mixed precision, as mixed architectures use).
 
 Example::
 
@@ -28,7 +31,7 @@ Example::
         restored = tf_keras.models.load_model(path)
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
@@ -298,6 +301,27 @@ def _layers_to_quantize(model, quantize_first, quantize_last):
             and layer.name not in skip]
 
 
+def _bits_per_layer(model, bits, quantize_first, quantize_last, layer_bits):
+    """{name: bits} of the layers to quantize (see quantize_model's `layer_bits`)."""
+    chosen = {} if bits is None else {
+        layer.name: bits for layer in _layers_to_quantize(model, quantize_first, quantize_last)}
+    if layer_bits is None:
+        return chosen
+    if not isinstance(layer_bits, Mapping):
+        raise ValueError(f"layer_bits must map layer names to bits (or None); got {layer_bits!r}")
+    quantizable = {layer.name for layer in model.layers
+                   if _is_conv(layer) or type(layer) is tf_keras.layers.Dense}
+    for name, value in layer_bits.items():
+        if name not in quantizable:
+            raise ValueError(f"layer_bits names {name!r}, which is not a Conv2D, WinogradConv2D "
+                             f"or Dense layer of {model.name}")
+        if value is None:
+            chosen.pop(name, None)
+        else:
+            chosen[name] = check_bits(value, f"layer_bits[{name!r}]")
+    return chosen
+
+
 def _input_quant_entry(name, source):
     # An identity layer; quantize_apply wraps it with an OutputQuantizeConfig.
     entry = tf_keras.layers.serialize(tf_keras.layers.Activation("linear", name=name))
@@ -305,9 +329,10 @@ def _input_quant_entry(name, source):
     return entry
 
 
-def _rewrite_config(config, targets, winograd, quantization):
+def _rewrite_config(config, targets, quantization):
     """Inserts an input quantizer before each of `targets` (layer names) and
-    sets `quantization` in the config of each of `winograd` (layer names)."""
+    sets the WinogradQuantization ``quantization[name]`` in the config of each
+    Winograd layer it names."""
     names = {entry["name"] for entry in config["layers"]}
     layers = []
     for entry in config["layers"]:
@@ -325,8 +350,9 @@ def _rewrite_config(config, targets, winograd, quantization):
             layers.append(_input_quant_entry(quant_name, source))
             call_kwargs = source[3] if len(source) > 3 else {}
             entry = dict(entry, inbound_nodes=[[[quant_name, 0, 0, call_kwargs]]])
-            if name in winograd:
-                entry["config"] = dict(entry["config"], quantization=quantization.get_config())
+            if name in quantization:
+                entry["config"] = dict(entry["config"],
+                                       quantization=quantization[name].get_config())
         layers.append(entry)
     return dict(config, layers=layers)
 
@@ -347,7 +373,7 @@ def _to_functional(model):
 
 
 def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=False,
-                   quantize_last=False):
+                   quantize_last=False, layer_bits: Optional[Mapping[str, Optional[int]]] = None):
     """Returns a TF-MOT quantization-aware copy of a built tf_keras model.
 
     ``Conv2D``, ``Dense`` and ``WinogradConv2D`` layers are quantized (see the
@@ -357,9 +383,16 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     load the result as a SavedModel directory or checkpoint; load inside
     :func:`quantize_scope`.
 
+    Each quantized layer has one bit-width, used by all its quantizers and by
+    its ``<layer>_input_quant``; ``layer_bits`` gives layers their own (mixed
+    precision).  A layer left float has no input quantizer: it reads its input
+    tensor as it is (float), and its output is float; quantized layers after
+    it quantize their own inputs.
+
     Args:
       model: A built functional or Sequential ``tf_keras`` model.
-      bits: Bit-width of every quantizer, 2 to 16.
+      bits: Bit-width of every quantized layer's quantizers, 2 to 16; or None
+        to quantize only the layers ``layer_bits`` gives a bit-width.
       per_tap: One range per Winograd position (t*t of them) for the
         Winograd-domain weights and input and the element-wise stage.
       warmup: Winograd-layer quantizers (kernel, transforms, Winograd stages)
@@ -367,6 +400,10 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
         for models adapted from a float checkpoint.
       quantize_first: Quantize the first convolution too (float by default).
       quantize_last: Quantize the last ``Dense`` too (float by default).
+      layer_bits: Optional ``{layer name: bits}`` for Conv2D, WinogradConv2D
+        or Dense layers, overriding ``bits`` (and ``quantize_first`` /
+        ``quantize_last``) for them: 2..16 quantizes the layer at that
+        bit-width, None keeps it float.
 
     Returns:
       A functional ``tf_keras.Model`` with the name of ``model``.
@@ -374,8 +411,9 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     Raises:
       ValueError: For bad arguments or a model that cannot be quantized.
     """
-    spec = WinogradQuantization(check_bits(bits, "bits"), per_tap, warmup)
-    bits, warmup = spec.bits, spec.warmup
+    if bits is not None:
+        bits = check_bits(bits, "bits")
+    per_tap, warmup = bool(per_tap), bool(warmup)
     if not isinstance(model, tf_keras.Model) or not is_graph_network(model):
         raise ValueError("model must be a built functional or Sequential tf_keras.Model, "
                          f"got {type(model).__name__}")
@@ -384,19 +422,27 @@ def quantize_model(model, bits=8, per_tap=False, warmup=False, quantize_first=Fa
     for layer in model.layers:
         if isinstance(layer, tf_keras.Model):
             raise ValueError(f"nested model {layer.name!r} is not supported by quantize_model")
-    configs = {}
-    for layer in _layers_to_quantize(model, quantize_first, quantize_last):
-        if isinstance(layer, WinogradConv2D):
-            configs[layer.name] = WinogradQuantizeConfig(bits, warmup=warmup)
-        else:
-            configs[layer.name] = KernelOutputQuantizeConfig(bits)
-    if not configs:
+    chosen = _bits_per_layer(model, bits, quantize_first, quantize_last, layer_bits)
+    if not chosen:
+        if bits is None:
+            raise ValueError("nothing to quantize: bits is None and layer_bits gives no layer "
+                             "a bit-width")
         raise ValueError("model has no Conv2D, Dense or WinogradConv2D layer to quantize "
                          "(the first convolution and the last Dense stay float unless "
                          "quantize_first / quantize_last)")
-    winograd = {name for name, c in configs.items() if isinstance(c, WinogradQuantizeConfig)}
-    config = _rewrite_config(model.get_config(), set(configs), winograd, spec)
-    configs.update({name + INPUT_QUANT_SUFFIX: OutputQuantizeConfig(bits)
+    configs, specs = {}, {}
+    for layer in model.layers:
+        if layer.name not in chosen:
+            continue
+        layer_bit = chosen[layer.name]
+        if isinstance(layer, WinogradConv2D):
+            configs[layer.name] = WinogradQuantizeConfig(layer_bit, warmup=warmup)
+            specs[layer.name] = WinogradQuantization(layer_bit, per_tap, warmup)
+        else:
+            configs[layer.name] = KernelOutputQuantizeConfig(layer_bit)
+    config = _rewrite_config(model.get_config(), set(configs), specs)
+    # Each input quantizer has its layer's bit-width.
+    configs.update({name + INPUT_QUANT_SUFFIX: OutputQuantizeConfig(chosen[name])
                     for name in list(configs)})
     with quantize_scope():
         rewritten = tf_keras.Model.from_config(config)
