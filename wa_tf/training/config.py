@@ -33,7 +33,7 @@ FLAG_NAMES = {
     "steps_per_epoch": "steps_per_epoch", "per_tap": "per_tap", "recompute": "recompute",
     "jit_compile": "jit_compile", "distribution_strategy": "distribution_strategy",
     "num_gpus": "num_gpus", "resume": "resume", "deterministic": "deterministic",
-    "skip_corrupt": "skip_corrupt",
+    "skip_corrupt": "skip_corrupt", "architecture": "architecture",
 }
 # Fields an adapt config may leave None: the source run's value is used.
 FROM_SOURCE = ("width_multiplier", "dataset", "out_dir", "lr", "seed", "use_cpu")
@@ -69,6 +69,9 @@ class RunConfig:
       num_gpus: GPUs to use, or None for all.
       resume: Resume the newest unfinished run of the same command.
       deterministic: Enable TensorFlow's op determinism.
+      architecture: Path of an architecture JSON file giving each searchable
+        convolution's conv, tile size and bits (:mod:`wa_tf.architecture`);
+        then `conv` is None and `quantize`/`bits`/`tile_size` do not apply.
       skip_corrupt: image_folder: skip files that are not JPEG/PNG/GIF/BMP
         images (with a warning) instead of stopping before training.
 
@@ -76,7 +79,7 @@ class RunConfig:
     source run's value is used.
     """
 
-    conv: str
+    conv: Optional[str]
     tile_size: int = 4
     quantize: bool = False
     bits: int = 8
@@ -101,11 +104,12 @@ class RunConfig:
     resume: bool = True
     deterministic: bool = False
     skip_corrupt: bool = False
+    architecture: Optional[str] = None
 
     @property
     def bits_or_none(self) -> Optional[int]:
-        """`bits` with quantization, else None (float)."""
-        return self.bits if self.quantize else None
+        """`bits` with quantization, else None (float, or per layer with an architecture)."""
+        return self.bits if self.quantize and not self.architecture else None
 
     def replace(self, **changes) -> "RunConfig":
         """A copy with `changes` applied."""
@@ -123,7 +127,9 @@ class RunConfig:
         """
         if program not in PROGRAMS:
             raise ValueError(f"program must be one of {', '.join(PROGRAMS)}; got {program!r}")
-        if self.conv not in CONV_MODES:
+        if self.architecture:
+            self._validate_architecture()
+        elif self.conv not in CONV_MODES:
             raise ArgumentError("conv", lambda n: f"{n('conv')} must be one of "
                                 f"{', '.join(CONV_MODES)}; got {self.conv!r}")
         if self.tile_size not in TILE_SIZES or not is_int(self.tile_size):
@@ -178,6 +184,22 @@ class RunConfig:
                                 "range from its first training batch")
         return self
 
+    def _validate_architecture(self):
+        # Imported here: the architecture module pulls in the model code.
+        from wa_tf.architecture import load_architecture  # pylint: disable=import-outside-toplevel
+        if self.conv is not None:
+            raise ArgumentError("architecture", lambda n: f"{n('architecture')} gives each "
+                                "layer's convolution: it cannot be combined with "
+                                + ", ".join(n(f) for f in MODE_FLAGS.values()))
+        if self.quantize:
+            raise ArgumentError("architecture", lambda n: f"{n('architecture')} gives each "
+                                f"layer's bits: it cannot be combined with {n('quantize')}")
+        try:
+            load_architecture(self.architecture)
+        except ValueError as e:
+            raise ArgumentError("architecture", lambda n, e=e: f"{n('architecture')}: "
+                                f"{str(e).splitlines()[0]}") from None
+
     # -- conversion from and to the reference's flags (FLAGS.txt) -------------
 
     @classmethod
@@ -190,6 +212,9 @@ class RunConfig:
           ArgumentError: about 'conv' unless exactly one mode flag is set.
         """
         modes = [flag for flag in MODE_FLAGS.values() if values.get(flag)]
+        if values.get("architecture") and not modes:
+            fields = {field: values[flag] for field, flag in FLAG_NAMES.items() if flag in values}
+            return cls(conv=None, **fields)
         if len(modes) != 1:
             raise ArgumentError("conv", lambda n: "exactly one of "
                                 + ", ".join(n(f) for f in MODE_FLAGS.values())

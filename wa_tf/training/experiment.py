@@ -43,6 +43,7 @@ LOCK_FILE = ".lock"
 LOG_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
 BACKUP_DIR = "backup"
+ARCHITECTURE_FILE = "architecture.json"
 
 RUNNING, FINISHED, NAN_LOSS = "running", "finished", "nan_loss"
 
@@ -57,10 +58,10 @@ CHECKPOINT_ALIASES = {"model.pt": "final", "best_model.pt": "best", "final": "fi
 def parent_dir(config: RunConfig, model_name: str) -> str:
     """``<outDir>/<ModelName>[/Flex|/Static]/mult_<m>/bits_<b|FP>/lr_<lr>``."""
     parts = [config.out_dir, model_name]
-    if config.conv != "normal":
+    if config.conv not in (None, "normal"):
         parts.append(config.conv.capitalize())
-    parts += [f"mult_{config.width_multiplier}",
-              f"bits_{config.bits if config.quantize else 'FP'}", f"lr_{config.lr}"]
+    bits = "mixed" if config.architecture else config.bits if config.quantize else "FP"
+    parts += [f"mult_{config.width_multiplier}", f"bits_{bits}", f"lr_{config.lr}"]
     return os.path.join(*parts)
 
 
@@ -79,7 +80,9 @@ def out_dir_of(model_dir: str, config: RunConfig, model_name: Optional[str] = No
     """
     if model_name is None:
         from wa_tf import models  # pylint: disable=import-outside-toplevel
-        model_name = models.model_name(config.conv, config.tile_size)
+        model_name = (models.architecture_name(architecture_file(model_dir, config))
+                      if config.architecture else models.model_name(config.conv,
+                                                                    config.tile_size))
     tail = parent_dir(config.replace(out_dir="."), model_name).split(os.sep)[1:]
     parts = os.path.normpath(model_dir).split(os.sep)[:-1]  # without <time>
     head = parts[:len(parts) - len(tail)]
@@ -280,10 +283,30 @@ def find_unfinished(config: RunConfig, model_name: str) -> Tuple[Optional[str], 
     return None, None
 
 
-def build_model(config: Union[RunConfig, Mapping], num_classes: int, input_shape):
-    """The ResNet-18-like model described by a run's config (or flag dict)."""
+def architecture_file(model_dir: Optional[str], config: RunConfig) -> str:
+    """The architecture file of a run: its folder's copy, else ``config.architecture``."""
+    if model_dir:
+        copy = os.path.join(model_dir, ARCHITECTURE_FILE)
+        if os.path.isfile(copy):
+            return copy
+    return config.architecture
+
+
+def build_model(config: Union[RunConfig, Mapping], num_classes: int, input_shape,
+                model_dir: Optional[str] = None):
+    """The ResNet-18-like model described by a run's config (or flag dict).
+
+    With an architecture, the copy in `model_dir` (when given and present)
+    is used: the file named on the command line may have changed since.
+    """
     from wa_tf import models  # pylint: disable=import-outside-toplevel
     config = RunConfig.of(config)
+    if config.architecture:
+        return models.resnet18_like(
+            architecture=architecture_file(model_dir, config),
+            width_multiplier=config.width_multiplier, num_classes=num_classes,
+            input_shape=tuple(input_shape), per_tap=config.per_tap, warmup=config.warmup,
+            recompute=config.recompute)
     return models.resnet18_like(
         conv=config.conv, tile_size=config.tile_size,
         width_multiplier=config.width_multiplier, num_classes=num_classes,
@@ -362,7 +385,7 @@ def load_model(model_dir: str, checkpoint: str = "best"):
     flag_values = read_flags(model_dir)
     path = checkpoint_path(model_dir, checkpoint)
     meta = dataset_meta(model_dir, flag_values)
-    model = build_model(flag_values, meta["num_classes"], meta["image_shape"])
+    model = build_model(flag_values, meta["num_classes"], meta["image_shape"], model_dir)
     restore_weights(model, path)
     return model, flag_values
 

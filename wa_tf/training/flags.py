@@ -98,6 +98,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism "
                          "(tf.config.experimental.enable_op_determinism): bit-identical reruns "
                          "and resumes on any device, at some speed cost.", flag_values=fv)
+    flags.DEFINE_string("architecture", None, "A mixed architecture: JSON file giving each "
+                        "searchable 3x3 convolution's conv, tile size and bits (see "
+                        "configs/architectures/, bin/search.py); replaces --use_normal_conv/"
+                        "--static/--flex, --F, --Q and --bits.", flag_values=fv)
     flags.DEFINE_boolean("skip_corrupt", False, "dataset=image_folder: skip files that are "
                          "not JPEG, PNG, GIF or BMP images, with a warning naming them (default: "
                          "stop before training with an error naming the first).", flag_values=fv)
@@ -141,6 +145,11 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS, program: str = "trai
       FlagError: naming the first bad flag.
     """
     values = as_dict(flag_values)
+    if values.get("architecture"):
+        given = [name for name in ("F", "Q", "bits") if flag_values[name].present]
+        if given:
+            raise FlagError(f"--architecture gives each layer's tile size and bits: it "
+                            f"cannot be combined with {', '.join('--' + g for g in given)}")
     if program == "adapt":
         for name in FROM_MODEL_DIR:
             if not flag_values[name].present:

@@ -248,6 +248,8 @@ class Runner:
             self.work_dir = (self.model_dir if self.chief else os.path.join(
                 self.model_dir, f"workertemp_{task_type}_{task_id}"))
             os.makedirs(self.work_dir, exist_ok=True)
+            if self.chief and self.resumed:
+                self._check_resumed_architecture()
             if self.chief and not self.resumed:
                 self._write_new_folder()
             self.backup, self.manager = self._build_backup()
@@ -310,7 +312,7 @@ class Runner:
                                 f"{self.info.num_classes}")
         # The source model is only read: built outside the strategy, then dropped.
         source = experiment.build_model(self.source.config, meta["num_classes"],
-                                        meta["image_shape"])
+                                        meta["image_shape"], source_dir)
         experiment.restore_weights(source, self.source.checkpoint)
         try:
             copied = quantization.copy_weights(source, self.model)
@@ -411,7 +413,25 @@ class Runner:
         from wa_tf import models  # pylint: disable=import-outside-toplevel
         return models.layer_table(self.model)
 
+    def _check_resumed_architecture(self):
+        """A resumed run's architecture file must still describe its model."""
+        from wa_tf import architecture  # pylint: disable=import-outside-toplevel
+        if not self.config.architecture:
+            return
+        copy = os.path.join(self.model_dir, experiment.ARCHITECTURE_FILE)
+        if os.path.isfile(copy) and (architecture.load_architecture(copy)
+                                     != architecture.load_architecture(self.config.architecture)):
+            raise ArgumentError("architecture", lambda n: f"{n('architecture')}: "
+                                f"{self.config.architecture} changed since the run in "
+                                f"{self.model_dir} started (its copy: {copy}); restore it, "
+                                f"or start a new run with {n('resume')}=false")
+
     def _write_new_folder(self):
+        if self.config.architecture:
+            from wa_tf import architecture  # pylint: disable=import-outside-toplevel
+            architecture.save_architecture(
+                architecture.load_architecture(self.config.architecture),
+                os.path.join(self.model_dir, experiment.ARCHITECTURE_FILE))
         experiment.write_flags(self.model_dir, self.config)
         experiment.append_report(self.model_dir, experiment.new_report(
             " ".join(sys.argv), self.config, self._layer_table(), self._adapt_summary()))
