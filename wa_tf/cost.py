@@ -91,11 +91,12 @@ import json
 import math
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from wa_tf import transforms
+from wa_tf.transforms import is_int
 
 NORMAL = "normal"
 WINOGRAD = "winograd"
@@ -108,17 +109,11 @@ TABLE_FORMAT = "wa_tf.latency_table"
 TABLE_VERSION = 1
 # `get_cost_model("measured")` reads this file (bin/latency_table.py's default --output).
 DEFAULT_TABLE = "latency_table.json"
-# Names of the searchable convolutions of wa_tf.models.resnet18_like.
-_SEARCHABLE_NAME = re.compile(r"^layer\d+\.\d+\.conv\d+$")
 _CANDIDATE_KEY = re.compile(r"^(normal|F(\d+))(?:/int(\d+))?$")
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check_bits(bits):
-    if bits is not None and (not _is_int(bits) or not 2 <= bits <= 16):
+    if bits is not None and (not is_int(bits) or not 2 <= bits <= 16):
         raise ValueError(f"bits must be None (FP32) or an integer in 2..16; got {bits!r}")
 
 
@@ -134,6 +129,9 @@ class LayerSpec:
       kernel_size: Odd square kernel size r.
       name: The layer's name in the model (``layer1.0.conv1``), or None;
         tables are looked up by name first, then by :attr:`shape_key`.
+      tile_sizes: The Winograd tile sizes the model offers at this layer
+        (:func:`wa_tf.models.searchable_layers`), or None to decide by
+        shape (:func:`tile_fits`).
     """
     height: int
     width: int
@@ -141,11 +139,12 @@ class LayerSpec:
     out_channels: int
     kernel_size: int = 3
     name: Optional[str] = None
+    tile_sizes: Optional[Tuple[int, ...]] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         for field in ("height", "width", "in_channels", "out_channels", "kernel_size"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"LayerSpec.{field} must be a positive integer; got {value!r}")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"LayerSpec.kernel_size must be odd; got {self.kernel_size}")
@@ -180,7 +179,7 @@ class Candidate:
                              f"got {self.algorithm!r}")
         if self.algorithm == NORMAL and self.tile_size is not None:
             raise ValueError(f"a normal convolution has no tile size; got {self.tile_size!r}")
-        if self.algorithm == WINOGRAD and (not _is_int(self.tile_size) or self.tile_size < 1):
+        if self.algorithm == WINOGRAD and (not is_int(self.tile_size) or self.tile_size < 1):
             raise ValueError("a Winograd candidate needs a positive integer tile_size; "
                              f"got {self.tile_size!r}")
         _check_bits(self.bits)
@@ -251,8 +250,11 @@ def tile_fits(layer: LayerSpec, tile_size: int) -> bool:
 
     Equivalently, the 'same'-padded input ``H + r - 1`` holds one ``t x t`` input
     tile.  F6 on a 4x4 map would compute a 6x6 tile for 16 outputs; F4 on it
-    computes exactly one tile.
+    computes exactly one tile.  A layer of a model (with ``tile_sizes``) offers
+    what the model offers there.
     """
+    if layer.tile_sizes is not None:
+        return tile_size in layer.tile_sizes
     return layer.height >= tile_size and layer.width >= tile_size
 
 
@@ -403,7 +405,7 @@ class AnalyticCost(CostModel):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or \
                     not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         self.op_weight = float(op_weight)
         self.byte_weight = float(byte_weight)
@@ -568,7 +570,7 @@ class TableCost(CostModel):
             validate_table(table, self.path)
             self.table = table
         metadata = self.table["metadata"]
-        if not _is_int(batch_size) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         batches = self.table["latency_ms"]
         if str(batch_size) not in batches:
@@ -641,8 +643,8 @@ def searchable_layers(width_multiplier: float = 0.5,
                       input_shape: Sequence[int] = (32, 32, 3)) -> List[LayerSpec]:
     """The searchable 3x3 convolutions of ``resnet18_like``, in model order.
 
-    The 3x3 convolutions of the residual blocks (``layer<s>.<b>.conv1/2``),
-    read from a normal model built with these arguments: not the stem
+    The 3x3 convolutions of the residual blocks (``layer<s>.<b>.conv1/2``) as
+    :func:`wa_tf.models.searchable_layers` describes them: not the stem
     (``conv1``), the 1x1 shortcuts or the classifier.
 
     Args:
@@ -652,19 +654,10 @@ def searchable_layers(width_multiplier: float = 0.5,
     Returns:
       One :class:`LayerSpec` per layer, named, with its input shape.
     """
-    # Imported here: building a model needs TensorFlow, the counts do not.
-    import tf_keras  # pylint: disable=import-outside-toplevel
     from wa_tf import models  # pylint: disable=import-outside-toplevel
-    model = models.resnet18_like("normal", width_multiplier=width_multiplier,
-                                 input_shape=tuple(input_shape))
-    layers = []
-    for layer in model.layers:
-        if not (isinstance(layer, tf_keras.layers.Conv2D) and _SEARCHABLE_NAME.match(layer.name)):
-            continue
-        _, h, w, c = layer.input_shape
-        layers.append(LayerSpec(int(h), int(w), int(c), int(layer.filters),
-                                int(layer.kernel_size[0]), name=layer.name))
-    return layers
+    return [LayerSpec(*layer.input_shape, layer.filters, 3, name=layer.name,
+                      tile_sizes=tuple(layer.tile_sizes))
+            for layer in models.searchable_layers(width_multiplier, tuple(input_shape))]
 
 
 def uniform_architecture(layers: Sequence[LayerSpec], conv: str = "normal",
@@ -692,15 +685,8 @@ def uniform_architecture(layers: Sequence[LayerSpec], conv: str = "normal",
 
 
 def _read_architecture(architecture):
-    if isinstance(architecture, (str, os.PathLike)):
-        try:
-            with open(architecture, encoding="utf-8") as f:
-                architecture = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"architecture {architecture}: cannot be read as JSON: {e}") from None
-    if not isinstance(architecture, Mapping):
-        raise ValueError(f"an architecture must map layer names to choices; got {architecture!r}")
-    return architecture
+    from wa_tf.architecture import load_architecture  # pylint: disable=import-outside-toplevel
+    return load_architecture(architecture).to_dict()
 
 
 def layer_costs(architecture: Union[Mapping, str], layers: Sequence[LayerSpec],
