@@ -22,30 +22,9 @@ import resource
 import subprocess
 import sys
 
+from wa_tf.machine import cpu_info
+
 MEASURES = ("auto", "allocator", "rss")
-# ISA extensions that decide which CPU kernels (oneDNN, Eigen, XLA) can run.
-_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-              "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def _cpuinfo():
-    """(model name, ISA flags) from /proc/cpuinfo; platform's guess elsewhere."""
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model is None:
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:  # x86 / Arm
-                    flags = set(value.split())
-    except OSError:
-        pass
-    isa = [f for f in _ISA_FLAGS if f in flags]
-    return model or platform.processor() or platform.machine(), isa
-
-
 def _onednn_enabled():
     """Whether TensorFlow runs oneDNN kernels (TF_ENABLE_ONEDNN_OPTS, else TF's default)."""
     try:
@@ -60,7 +39,7 @@ def _onednn_enabled():
 def machine_lines():
     """Lines describing the machine and TensorFlow's kernel options, for a benchmark header."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    model, isa = _cpuinfo()
+    model, isa = cpu_info()
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

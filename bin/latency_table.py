@@ -68,7 +68,7 @@ def _machine_lines():
         from bench.common import machine_lines  # pylint: disable=import-outside-toplevel
         return machine_lines()
     except ImportError:
-        from wa_tf.latency import cpu_model  # pylint: disable=import-outside-toplevel
+        from wa_tf.machine import cpu_model  # pylint: disable=import-outside-toplevel
         return [f"cpu: {cpu_model()}, {os.cpu_count()} cores"]
 
 

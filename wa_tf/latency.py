@@ -16,7 +16,6 @@ reads (``bin/latency_table.py`` prints and writes it).
 """
 
 import datetime
-import platform
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 import wa_tf
+from wa_tf.machine import cpu_model
 from wa_tf import cost, transforms
 from wa_tf.layers import apply_transform, extract_tiles, untile
 
@@ -130,19 +130,6 @@ def median_ms(fns: Sequence[Callable], x, repeats: int) -> List[float]:
             fn(x)
             fn_times.append(time.perf_counter() - start)
     return [float(np.median(t) * 1e3) for t in times]
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.CANDIDATE_NAMES,

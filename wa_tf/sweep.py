@@ -35,7 +35,6 @@ files only (``metrics.json``, ``FLAGS.txt``) and from ``runs/<row>/sweep_row.jso
 import dataclasses
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -45,6 +44,7 @@ import sys
 from collections import deque
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from wa_tf.machine import cpu_model
 from wa_tf.training import experiment
 
 BINARIES = ("train", "adapt")
@@ -309,19 +309,6 @@ def _write_record(out_dir: str, record: Mapping):
         json.dump(record, f, indent=2)
         f.write("\n")
     os.replace(path + ".tmp", path)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else platform's guess."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_names() -> List[str]:
