@@ -22,10 +22,12 @@ is a gather too, not TensorFlow's scatter-add); the output is untiled by one
 transpose.
 
 :func:`winograd_conv` is the pipeline as a function, with a hook on each
-Winograd-domain stage; :class:`WinogradConv2D` is the layer that owns the
+Winograd-domain stage (:func:`winograd_conv_transformed` the same from a
+precomputed U, as an exported model runs it); :class:`WinogradConv2D` is the layer that owns the
 weights, transforms and stage quantizers and calls it.
 """
 
+import contextlib
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -227,11 +229,36 @@ def winograd_conv(x, kernel, a_t, b_t, g, tile_size: int, padding: str = "same",
       (N, H', W', K) output.
     """
     quantize = quantize or _no_quantization
-    m, r = tile_size, kernel.shape[0]
-    t = m + r - 1
-    n, c, k = _dim(x, 0), kernel.shape[2], kernel.shape[3]
     # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
     u = quantize("weights_winograd", winograd_weights(kernel, g))
+    return winograd_conv_transformed(x, u, a_t, b_t, tile_size, padding, quantize)
+
+
+def winograd_conv_transformed(x, u, a_t, b_t, tile_size: int, padding: str = "same",
+                              quantize: Optional[Callable[[str, tf.Tensor], tf.Tensor]] = None):
+    """:func:`winograd_conv` from Winograd-domain weights ``U`` computed beforehand.
+
+    The inference pipeline once ``U = G g G^T`` is known (as in an exported
+    model, :func:`wa_tf.export.export_saved_model`): input transform, the
+    element-wise stage and the output transform only.
+
+    Args:
+      x: (N, H, W, C) input.
+      u: (t*t, C, K) Winograd-domain weights (:func:`winograd_weights`),
+        already quantized where the pipeline quantizes them.
+      a_t, b_t: The transforms A_t (m, t) and B_t (t, t).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+      quantize: Optional stage hook as in :func:`winograd_conv`; called for
+        ``input_winograd`` and ``hadamard`` only.
+
+    Returns:
+      (N, H', W', K) output.
+    """
+    quantize = quantize or _no_quantization
+    m, t = tile_size, b_t.shape[0]
+    r = t - m + 1
+    n, c, k = _dim(x, 0), u.shape[1], u.shape[2]
     # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
     d, geo = extract_tiles(x, m, r, padding)
     v = apply_transform(b_t, d)
@@ -374,6 +401,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         self.input_spec = tf_keras.layers.InputSpec(ndim=4)
         self.stage_quantizers = {}
         self.transform_quantizer = None
+        self._frozen_weights = None
 
     @property
     def tile_input_size(self) -> int:
@@ -504,6 +532,56 @@ class WinogradConv2D(tf_keras.layers.Layer):
         g = self._pipeline_transform(self.G, False) if g is None else tf.cast(g, self.compute_dtype)
         return winograd_weights(kernel, g)
 
+    def inference_winograd_weights(self, kernel=None, g=None):
+        """The Winograd-domain weights as the layer's inference pass uses them.
+
+        :meth:`winograd_weights` followed, for a quantized layer, by the
+        ``weights_winograd`` stage quantizer in inference mode (its frozen
+        range), as a call with ``training=False`` computes them.
+
+        Args:
+          kernel: As :meth:`winograd_weights`.
+          g: As :meth:`winograd_weights`.
+
+        Returns:
+          U, a (t*t, C, K) tensor.
+        """
+        u = self.winograd_weights(kernel, g)
+        return self._stage_ranges(False, {})("weights_winograd", u)
+
+    @contextlib.contextmanager
+    def frozen_winograd_weights(self, u):
+        """Within the context, inference calls use ``u`` instead of computing ``U = G g G^T``.
+
+        For exporting a model (:func:`wa_tf.export.export_saved_model`): the
+        graphs traced inside the context read ``u`` (typically a variable holding
+        :meth:`inference_winograd_weights`) and do only the input transform,
+        the element-wise stage and the output transform on each call; the
+        kernel and ``G`` are not read.
+
+        Args:
+          u: (t*t, C, K) tensor or variable.
+
+        Yields:
+          None.
+
+        Raises:
+          ValueError: if ``u`` does not have the shape of the layer's U.
+        """
+        if not self.built:
+            raise ValueError(f"layer {self.name!r} must be built before freezing its weights")
+        expected = (self.tile_input_size ** 2, self.kernel.shape[2], self.filters)
+        if tuple(u.shape) != expected:
+            raise ValueError(f"u must have shape {expected} for layer {self.name!r}, "
+                             f"got {tuple(u.shape)}")
+        # object.__setattr__: a variable set as a Keras attribute would be
+        # tracked as one of the layer's weights and change its checkpoints.
+        object.__setattr__(self, "_frozen_weights", u)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_frozen_weights", None)
+
     def call(self, inputs, training=None):
         # A plain signature: TF-MOT's QuantizeWrapperV2 passes `training` only
         # to a `call` whose argspec names it, and a decorated `call` hides it.
@@ -514,17 +592,31 @@ class WinogradConv2D(tf_keras.layers.Layer):
     # quantize_apply) several times slower.
     @tf.autograph.experimental.do_not_convert
     def _call(self, inputs, training):
+        x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        if self._frozen_weights is not None:
+            if training is True:
+                raise ValueError(f"layer {self.name!r} has frozen Winograd-domain weights "
+                                 "(inference only) and cannot be called with training=True")
+            a_t, b_t = (self._pipeline_transform(w, training) for w in (self.A_t, self.B_t))
+            y = winograd_conv_transformed(
+                x, tf.cast(self._frozen_weights, self.compute_dtype), a_t, b_t, self.tile_size,
+                self.padding, self._stage_ranges(training, {}))
+        else:
+            y = self._pipeline(x, training)
+        if self.use_bias:
+            y = y + tf.cast(self.bias, y.dtype)
+        return y
+
+    def _pipeline(self, x, training):
+        """The whole pipeline, U included."""
         # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
         # replaces them with their fake-quantized tensors before each call.
-        x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
         weights = [tf.cast(self.kernel, self.compute_dtype)] + [
             self._pipeline_transform(w, training) for w in (self.A_t, self.B_t, self.G)]
         if self.recompute:
             y = self._recomputed(x, weights, training)
         else:
             y = self._winograd(x, *weights, quantize=self._stage_ranges(training, {}))
-        if self.use_bias:
-            y = y + tf.cast(self.bias, y.dtype)
         return y
 
     def compute_output_shape(self, input_shape):
