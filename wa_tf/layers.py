@@ -256,15 +256,50 @@ def winograd_conv_transformed(x, u, a_t, b_t, tile_size: int, padding: str = "sa
       (N, H', W', K) output.
     """
     quantize = quantize or _no_quantization
-    m, t = tile_size, b_t.shape[0]
-    r = t - m + 1
-    n, c, k = _dim(x, 0), u.shape[1], u.shape[2]
     # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
-    d, geo = extract_tiles(x, m, r, padding)
-    v = apply_transform(b_t, d)
-    v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
+    v = winograd_input(x, b_t, tile_size, padding, quantize)
     # Element-wise stage, summed over input channels: t*t GEMMs.
     mm = quantize("hadamard", tf.matmul(v, u))
+    return winograd_output(mm, a_t, x, tile_size, padding)
+
+
+def winograd_input(x, b_t, tile_size: int, padding: str = "same",
+                   quantize: Optional[Callable[[str, tf.Tensor], tf.Tensor]] = None):
+    """The input in the Winograd domain, ``V = B_t d B_t^T`` over the tiles ``d`` of ``x``.
+
+    Args:
+      x: (N, H, W, C) input.
+      b_t: The transform B_t (t, t).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+      quantize: Optional stage hook as in :func:`winograd_conv` (``input_winograd``).
+
+    Returns:
+      V, (t*t, N*P, C), P tiles per image.
+    """
+    quantize = quantize or _no_quantization
+    m, t = tile_size, b_t.shape[0]
+    d, _ = extract_tiles(x, m, t - m + 1, padding)
+    v = apply_transform(b_t, d)
+    return quantize("input_winograd", tf.reshape(v, [t * t, -1, _dim(x, 3)]))
+
+
+def winograd_output(mm, a_t, x, tile_size: int, padding: str = "same"):
+    """The output ``A_t M A_t^T`` of the element-wise stage ``M``, untiled.
+
+    Args:
+      mm: M, (t*t, N*P, K).
+      a_t: The transform A_t (m, t).
+      x: The (N, H, W, C) input of the convolution (its shape is used).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+
+    Returns:
+      (N, H', W', K) output.
+    """
+    m, t = tile_size, a_t.shape[1]
+    n, k = _dim(x, 0), mm.shape[-1]
+    geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, padding)
     # Output transform Y = A_t M A_t^T, then untile and crop.
     # M is row-major, read as column-major: the output tiles come out
     # transposed, (j, i), which untile undoes for free in its transpose.
@@ -614,10 +649,64 @@ class WinogradConv2D(tf_keras.layers.Layer):
         weights = [tf.cast(self.kernel, self.compute_dtype)] + [
             self._pipeline_transform(w, training) for w in (self.A_t, self.B_t, self.G)]
         if self.recompute:
-            y = self._recomputed(x, weights, training)
-        else:
-            y = self._winograd(x, *weights, quantize=self._stage_ranges(training, {}))
-        return y
+            return self._recomputed(x, weights, training)
+        kernel, a_t, b_t, g = weights
+        ranges = {}
+        quantize = self._stage_ranges(training, ranges)
+        u = quantize("weights_winograd", winograd_weights(kernel, g))
+        mm = quantize("hadamard", self._input_recomputed(x, b_t, u, quantize, ranges))
+        return self._output_recomputed(mm, a_t, x)
+
+    def _output_recomputed(self, mm, a_t, x):
+        """:func:`winograd_output` whose A_t gradient recomputes the transform's intermediate.
+
+        Only flex layers need it: the gradient with respect to M alone keeps
+        nothing but A_t.
+        """
+        if not self.flex:
+            return winograd_output(mm, a_t, x, self.tile_size, self.padding)
+
+        @tf.custom_gradient
+        def run(mm, a_t):
+            def grad(dy):
+                with tf.control_dependencies([dy]):
+                    mm2, a_t2 = tf.identity(mm), tf.identity(a_t)
+                with tf.GradientTape() as tape:
+                    tape.watch([mm2, a_t2])
+                    y2 = winograd_output(mm2, a_t2, x, self.tile_size, self.padding)
+                return tape.gradient(y2, [mm2, a_t2], output_gradients=dy)
+            return winograd_output(mm, a_t, x, self.tile_size, self.padding), grad
+        return run(mm, a_t)
+
+    def _input_recomputed(self, x, b_t, u, quantize, ranges):
+        """``V U`` with ``V`` (and the tiles) recomputed in the backward pass, not kept.
+
+        The tiles, the input transform's intermediate and V are each t^2/m^2
+        times the input (2.25x for F4); recomputing them from ``x`` (which the
+        previous layer usually keeps anyway) costs one gather and two small GEMMs.
+        The recomputation quantizes V with the forward pass's range.
+        """
+        def stage(x, b_t, hook):
+            return winograd_input(x, b_t, self.tile_size, self.padding, hook)
+
+        @tf.custom_gradient
+        def run(x, b_t, u):
+            v = stage(x, b_t, quantize)
+
+            def grad(dm):
+                # As in _recomputed: recompute only once dm exists.
+                with tf.control_dependencies([dm]):
+                    x2, b_t2 = tf.identity(x), tf.identity(b_t)
+                with tf.GradientTape() as tape:
+                    tape.watch([x2, b_t2])
+                    v2 = stage(x2, b_t2, self._fixed_ranges(ranges))
+                du = tf.matmul(v2, dm, transpose_a=True)
+                dv = tf.matmul(dm, u, transpose_b=True)
+                sources = [x2, b_t2] if self.flex else [x2]
+                dx, *db_t = tape.gradient(v2, sources, output_gradients=dv)
+                return dx, (db_t[0] if db_t else None), du
+            return tf.matmul(v, u), grad
+        return run(x, b_t, u)
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape).as_list()
