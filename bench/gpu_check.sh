@@ -104,7 +104,9 @@ run_step export_bench 60 "$PY" bench/export_bench.py "${EXPORT[@]}"
   for name in layer_bench train_bench export_bench; do
     [[ -f "$OUT_DIR/$name.log" ]] || continue
     echo "-- $name"
-    grep -E '^(cpu|gpu|tensorflow|\|)' "$OUT_DIR/$name.log"
+    # The benchmark's own lines, without TensorFlow's and absl's log lines.
+    grep -vE '^([IWEF][0-9]{4} |WARNING|E0000|I0000|W0000|measuring |exporting|timing)' \
+      "$OUT_DIR/$name.log" | tail -n 40
   done
   echo "-- mirrored"
   grep -iE 'replica|epoch|accuracy|loss' "$OUT_DIR/mirrored.log" 2>/dev/null | tail -n 5
