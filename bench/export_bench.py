@@ -18,8 +18,10 @@ The header describes the machine and TensorFlow's kernel options
 Examples:
   bench/export_bench.py                           # batch 1 and 64, 15 reps
   bench/export_bench.py --reps 5 --batch_sizes 1  # quicker
+  bench/export_bench.py --export_dir /tmp/exp     # keep (and reuse) the SavedModels
 """
 
+import contextlib
 import importlib.abc
 import json
 import os
@@ -42,6 +44,8 @@ flags.DEFINE_integer("reps", 15, "Timed calls per model and batch size (median r
 flags.DEFINE_integer("warmup", 3, "Untimed calls first, per model and batch size.")
 flags.DEFINE_float("mult", 0.5, "Width multiplier of the model.")
 flags.DEFINE_integer("tile_size", 4, "Tile size m of the flex Winograd model.")
+flags.DEFINE_string("export_dir", None, "Export into this folder and keep the SavedModels "
+                    "(reused by the next run with the same folder); default: a temporary one.")
 flags.DEFINE_string("worker", None, "Internal: time the SavedModels of this JSON "
                     "{name: path} with TensorFlow alone and print the result as JSON.")
 
@@ -70,12 +74,16 @@ def export_models(directory):
     for label, bits in PRECISIONS:
         for conv in ("normal", "flex"):
             name = f"{conv}-{label}" if conv == "normal" else f"flex-F{FLAGS.tile_size}-{label}"
+            path = os.path.join(directory, name)
+            paths[name] = path
+            if os.path.exists(os.path.join(path, "saved_model.pb")):
+                continue  # exported by an earlier run into --export_dir
             model = models.resnet18_like(conv, tile_size=FLAGS.tile_size,
                                          width_multiplier=FLAGS.mult, bits=bits)
             if bits:  # ranges from two training batches, as after (a little) training
                 for _ in range(2):
                     model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32), training=True)
-            paths[name] = export.export_saved_model(model, os.path.join(directory, name))
+            export.export_saved_model(model, path)
     return paths
 
 
@@ -106,12 +114,15 @@ def main(argv):
     del argv
     batch_sizes = [int(b) for b in FLAGS.batch_sizes]
     if FLAGS.worker:
-        # Served as deployed: by TensorFlow alone.
+        # Served as deployed: by TensorFlow alone (wa_tf sets TF_USE_LEGACY_KERAS,
+        # with which TensorFlow would import tf_keras).
+        os.environ.pop("TF_USE_LEGACY_KERAS", None)
         sys.meta_path.insert(0, _Block())
         print(json.dumps(time_savedmodels(json.loads(FLAGS.worker), batch_sizes, FLAGS.reps,
                                           FLAGS.warmup)))
         return
-    with tempfile.TemporaryDirectory() as directory:
+    with contextlib.ExitStack() as stack:
+        directory = FLAGS.export_dir or stack.enter_context(tempfile.TemporaryDirectory())
         print("exporting ...", file=sys.stderr, flush=True)
         paths = export_models(directory)
         print("timing ...", file=sys.stderr, flush=True)

@@ -19,7 +19,9 @@ element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
 
 The tiles are gathered in one pass (a gather of C-channel rows whose gradient
 is a gather too, not TensorFlow's scatter-add); the output is untiled by one
-transpose.
+transpose.  For the backward pass the layer keeps U and M and recomputes the
+tiles and V (and a flex layer's output-transform intermediate), each several
+times the size of the input.
 
 :func:`winograd_conv` is the pipeline as a function, with a hook on each
 Winograd-domain stage (:func:`winograd_conv_transformed` the same from a
@@ -381,9 +383,12 @@ class WinogradConv2D(tf_keras.layers.Layer):
       bias_initializer: Initializer of ``bias``.
       points: Interpolation points for the transforms (see
         :func:`wa_tf.transforms.winograd_matrices`); None for the defaults.
-      recompute: Recompute the Winograd pipeline in the backward pass instead
-        of keeping its intermediate tensors: less memory, more compute.  Works
-        with quantization (the recomputation reuses the step's ranges).
+      recompute: Recompute the whole Winograd pipeline in the backward pass
+        instead of keeping its intermediate tensors: less memory, more compute.
+        Works with quantization (the recomputation reuses the step's ranges).
+        Without it the backward pass still recomputes the cheap stages (the
+        tiles and the input transform, and a flex layer's output-transform
+        intermediate) and keeps U and the element-wise stage M.
       strides: Must be 1 (accepted for Conv2D compatibility).
       dilation_rate: Must be 1 (accepted for Conv2D compatibility).
       quantization: None, or a :class:`WinogradQuantization` (or its dict
