@@ -22,9 +22,12 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 PY="${PYTHON:-python}"
 OUT_DIR="${OUT:-./gpu_check_out}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-460}"
 CPU_MODE="${GPU_CHECK_ALLOW_CPU:-0}"
 if [[ "${1:-}" == "--cpu" ]]; then CPU_MODE=1; fi
+# A CPU (dry run) takes longer per step, however tiny: three times the limits.
+LIMIT_SCALE=1
+if [[ "$CPU_MODE" == "1" ]]; then LIMIT_SCALE=3; fi
+BUDGET_S="${GPU_CHECK_BUDGET_S:-$(( 460 * LIMIT_SCALE ))}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 SUMMARY="$OUT_DIR/summary.txt"
@@ -41,6 +44,7 @@ run_step() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
   if (( left < 10 )); then note "$name: SKIPPED (global budget of ${BUDGET_S}s spent)"; return; fi
+  limit=$(( limit * LIMIT_SCALE ))
   (( limit > left )) && limit=$left
   echo "== $name (limit ${limit}s): $*"
   local t0=$(date +%s)
@@ -79,7 +83,7 @@ if [[ "$CPU_MODE" == "1" ]]; then
   # Every step, tiny: checks the commands, not the machine.
   TESTS=(-k "frozen_winograd_weights")
   LAYER=(--shapes=4x4x8 --tiles=4 --batch_size=2 --repeats=1)
-  TRAIN=(--batch_size=2 --mult=0.125 --steps=1 --warmup=1)
+  TRAIN=(--batch_size=2 --mult=0.125 --steps=1 --warmup=1 --configs=normal-FP32,flex-F4-INT8-XLA)
   EXPORT=(--mult=0.125 --reps=1 --warmup=1 --batch_sizes=1,2)
   MIRRORED=(--mult=0.125 --batch_size=16 --steps_per_epoch=2)
 else
@@ -95,6 +99,10 @@ run_step tests 150 "$PY" -m pytest -x -q -p no:cacheprovider tests/test_layers.p
 # --jit_compile adds the XLA rows to the plain ones: with and without XLA in one table.
 run_step layer_bench 80 "$PY" bench/layer_bench.py --jit_compile "${LAYER[@]}"
 run_step train_bench 170 "$PY" bench/train_bench.py --quick --jit_compile "${TRAIN[@]}"
+run_step strategy 30 "$PY" -c "
+from wa_tf.training import distribute
+s = distribute.get_distribution_strategy('mirrored')
+print(type(s).__name__, 'replicas:', s.num_replicas_in_sync, 'devices:', s.extended.worker_devices)"
 run_step mirrored 60 "$PY" bin/train.py --dataset=digits --flex --F=4 --Q --epochs=1 \
   --distribution_strategy=mirrored --noresume --outDir="$OUT_DIR/mirrored_run" "${MIRRORED[@]}"
 run_step export_bench 60 "$PY" bench/export_bench.py "${EXPORT[@]}"
@@ -110,7 +118,8 @@ run_step export_bench 60 "$PY" bench/export_bench.py "${EXPORT[@]}"
       "$OUT_DIR/$name.log" | tail -n 40
   done
   echo "-- mirrored"
-  grep -iE 'replica|epoch|accuracy|loss' "$OUT_DIR/mirrored.log" 2>/dev/null | tail -n 5
+  grep -h 'replicas:' "$OUT_DIR/strategy.log" 2>/dev/null
+  grep -iE 'epoch|accuracy|loss' "$OUT_DIR/mirrored.log" 2>/dev/null | tail -n 5
 } >> "$SUMMARY"
 note "total $(( $(date +%s) - START ))s; outputs in $OUT_DIR"
 grep -qE ': (FAILED|TIMED OUT|SKIPPED)' "$SUMMARY" && exit 1

@@ -81,7 +81,10 @@ def _frozen_winograd_weights(layers) -> List[tf.Variable]:
 
     A wrapped layer takes the wrapper's fake-quantized kernel (and flex G).
     Computed in one graph, as the model runs at inference, so that U and its
-    quantization agree with the model's own to the last bit.
+    quantization agree with the model's own to the last bit.  (A kernel
+    quantizer in warm-up mode that has no statistics yet, i.e. a model adapted
+    but never trained, is read as :func:`~wa_tf.quantization.inference_weight`
+    reads it, with scale 1, as :mod:`wa_tf.integer_export` does.)
     """
     @tf.function
     def compute():
