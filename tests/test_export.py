@@ -123,3 +123,60 @@ def test_export_rejects_bad_input(tmp_path):
     two_inputs = tf_keras.Model([a, b], tf_keras.layers.Add()([a, b]))
     with pytest.raises(ValueError, match="single image input"):
         export.export_saved_model(two_inputs, str(tmp_path / "b"))
+
+
+def _two_winograd_model():
+    """Two Winograd layers with different tile sizes, flex and static."""
+    tf_keras.utils.set_random_seed(1)
+    inputs = tf_keras.Input((12, 12, 3))
+    x = tf_keras.layers.Conv2D(6, 3, padding="same", name="stem")(inputs)
+    x = WinogradConv2D(8, tile_size=4, flex=True, name="wa4")(x)
+    x = tf_keras.layers.ReLU()(x)
+    x = WinogradConv2D(8, tile_size=2, flex=False, use_bias=True, name="wa2")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="fc")(x))
+
+
+def _serve_op_count(loaded, op):
+    """How many `op` nodes the traced serving function holds."""
+    library = loaded.signatures["serving_default"].graph.as_graph_def().library
+    (serve,) = [f for f in library.function if f.signature.name.startswith("__inference_serve")]
+    return sum(node.op == op for node in serve.node_def)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_savedmodel_computes_winograd_weights_once(tmp_path, bits):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
+    model = _two_winograd_model()
+    if bits:
+        model = quantization.quantize_model(model, bits=bits)
+        for _ in range(2):  # calibrate the quantizer ranges
+            model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)
+        expected = model.predict(images, verbose=0)
+    else:
+        expected = model(images, training=False).numpy()
+    path = export.export_saved_model(model, str(tmp_path / "m"))
+    loaded = tf.saved_model.load(path)
+
+    # Per Winograd layer, a 2-D transform is two GEMMs: 2 for B_t d B_t^T and 2
+    # for A_t M A_t^T, none for G g G^T; plus the Dense layer's one.
+    assert _serve_op_count(loaded, "MatMul") == 2 * (2 + 2) + 1
+    assert _serve_op_count(loaded, "BatchMatMulV2") == 2  # the element-wise stages
+    assert sorted(v.name for v in loaded.winograd_weights) == [
+        "wa2/winograd_weights:0", "wa4/winograd_weights:0"]
+    # The kernels and G of the Winograd layers, as saved (in the model's variable order).
+    index = {id(v): i for i, v in enumerate(model.variables)}
+    stale = [loaded.model_variables[index[id(quantization.float_weight(layer, name))]]
+             for layer in model.layers if isinstance(quantization.unwrap(layer), WinogradConv2D)
+             for name in ("kernel", "G")]
+    assert len(stale) == 4
+    if not bits:  # the float graph does not even capture them
+        captured = {id(t) for t in loaded.signatures["serving_default"].captured_inputs}
+        assert not captured & {id(v.handle) for v in stale}
+    # The served output does not depend on the kernels or G any more.
+    for variable in stale:
+        variable.assign(tf.fill(variable.shape, np.nan))
+    served = loaded.signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)

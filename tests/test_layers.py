@@ -248,3 +248,30 @@ def test_input_gradient_matches_conv2d(m, size, padding):
             y = fn(x)
         grads.append(tape.gradient(y, x, output_gradients=dy))
     assert rel_err(grads[0], grads[1]) <= TOL[m]
+
+
+@pytest.mark.parametrize("m,padding", [(4, "same"), (2, "valid")])
+def test_frozen_winograd_weights(m, padding):
+    x = tf.random.stateless_normal((2, 9, 7, 5), seed=(3, m))
+    layer = WinogradConv2D(6, tile_size=m, flex=True, padding=padding, use_bias=True,
+                           bias_initializer="ones")
+    y = layer(x)
+    ref = tf.nn.conv2d(x, layer.kernel, 1, padding.upper()) + 1.0
+    u = tf.Variable(layer.inference_winograd_weights())
+    with layer.frozen_winograd_weights(u):
+        # Changing the kernel no longer changes the output; changing U does.
+        layer.kernel.assign(tf.zeros_like(layer.kernel))
+        frozen = layer(x, training=False)
+        assert rel_err(frozen, ref) <= TOL[m]
+        u.assign(tf.zeros_like(u))
+        np.testing.assert_array_equal(layer(x), tf.ones_like(y))
+        with pytest.raises(ValueError, match="inference only"):
+            layer(x, training=True)
+    # Unfrozen again: the (zeroed) kernel is used.
+    np.testing.assert_array_equal(layer(x), tf.ones_like(y))
+    layer.kernel.assign(tf.ones_like(layer.kernel))
+    assert rel_err(layer(x), tf.nn.conv2d(x, layer.kernel, 1, padding.upper()) + 1.0) <= TOL[m]
+    assert len(layer.weights) == 5  # U is not one of the layer's weights
+    with pytest.raises(ValueError, match="must have shape"):
+        with layer.frozen_winograd_weights(tf.zeros((3, 5, 6))):
+            pass

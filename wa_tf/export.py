@@ -7,6 +7,13 @@ Quantizer ranges are exported as they are and frozen (inference mode,
 ``training=False``), so an INT8 model serves exactly its fake-quantized
 inference computation.
 
+The Winograd-domain weights ``U = G g G^T`` of every
+:class:`~wa_tf.layers.WinogradConv2D` (plain or quantized, each with its own
+tile size and bit-width) are computed once at export, quantized as the layer
+quantizes them at inference, and stored as variables of the SavedModel: the
+serving graph does only the input transform, the element-wise stage and the
+output transform (:func:`wa_tf.layers.winograd_conv_transformed`).
+
 Signatures:
 
 ``serving_default``
@@ -26,11 +33,16 @@ Example:
   >>> logits = served.signatures["serving_default"](images=x)["logits"]
 """
 
-from typing import Optional, Sequence, Tuple
+import contextlib
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
+
+from wa_tf.layers import WinogradConv2D
+from wa_tf.quantization import inference_weight, unwrap
+from wa_tf.tfmot_adapter import is_quantize_wrapper
 
 DEFAULT_SIGNATURE = "serving_default"
 RAW_SIGNATURE = "serving_raw"
@@ -50,6 +62,45 @@ def _logits(model, images):
     if isinstance(outputs, (list, tuple, dict)):
         raise ValueError("model must have a single (logits) output")
     return {"logits": tf.cast(outputs, tf.float32)}
+
+
+def _winograd_layers(model) -> List[tf_keras.layers.Layer]:
+    """Every WinogradConv2D of ``model`` (nested models included), by its QuantizeWrapper if wrapped."""
+    found, wrapped = [], set()
+    for module in model.submodules:
+        if is_quantize_wrapper(module) and isinstance(unwrap(module), WinogradConv2D):
+            found.append(module)
+            wrapped.add(id(unwrap(module)))
+    found += [module for module in model.submodules
+              if isinstance(module, WinogradConv2D) and id(module) not in wrapped]
+    return found
+
+
+def _frozen_winograd_weights(layers) -> List[tf.Variable]:
+    """U of each layer as its inference pass computes it, as a variable.
+
+    A wrapped layer takes the wrapper's fake-quantized kernel (and flex G).
+    Computed in one graph, as the model runs at inference, so that U and its
+    quantization agree with the model's own to the last bit.  (A kernel
+    quantizer in warm-up mode that has no statistics yet, i.e. a model adapted
+    but never trained, is read as :func:`~wa_tf.quantization.inference_weight`
+    reads it, with scale 1, as :mod:`wa_tf.integer_export` does.)
+    """
+    @tf.function
+    def compute():
+        weights = []
+        for layer in layers:
+            if is_quantize_wrapper(layer):
+                base = unwrap(layer)
+                weights.append(base.inference_winograd_weights(
+                    kernel=inference_weight(layer, "kernel"),
+                    g=inference_weight(layer, "G") if base.flex else None))
+            else:
+                weights.append(layer.inference_winograd_weights())
+        return weights
+
+    return [tf.Variable(u, trainable=False, name=f"{unwrap(layer).name}/winograd_weights")
+            for layer, u in zip(layers, compute() if layers else [])]
 
 
 def export_saved_model(model: tf_keras.Model, path: str,
@@ -100,7 +151,13 @@ def export_saved_model(model: tf_keras.Model, path: str,
 
         signatures[RAW_SIGNATURE] = serve_raw
         module.serve_raw = serve_raw
-    tf.saved_model.save(module, path, signatures=signatures)
+    winograd_layers = _winograd_layers(model)
+    module.winograd_weights = _frozen_winograd_weights(winograd_layers)
+    # Traced and saved while every Winograd layer reads its precomputed U.
+    with contextlib.ExitStack() as stack:
+        for layer, u in zip(winograd_layers, module.winograd_weights):
+            stack.enter_context(unwrap(layer).frozen_winograd_weights(u))
+        tf.saved_model.save(module, path, signatures=signatures)
     return path
 
 

@@ -19,13 +19,17 @@ element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
 
 The tiles are gathered in one pass (a gather of C-channel rows whose gradient
 is a gather too, not TensorFlow's scatter-add); the output is untiled by one
-transpose.
+transpose.  For the backward pass the layer keeps U and M and recomputes the
+tiles and V (and a flex layer's output-transform intermediate), each several
+times the size of the input.
 
 :func:`winograd_conv` is the pipeline as a function, with a hook on each
-Winograd-domain stage; :class:`WinogradConv2D` is the layer that owns the
+Winograd-domain stage (:func:`winograd_conv_transformed` the same from a
+precomputed U, as an exported model runs it); :class:`WinogradConv2D` is the layer that owns the
 weights, transforms and stage quantizers and calls it.
 """
 
+import contextlib
 import dataclasses
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -227,17 +231,77 @@ def winograd_conv(x, kernel, a_t, b_t, g, tile_size: int, padding: str = "same",
       (N, H', W', K) output.
     """
     quantize = quantize or _no_quantization
-    m, r = tile_size, kernel.shape[0]
-    t = m + r - 1
-    n, c, k = _dim(x, 0), kernel.shape[2], kernel.shape[3]
     # Weights to the Winograd domain: U = G g G^T, (t*t, C, K).
     u = quantize("weights_winograd", winograd_weights(kernel, g))
+    return winograd_conv_transformed(x, u, a_t, b_t, tile_size, padding, quantize)
+
+
+def winograd_conv_transformed(x, u, a_t, b_t, tile_size: int, padding: str = "same",
+                              quantize: Optional[Callable[[str, tf.Tensor], tf.Tensor]] = None):
+    """:func:`winograd_conv` from Winograd-domain weights ``U`` computed beforehand.
+
+    The inference pipeline once ``U = G g G^T`` is known (as in an exported
+    model, :func:`wa_tf.export.export_saved_model`): input transform, the
+    element-wise stage and the output transform only.
+
+    Args:
+      x: (N, H, W, C) input.
+      u: (t*t, C, K) Winograd-domain weights (:func:`winograd_weights`),
+        already quantized where the pipeline quantizes them.
+      a_t, b_t: The transforms A_t (m, t) and B_t (t, t).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+      quantize: Optional stage hook as in :func:`winograd_conv`; called for
+        ``input_winograd`` and ``hadamard`` only.
+
+    Returns:
+      (N, H', W', K) output.
+    """
+    quantize = quantize or _no_quantization
     # Input to the Winograd domain: V = B_t d B_t^T, (t*t, N*P, C).
-    d, geo = extract_tiles(x, m, r, padding)
-    v = apply_transform(b_t, d)
-    v = quantize("input_winograd", tf.reshape(v, [t * t, -1, c]))
+    v = winograd_input(x, b_t, tile_size, padding, quantize)
     # Element-wise stage, summed over input channels: t*t GEMMs.
     mm = quantize("hadamard", tf.matmul(v, u))
+    return winograd_output(mm, a_t, x, tile_size, padding)
+
+
+def winograd_input(x, b_t, tile_size: int, padding: str = "same",
+                   quantize: Optional[Callable[[str, tf.Tensor], tf.Tensor]] = None):
+    """The input in the Winograd domain, ``V = B_t d B_t^T`` over the tiles ``d`` of ``x``.
+
+    Args:
+      x: (N, H, W, C) input.
+      b_t: The transform B_t (t, t).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+      quantize: Optional stage hook as in :func:`winograd_conv` (``input_winograd``).
+
+    Returns:
+      V, (t*t, N*P, C), P tiles per image.
+    """
+    quantize = quantize or _no_quantization
+    m, t = tile_size, b_t.shape[0]
+    d, _ = extract_tiles(x, m, t - m + 1, padding)
+    v = apply_transform(b_t, d)
+    return quantize("input_winograd", tf.reshape(v, [t * t, -1, _dim(x, 3)]))
+
+
+def winograd_output(mm, a_t, x, tile_size: int, padding: str = "same"):
+    """The output ``A_t M A_t^T`` of the element-wise stage ``M``, untiled.
+
+    Args:
+      mm: M, (t*t, N*P, K).
+      a_t: The transform A_t (m, t).
+      x: The (N, H, W, C) input of the convolution (its shape is used).
+      tile_size: Output tile size m.
+      padding: 'same' or 'valid'.
+
+    Returns:
+      (N, H', W', K) output.
+    """
+    m, t = tile_size, a_t.shape[1]
+    n, k = _dim(x, 0), mm.shape[-1]
+    geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, padding)
     # Output transform Y = A_t M A_t^T, then untile and crop.
     # M is row-major, read as column-major: the output tiles come out
     # transposed, (j, i), which untile undoes for free in its transpose.
@@ -319,9 +383,12 @@ class WinogradConv2D(tf_keras.layers.Layer):
       bias_initializer: Initializer of ``bias``.
       points: Interpolation points for the transforms (see
         :func:`wa_tf.transforms.winograd_matrices`); None for the defaults.
-      recompute: Recompute the Winograd pipeline in the backward pass instead
-        of keeping its intermediate tensors: less memory, more compute.  Works
-        with quantization (the recomputation reuses the step's ranges).
+      recompute: Recompute the whole Winograd pipeline in the backward pass
+        instead of keeping its intermediate tensors: less memory, more compute.
+        Works with quantization (the recomputation reuses the step's ranges).
+        Without it the backward pass still recomputes the cheap stages (the
+        tiles and the input transform, and a flex layer's output-transform
+        intermediate) and keeps U and the element-wise stage M.
       strides: Must be 1 (accepted for Conv2D compatibility).
       dilation_rate: Must be 1 (accepted for Conv2D compatibility).
       quantization: None, or a :class:`WinogradQuantization` (or its dict
@@ -374,6 +441,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         self.input_spec = tf_keras.layers.InputSpec(ndim=4)
         self.stage_quantizers = {}
         self.transform_quantizer = None
+        self._frozen_weights = None
 
     @property
     def tile_input_size(self) -> int:
@@ -504,6 +572,56 @@ class WinogradConv2D(tf_keras.layers.Layer):
         g = self._pipeline_transform(self.G, False) if g is None else tf.cast(g, self.compute_dtype)
         return winograd_weights(kernel, g)
 
+    def inference_winograd_weights(self, kernel=None, g=None):
+        """The Winograd-domain weights as the layer's inference pass uses them.
+
+        :meth:`winograd_weights` followed, for a quantized layer, by the
+        ``weights_winograd`` stage quantizer in inference mode (its frozen
+        range), as a call with ``training=False`` computes them.
+
+        Args:
+          kernel: As :meth:`winograd_weights`.
+          g: As :meth:`winograd_weights`.
+
+        Returns:
+          U, a (t*t, C, K) tensor.
+        """
+        u = self.winograd_weights(kernel, g)
+        return self._stage_ranges(False, {})("weights_winograd", u)
+
+    @contextlib.contextmanager
+    def frozen_winograd_weights(self, u):
+        """Within the context, inference calls use ``u`` instead of computing ``U = G g G^T``.
+
+        For exporting a model (:func:`wa_tf.export.export_saved_model`): the
+        graphs traced inside the context read ``u`` (typically a variable holding
+        :meth:`inference_winograd_weights`) and do only the input transform,
+        the element-wise stage and the output transform on each call; the
+        kernel and ``G`` are not read.
+
+        Args:
+          u: (t*t, C, K) tensor or variable.
+
+        Yields:
+          None.
+
+        Raises:
+          ValueError: if ``u`` does not have the shape of the layer's U.
+        """
+        if not self.built:
+            raise ValueError(f"layer {self.name!r} must be built before freezing its weights")
+        expected = (self.tile_input_size ** 2, self.kernel.shape[2], self.filters)
+        if tuple(u.shape) != expected:
+            raise ValueError(f"u must have shape {expected} for layer {self.name!r}, "
+                             f"got {tuple(u.shape)}")
+        # object.__setattr__: a variable set as a Keras attribute would be
+        # tracked as one of the layer's weights and change its checkpoints.
+        object.__setattr__(self, "_frozen_weights", u)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_frozen_weights", None)
+
     def call(self, inputs, training=None):
         # A plain signature: TF-MOT's QuantizeWrapperV2 passes `training` only
         # to a `call` whose argspec names it, and a decorated `call` hides it.
@@ -514,18 +632,86 @@ class WinogradConv2D(tf_keras.layers.Layer):
     # quantize_apply) several times slower.
     @tf.autograph.experimental.do_not_convert
     def _call(self, inputs, training):
-        # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
-        # replaces them with their fake-quantized tensors before each call.
         x = tf.convert_to_tensor(inputs, dtype=self.compute_dtype)
-        weights = [tf.cast(self.kernel, self.compute_dtype)] + [
-            self._pipeline_transform(w, training) for w in (self.A_t, self.B_t, self.G)]
-        if self.recompute:
-            y = self._recomputed(x, weights, training)
+        if self._frozen_weights is not None:
+            if training is True:
+                raise ValueError(f"layer {self.name!r} has frozen Winograd-domain weights "
+                                 "(inference only) and cannot be called with training=True")
+            a_t, b_t = (self._pipeline_transform(w, training) for w in (self.A_t, self.B_t))
+            y = winograd_conv_transformed(
+                x, tf.cast(self._frozen_weights, self.compute_dtype), a_t, b_t, self.tile_size,
+                self.padding, self._stage_ranges(training, {}))
         else:
-            y = self._winograd(x, *weights, quantize=self._stage_ranges(training, {}))
+            y = self._pipeline(x, training)
         if self.use_bias:
             y = y + tf.cast(self.bias, y.dtype)
         return y
+
+    def _pipeline(self, x, training):
+        """The whole pipeline, U included."""
+        # Read the weights through attributes: TF-MOT's QuantizeWrapperV2
+        # replaces them with their fake-quantized tensors before each call.
+        weights = [tf.cast(self.kernel, self.compute_dtype)] + [
+            self._pipeline_transform(w, training) for w in (self.A_t, self.B_t, self.G)]
+        if self.recompute:
+            return self._recomputed(x, weights, training)
+        kernel, a_t, b_t, g = weights
+        ranges = {}
+        quantize = self._stage_ranges(training, ranges)
+        u = quantize("weights_winograd", winograd_weights(kernel, g))
+        mm = quantize("hadamard", self._input_recomputed(x, b_t, u, quantize, ranges))
+        return self._output_recomputed(mm, a_t, x)
+
+    def _output_recomputed(self, mm, a_t, x):
+        """:func:`winograd_output` whose A_t gradient recomputes the transform's intermediate.
+
+        Only flex layers need it: the gradient with respect to M alone keeps
+        nothing but A_t.
+        """
+        if not self.flex:
+            return winograd_output(mm, a_t, x, self.tile_size, self.padding)
+
+        @tf.custom_gradient
+        def run(mm, a_t):
+            def grad(dy):
+                with tf.control_dependencies([dy]):
+                    mm2, a_t2 = tf.identity(mm), tf.identity(a_t)
+                with tf.GradientTape() as tape:
+                    tape.watch([mm2, a_t2])
+                    y2 = winograd_output(mm2, a_t2, x, self.tile_size, self.padding)
+                return tape.gradient(y2, [mm2, a_t2], output_gradients=dy)
+            return winograd_output(mm, a_t, x, self.tile_size, self.padding), grad
+        return run(mm, a_t)
+
+    def _input_recomputed(self, x, b_t, u, quantize, ranges):
+        """``V U`` with ``V`` (and the tiles) recomputed in the backward pass, not kept.
+
+        The tiles, the input transform's intermediate and V are each t^2/m^2
+        times the input (2.25x for F4); recomputing them from ``x`` (which the
+        previous layer usually keeps anyway) costs one gather and two small GEMMs.
+        The recomputation quantizes V with the forward pass's range.
+        """
+        def stage(x, b_t, hook):
+            return winograd_input(x, b_t, self.tile_size, self.padding, hook)
+
+        @tf.custom_gradient
+        def run(x, b_t, u):
+            v = stage(x, b_t, quantize)
+
+            def grad(dm):
+                # As in _recomputed: recompute only once dm exists.
+                with tf.control_dependencies([dm]):
+                    x2, b_t2 = tf.identity(x), tf.identity(b_t)
+                with tf.GradientTape() as tape:
+                    tape.watch([x2, b_t2])
+                    v2 = stage(x2, b_t2, self._fixed_ranges(ranges))
+                du = tf.matmul(v2, dm, transpose_a=True)
+                dv = tf.matmul(dm, u, transpose_b=True)
+                sources = [x2, b_t2] if self.flex else [x2]
+                dx, *db_t = tape.gradient(v2, sources, output_gradients=dv)
+                return dx, (db_t[0] if db_t else None), du
+            return tf.matmul(v, u), grad
+        return run(x, b_t, u)
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape).as_list()
