@@ -98,13 +98,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow's op determinism "
                          "(tf.config.experimental.enable_op_determinism): bit-identical reruns "
                          "and resumes on any device, at some speed cost.", flag_values=fv)
+    flags.DEFINE_boolean("skip_corrupt", False, "dataset=image_folder: skip files that are "
+                         "not JPEG, PNG, GIF or BMP images, with a warning naming them (default: "
+                         "stop before training with an error naming the first).", flag_values=fv)
     flags.DEFINE_string("architecture", None, "A mixed architecture: JSON file giving each "
                         "searchable 3x3 convolution's conv, tile size and bits (see "
                         "configs/architectures/, bin/search.py); replaces --use_normal_conv/"
                         "--static/--flex, --F, --Q and --bits.", flag_values=fv)
-    flags.DEFINE_boolean("skip_corrupt", False, "dataset=image_folder: skip files that are "
-                         "not JPEG, PNG, GIF or BMP images, with a warning naming them (default: "
-                         "stop before training with an error naming the first).", flag_values=fv)
 
 
 def flag_names(flag_values: flags.FlagValues = flags.FLAGS):
