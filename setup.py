@@ -8,7 +8,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["wa_tf", "wa_tf.*"]),
-    scripts=["bin/train.py", "bin/adapt.py", "bin/export.py", "bin/evaluate.py"],
+    scripts=["bin/train.py", "bin/adapt.py", "bin/export.py", "bin/evaluate.py", "bin/search.py"],
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16,<2.22",
