@@ -538,6 +538,10 @@ class SearchConfig:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; "
                              f"got {self.dataset!r}")
+        try:
+            cost_lib.get_cost_model(self.cost_model, batch_size=self.cost_batch_size)
+        except ValueError as e:
+            raise ValueError(f"cost_model: {e}") from None
         if not self.outDir:
             raise ValueError("outDir must not be empty")
 
