@@ -15,7 +15,6 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras
 
 from wa_tf import cost, models, search
 from wa_tf.layers import WinogradConv2D, winograd_conv
@@ -113,8 +112,9 @@ def test_supernet_equals_resnet18_like_with_its_choice():
         reference = models.resnet18_like(conv, tile, width_multiplier=0.125)
         copied = copy_weights(supernet, reference)
         assert "layer1.0.conv1/kernel" in copied["copied"]
-        choice = {layer.name: [c.name for c in layer.candidates].index(
-            "normal" if conv == "normal" else f"F{tile}") for layer in search.mixed_layers(supernet)}
+        wanted = "normal" if conv == "normal" else f"F{tile}"
+        choice = {layer.name: [c.name for c in layer.candidates].index(wanted)
+                  for layer in search.mixed_layers(supernet)}
         search.select(supernet, choice)
         np.testing.assert_allclose(supernet(x), reference(x), rtol=1e-4, atol=1e-4)
     # The derived architecture is the argmax, in the architecture file format.
@@ -208,7 +208,6 @@ def test_cli_latency_weight_orders_costs(tmp_path):
                                 names.split(","), [8])
 
 
-
 @pytest.mark.slow
 def test_cli_resumes_after_a_kill(tmp_path):
     common = [*TINY, "--epochs=3", "--candidates=normal,F2,F4", "--bits_candidates=8"]
@@ -241,10 +240,7 @@ def test_cli_resumes_after_a_kill(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--candidates=normal,F3"], "--candidates"),
     (["--bits_candidates=8,x"], "--bits_candidates"),
-    (["--bits_candidates=1"], "--bits_candidates"),
     (["--latency_weight=-1"], "--latency_weight"),
-    (["--target_latency=0"], "--target_latency"),
-    (["--epochs=0"], "--epochs"),
     (["--cost_model=nothere"], "--cost_model"),
 ])
 def test_cli_bad_flags_one_line(tmp_path, args, message):
@@ -272,3 +268,22 @@ def test_cli_warm_start_from_a_normal_run(tmp_path):
     warm = _read(os.path.join(run_dir, "search.json"))["warm_start"]
     # Every shared weight (kernels, BatchNorms, stem, shortcuts, classifier) came from it.
     assert warm["copied"] >= 16 + 1 + 1 and warm["not_found"] == []
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"bits_candidates": (1,)}, "bits_candidates"),
+    ({"bits_candidates": ()}, "bits_candidates"),
+    ({"candidates": ("normal", "normal")}, "candidates"),
+    ({"target_latency": 0.0}, "target_latency"),
+    ({"epochs": 0}, "epochs"),
+    ({"arch_lr": 0.0}, "arch_lr"),
+    ({"arch_fraction": 1.0}, "arch_fraction"),
+    ({"mult": 0.0}, "mult"),
+    ({"dataset": "mnist"}, "dataset"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        search.SearchConfig(**kwargs)
+    assert search.parse_bits("8, FP,16") == (8, None, 16)
+    with pytest.raises(ValueError, match="^bits_candidates"):
+        search.parse_bits("8,x")
