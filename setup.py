@@ -9,7 +9,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["wa_tf", "wa_tf.*"]),
     scripts=["bin/train.py", "bin/adapt.py", "bin/export.py", "bin/evaluate.py", "bin/sweep.py",
-             "bin/latency_table.py"],
+             "bin/latency_table.py", "bin/search.py"],
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16,<2.22",
