@@ -6,6 +6,7 @@ Winograd pipeline with max-abs fake quantization), the supernet against
 resnet18_like with the same weights, and the binary end to end on digits.
 """
 import json
+import re
 import os
 import signal
 import subprocess
@@ -190,6 +191,18 @@ def test_cli_search_end_to_end_huge_latency_weight(tmp_path):
     assert "layer4.1.conv2" in report and "All-normal at FP32" in report
     for layer, probs in state["history"][0]["probabilities"].items():
         assert abs(sum(probs.values()) - 1) < 1e-5 and len(set(probs.values())) == 1, layer
+    # The searched architecture is what bin/train.py --architecture builds and trains.
+    train = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bin", "train.py"),
+         f"--architecture={os.path.join(run_dir, 'architecture.json')}", "--dataset=digits",
+         "--mult=0.125", "--epochs=1", "--steps_per_epoch=1", f"--outDir={tmp_path / 'train'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "arch: ResNet18LikeSearched" in train.stdout
+    for name, choice in architecture.items():
+        if choice["conv"] != "normal":
+            assert re.search(rf"\|\s*{re.escape(name)}\s*\|\s*WinogradConv2D\s*\|",
+                             train.stdout), name
 
 
 @pytest.mark.slow
