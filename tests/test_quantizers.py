@@ -272,3 +272,23 @@ def test_fake_quant_propagates_a_non_finite_range():
     weights["initialized_var"].assign(1.0)
     for training in (True, False):
         assert np.isnan(quantizer(x, training, weights).numpy()).all(), training
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 9, 16])
+def test_codes_round_trip_bit_exact(bits):
+    """A fake-quantized tensor stored as integer codes decodes to exactly the same values."""
+    from wa_tf.quantizers import from_codes, quant_scale, to_codes
+    rng = np.random.default_rng(bits)
+    x = tf.constant(rng.standard_normal((6, 50, 7)).astype("float32") * 3.7)
+    # Per-position ranges (one per leading index), one of them 0 ("no statistics": scale 1).
+    range_ = tf.constant(np.r_[0.0, rng.uniform(0.01, 5.0, 5)].astype("float32")[:, None, None])
+    y = fake_quant(x, range_, bits)
+    scale = quant_scale(range_, bits)
+    codes = to_codes(y, scale, bits)
+    assert codes.dtype == (tf.int8 if bits <= 8 else tf.int16)
+    # Exactly equal values (a -0.0 of round() comes back as +0.0, equal in value).
+    np.testing.assert_array_equal(from_codes(codes, scale).numpy(), y.numpy())
+    # The codes are the integers of the hand formula round(y / scale), within the code range.
+    expected = np.round(y.numpy() / scale.numpy())
+    np.testing.assert_array_equal(codes.numpy(), expected)
+    assert codes.numpy().min() >= -2 ** (bits - 1) and codes.numpy().max() <= 2 ** (bits - 1) - 1

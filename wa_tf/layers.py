@@ -660,28 +660,45 @@ class WinogradConv2D(tf_keras.layers.Layer):
         quantize = self._stage_ranges(training, ranges)
         u = quantize("weights_winograd", winograd_weights(kernel, g))
         mm = quantize("hadamard", self._input_recomputed(x, b_t, u, quantize, ranges))
-        return self._output_recomputed(mm, a_t, x)
+        return self._output_recomputed(mm, a_t, x, ranges)
 
-    def _output_recomputed(self, mm, a_t, x):
+    def _output_recomputed(self, mm, a_t, x, ranges):
         """:func:`winograd_output` whose A_t gradient recomputes the transform's intermediate.
 
         Only flex layers need it: the gradient with respect to M alone keeps
-        nothing but A_t.
+        nothing but A_t.  A quantized M is kept as its integer codes (int8 up
+        to 8 bits), a quarter of its float32 size, and decoded exactly.
         """
         if not self.flex:
             return winograd_output(mm, a_t, x, self.tile_size, self.padding)
+        kept_mm = self._kept("hadamard", mm, ranges)
 
         @tf.custom_gradient
         def run(mm, a_t):
             def grad(dy):
                 with tf.control_dependencies([dy]):
-                    mm2, a_t2 = tf.identity(mm), tf.identity(a_t)
+                    mm2 = kept_mm()
+                    a_t2 = tf.identity(a_t)
                 with tf.GradientTape() as tape:
                     tape.watch([mm2, a_t2])
                     y2 = winograd_output(mm2, a_t2, x, self.tile_size, self.padding)
                 return tape.gradient(y2, [mm2, a_t2], output_gradients=dy)
             return winograd_output(mm, a_t, x, self.tile_size, self.padding), grad
         return run(mm, a_t)
+
+    def _kept(self, stage, tensor, ranges):
+        """A function giving `tensor` back in the backward pass, for a custom gradient to keep.
+
+        A stage quantized in this call is kept as its integer codes (int8 up to
+        8 bits: a quarter of float32) and decoded exactly; any other tensor as is.
+        """
+        if stage not in ranges:
+            return lambda: tf.identity(tensor)
+        from wa_tf.quantizers import from_codes, quant_scale, to_codes  # pylint: disable=import-outside-toplevel
+        bits = self.stage_quantizers[stage][0].num_bits
+        scale = quant_scale(ranges[stage], bits, tensor.dtype)
+        codes = to_codes(tensor, scale, bits)
+        return lambda: from_codes(codes, scale)
 
     def _input_recomputed(self, x, b_t, u, quantize, ranges):
         """``V U`` with ``V`` (and the tiles) recomputed in the backward pass, not kept.
@@ -694,6 +711,8 @@ class WinogradConv2D(tf_keras.layers.Layer):
         def stage(x, b_t, hook):
             return winograd_input(x, b_t, self.tile_size, self.padding, hook)
 
+        kept_u = self._kept("weights_winograd", u, ranges)
+
         @tf.custom_gradient
         def run(x, b_t, u):
             v = stage(x, b_t, quantize)
@@ -701,12 +720,12 @@ class WinogradConv2D(tf_keras.layers.Layer):
             def grad(dm):
                 # As in _recomputed: recompute only once dm exists.
                 with tf.control_dependencies([dm]):
-                    x2, b_t2 = tf.identity(x), tf.identity(b_t)
+                    x2, b_t2, u2 = tf.identity(x), tf.identity(b_t), kept_u()
                 with tf.GradientTape() as tape:
                     tape.watch([x2, b_t2])
                     v2 = stage(x2, b_t2, self._fixed_ranges(ranges))
                 du = tf.matmul(v2, dm, transpose_a=True)
-                dv = tf.matmul(dm, u, transpose_b=True)
+                dv = tf.matmul(dm, u2, transpose_b=True)
                 sources = [x2, b_t2] if self.flex else [x2]
                 dx, *db_t = tape.gradient(v2, sources, output_gradients=dv)
                 return dx, (db_t[0] if db_t else None), du

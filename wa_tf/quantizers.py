@@ -50,17 +50,9 @@ def fake_quant(x, range_, num_bits):
       The fake-quantized tensor, same shape and dtype as ``x``.
     """
     num_bits = check_bits(num_bits)
-    qmin = -(2.0 ** (num_bits - 1))
-    qmax = 2.0 ** (num_bits - 1) - 1.0
+    qmin, qmax = _code_limits(num_bits)
     x = tf.convert_to_tensor(x)
-    range_ = tf.stop_gradient(tf.cast(range_, x.dtype))
-    # Multiply by the reciprocal rather than divide by the constant: graphs
-    # (Grappler) rewrite the division so, and eager and graph runs (and
-    # wa_tf.integer) must agree on the scale to the last bit.
-    scale = tf.maximum(range_ * (1.0 / ((qmax - qmin) / 2.0)), 1e-8)
-    # Only "no statistics yet" (0) falls back to 1; `range_ > 0` would also send
-    # NaN there (NaN compares False) and hide it.
-    scale = tf.where(range_ <= 0, tf.ones_like(scale), scale)
+    scale = quant_scale(range_, num_bits, x.dtype)
 
     @tf.custom_gradient
     def _quantize(v):
@@ -68,6 +60,44 @@ def fake_quant(x, range_, num_bits):
         return y, lambda dy: dy
 
     return _quantize(x)
+
+
+def _code_limits(num_bits):
+    return -(2.0 ** (num_bits - 1)), 2.0 ** (num_bits - 1) - 1.0
+
+
+def quant_scale(range_, num_bits, dtype=tf.float32):
+    """The step :func:`fake_quant` quantizes with: ``range_ / ((qmax - qmin) / 2)``.
+
+    1 where ``range_`` is 0 (no statistics yet), at least 1e-8 elsewhere, NaN
+    for a NaN range.  No gradient flows into ``range_``.
+    """
+    qmin, qmax = _code_limits(check_bits(num_bits))
+    range_ = tf.stop_gradient(tf.cast(range_, dtype))
+    # Multiply by the reciprocal rather than divide by the constant: graphs
+    # (Grappler) rewrite the division so, and eager and graph runs (and
+    # wa_tf.integer) must agree on the scale to the last bit.
+    scale = tf.maximum(range_ * (1.0 / ((qmax - qmin) / 2.0)), 1e-8)
+    # Only "no statistics yet" (0) falls back to 1; `range_ > 0` would also send
+    # NaN there (NaN compares False) and hide it.
+    return tf.where(range_ <= 0, tf.ones_like(scale), scale)
+
+
+def to_codes(y, scale, num_bits):
+    """The integer codes of a :func:`fake_quant` output ``y`` quantized with `scale`.
+
+    int8 for up to 8 bits, int16 above: a quarter (a half) of float32's
+    memory.  ``from_codes(to_codes(y, s, b), s)`` gives ``y`` back bit for bit,
+    since ``y`` is a code times ``s`` and the division recovers the code to
+    well under half a step.
+    """
+    dtype = tf.int8 if check_bits(num_bits) <= 8 else tf.int16
+    return tf.cast(tf.round(y / scale), dtype)
+
+
+def from_codes(codes, scale):
+    """``codes * scale`` in `scale`'s dtype: the inverse of :func:`to_codes`."""
+    return tf.cast(codes, scale.dtype) * scale
 
 
 def symmetric_range(min_value, max_value):
