@@ -203,6 +203,20 @@ def winograd_weights(kernel, g):
     return tf.reshape(apply_transform(g, g_cm), [t * t, c, k])
 
 
+def _kept(tensor, coded=None):
+    """A function giving `tensor` back in a backward pass, for a custom gradient to keep.
+
+    With ``coded = (codes, scale)`` (:func:`wa_tf.quantizers.fake_quant_codes`
+    of a quantized tensor) only the integer codes are kept, int8 up to 8 bits:
+    a quarter of float32, decoded to exactly the same values.
+    """
+    if coded is None:
+        return lambda: tf.identity(tensor)
+    from wa_tf.quantizers import from_codes  # pylint: disable=import-outside-toplevel
+    codes, scale = coded
+    return lambda: from_codes(codes, scale)
+
+
 def _no_quantization(stage, tensor):
     del stage
     return tensor
@@ -491,15 +505,23 @@ class WinogradConv2D(tf_keras.layers.Layer):
             self.stage_quantizers[stage] = (
                 quantizer, quantizer.build(tf.TensorShape(shapes[stage]), stage, self))
 
-    def _stage_ranges(self, training, ranges):
-        """A stage hook for :func:`winograd_conv` that updates each stage's range and records it."""
-        from wa_tf.quantizers import fake_quant  # pylint: disable=import-outside-toplevel
+    def _stage_ranges(self, training, ranges, codes=None):
+        """A stage hook for :func:`winograd_conv` that updates each stage's range and records it.
+
+        For the stages named in `codes` (a dict), it also records the quantized
+        tensor's integer codes and scale there, ``codes[stage] = (codes, scale)``.
+        """
+        from wa_tf.quantizers import fake_quant, fake_quant_codes  # pylint: disable=import-outside-toplevel
 
         def quantize(stage, x):
             if stage not in self.stage_quantizers:
                 return x
             quantizer, variables = self.stage_quantizers[stage]
             ranges[stage] = quantizer.update_range(x, training, variables)
+            if codes is not None and stage in codes:
+                y, codes[stage], scale = fake_quant_codes(x, ranges[stage], quantizer.num_bits)
+                codes[stage] = (codes[stage], scale)
+                return y
             return fake_quant(x, ranges[stage], quantizer.num_bits)
         return quantize
 
@@ -657,12 +679,17 @@ class WinogradConv2D(tf_keras.layers.Layer):
             return self._recomputed(x, weights, training)
         kernel, a_t, b_t, g = weights
         ranges = {}
-        quantize = self._stage_ranges(training, ranges)
+        # The tensors the backward pass keeps, as integer codes where quantized:
+        # U always, M only for a flex layer's A_t gradient.
+        codes = dict.fromkeys(("weights_winograd", "hadamard") if self.flex
+                              else ("weights_winograd",))
+        quantize = self._stage_ranges(training, ranges, codes)
         u = quantize("weights_winograd", winograd_weights(kernel, g))
-        mm = quantize("hadamard", self._input_recomputed(x, b_t, u, quantize, ranges))
-        return self._output_recomputed(mm, a_t, x, ranges)
+        mm = quantize("hadamard", self._input_recomputed(x, b_t, u, quantize, ranges,
+                                                          codes))
+        return self._output_recomputed(mm, a_t, x, codes)
 
-    def _output_recomputed(self, mm, a_t, x, ranges):
+    def _output_recomputed(self, mm, a_t, x, codes):
         """:func:`winograd_output` whose A_t gradient recomputes the transform's intermediate.
 
         Only flex layers need it: the gradient with respect to M alone keeps
@@ -671,7 +698,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         """
         if not self.flex:
             return winograd_output(mm, a_t, x, self.tile_size, self.padding)
-        kept_mm = self._kept("hadamard", mm, ranges)
+        kept_mm = _kept(mm, codes.get("hadamard"))
 
         @tf.custom_gradient
         def run(mm, a_t):
@@ -686,21 +713,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
             return winograd_output(mm, a_t, x, self.tile_size, self.padding), grad
         return run(mm, a_t)
 
-    def _kept(self, stage, tensor, ranges):
-        """A function giving `tensor` back in the backward pass, for a custom gradient to keep.
-
-        A stage quantized in this call is kept as its integer codes (int8 up to
-        8 bits: a quarter of float32) and decoded exactly; any other tensor as is.
-        """
-        if stage not in ranges:
-            return lambda: tf.identity(tensor)
-        from wa_tf.quantizers import from_codes, quant_scale, to_codes  # pylint: disable=import-outside-toplevel
-        bits = self.stage_quantizers[stage][0].num_bits
-        scale = quant_scale(ranges[stage], bits, tensor.dtype)
-        codes = to_codes(tensor, scale, bits)
-        return lambda: from_codes(codes, scale)
-
-    def _input_recomputed(self, x, b_t, u, quantize, ranges):
+    def _input_recomputed(self, x, b_t, u, quantize, ranges, codes):
         """``V U`` with ``V`` (and the tiles) recomputed in the backward pass, not kept.
 
         The tiles, the input transform's intermediate and V are each t^2/m^2
@@ -711,7 +724,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         def stage(x, b_t, hook):
             return winograd_input(x, b_t, self.tile_size, self.padding, hook)
 
-        kept_u = self._kept("weights_winograd", u, ranges)
+        kept_u = _kept(u, codes.get("weights_winograd"))
 
         @tf.custom_gradient
         def run(x, b_t, u):

@@ -49,17 +49,50 @@ def fake_quant(x, range_, num_bits):
     Returns:
       The fake-quantized tensor, same shape and dtype as ``x``.
     """
+    return _fake_quant(x, range_, num_bits, with_codes=False)
+
+
+def fake_quant_codes(x, range_, num_bits):
+    """:func:`fake_quant` that also returns the integer codes and the scale.
+
+    ``y == from_codes(codes, scale)`` exactly (value for value); the codes
+    (int8 up to 8 bits, else int16; no gradient) cost one cast on top of the
+    quantization, where :func:`to_codes` of ``y`` costs a division and a
+    rounding more.
+
+    Returns:
+      (y, codes, scale).
+    """
+    return _fake_quant(x, range_, num_bits, with_codes=True)
+
+
+def _fake_quant(x, range_, num_bits, with_codes):
     num_bits = check_bits(num_bits)
     qmin, qmax = _code_limits(num_bits)
     x = tf.convert_to_tensor(x)
     scale = quant_scale(range_, num_bits, x.dtype)
+    if not with_codes:
+        @tf.custom_gradient
+        def _quantize(v):
+            y = tf.clip_by_value(tf.round(v / scale), qmin, qmax) * scale
+            return y, lambda dy: dy
+        return _quantize(x)
 
     @tf.custom_gradient
-    def _quantize(v):
-        y = tf.clip_by_value(tf.round(v / scale), qmin, qmax) * scale
-        return y, lambda dy: dy
+    def _quantize_codes(v):
+        q = tf.clip_by_value(tf.round(v / scale), qmin, qmax)
 
-    return _quantize(x)
+        def grad(dy, dcodes):
+            del dcodes  # integer output: no gradient
+            return dy
+        return (q * scale, tf.cast(q, _code_dtype(num_bits))), grad
+
+    y, codes = _quantize_codes(x)
+    return y, codes, scale
+
+
+def _code_dtype(num_bits):
+    return tf.int8 if num_bits <= 8 else tf.int16
 
 
 def _code_limits(num_bits):
@@ -91,8 +124,7 @@ def to_codes(y, scale, num_bits):
     since ``y`` is a code times ``s`` and the division recovers the code to
     well under half a step.
     """
-    dtype = tf.int8 if check_bits(num_bits) <= 8 else tf.int16
-    return tf.cast(tf.round(y / scale), dtype)
+    return tf.cast(tf.round(y / scale), _code_dtype(check_bits(num_bits)))
 
 
 def from_codes(codes, scale):
