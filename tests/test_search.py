@@ -300,3 +300,45 @@ def test_config_errors_name_the_field(kwargs, field):
     assert search.parse_bits("8, FP,16") == (8, None, 16)
     with pytest.raises(ValueError, match="^bits_candidates"):
         search.parse_bits("8,x")
+
+
+def test_pareto_front_hand_example():
+    # (cost, accuracy): b beats a (cheaper, as accurate); d beats c; e is the cheapest.
+    points = [(1.0, 0.70), (0.8, 0.70), (0.6, 0.60), (0.5, 0.65), (0.3, 0.40), (0.9, 0.72)]
+    assert search.pareto_front(points) == [4, 3, 1, 5]
+    assert search.pareto_front([(1.0, 0.5), (1.0, 0.5)]) == [0, 1]
+    assert search.pareto_front([]) == []
+
+
+def _search_bench(tmp_path, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "search_bench.py"),
+                           f"--results_dir={tmp_path}", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_search_bench_dry_run_lists_the_plan(tmp_path):
+    proc = _search_bench(tmp_path, "--dry_run", "--uniform_rows=normal_int8,flex_f4_int8",
+                         "--searches=a:0.5:8,b:2:4/8:0.4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "normal_int8: " in out and "train.py" in out
+    assert "--latency_weight=0.5" in out and "--bits_candidates=8 " in out
+    assert "--bits_candidates=4,8" in out and "--target_latency=0.4" in out
+    # The searched rows adapt from the normal row with the architecture the search writes.
+    assert f"--architecture={tmp_path}/architectures/b.json" in out
+    with open(tmp_path / "search_bench_sweep.json", encoding="utf-8") as f:
+        rows = [r["name"] for r in json.load(f)["rows"]]
+    assert rows == ["normal_int8", "flex_f4_int8", "searched_a", "searched_b"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--searches=a:0.5", "is not name:latency_weight:bits"),
+    ("--searches=a:0.5:8,a:1:8", "is not name:latency_weight:bits"),
+    ("--uniform_rows=nope", "nope not in"),
+])
+def test_search_bench_bad_flags(tmp_path, flag, message):
+    proc = _search_bench(tmp_path, "--dry_run", flag)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("error:"), proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr

@@ -574,6 +574,17 @@ def parse_bits(text: str) -> Tuple[Optional[int], ...]:
     return tuple(values)
 
 
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
+    """Indices of the (cost, accuracy) points that no other point beats, by increasing cost.
+
+    A point is beaten when another costs no more and is no less accurate, and
+    is cheaper or more accurate.  Equal points are all kept.
+    """
+    front = [i for i, (c, a) in enumerate(points)
+             if not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points)]
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
 def _write_json(path, value):
     # Written whole then renamed: a killed run leaves the old file or the new one.
     tmp = f"{path}.tmp"
