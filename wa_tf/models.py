@@ -26,7 +26,7 @@ bit-width of its block's ``conv1``, which reads the same input.
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tf_keras
@@ -36,8 +36,11 @@ from wa_tf.architecture import (CONV_MODES, TILE_SIZES, Architecture, Architectu
 from wa_tf.layers import WinogradConv2D
 from wa_tf.transforms import is_int, tile_geometry
 
+MODEL_NAME = "ResNet18Like"
 # The model name of a non-uniform architecture (see architecture_name).
 SEARCHED_MODEL_NAME = "ResNet18LikeSearched"
+# A block's 1x1 shortcut convolution is "<block>.shortcut" (layer2.0.shortcut).
+SHORTCUT_SUFFIX = ".shortcut"
 STEM_CHANNELS = 32
 STAGE_CHANNELS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)
@@ -50,7 +53,8 @@ _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 
 
-def _torch_kernel_init():
+def torch_kernel_init():
+    """PyTorch's default Conv2d/Linear kernel initialiser, U(+-1/sqrt(fan_in))."""
     return tf_keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -68,9 +72,9 @@ def model_name(conv: str, tile_size: int) -> str:
     """The reference's model name: 'ResNet18Like' or 'ResNet18LikeF{m}' for Winograd models."""
     _check_conv(conv)
     if conv == "normal":
-        return "ResNet18Like"
+        return MODEL_NAME
     _check_tile_size(tile_size)
-    return f"ResNet18LikeF{tile_size}"
+    return f"{MODEL_NAME}F{tile_size}"
 
 
 def _check_width_multiplier(width_multiplier):
@@ -210,34 +214,69 @@ def _batch_norm(name):
 def _conv3x3(filters, name, choice: LayerChoice, recompute):
     if not choice.winograd:
         return tf_keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                                      kernel_initializer=_torch_kernel_init(), name=name)
+                                      kernel_initializer=torch_kernel_init(), name=name)
     return WinogradConv2D(filters, 3, tile_size=choice.tile_size, flex=choice.conv == "flex",
                           padding="same", use_bias=False, recompute=recompute, name=name)
 
 
-def _basic_block(x, in_channels, channels, pool, prefix, architecture, recompute):
-    """A BasicBlock; `pool` replaces the stride-2 convolution by a 2x2 max-pool.
-
-    Returns:
-      The block's output and the name of its shortcut convolution (or None).
-    """
+def _basic_block(x, in_channels, channels, pool, prefix, conv3x3):
+    """A BasicBlock; `pool` replaces the stride-2 convolution by a 2x2 max-pool."""
     if pool:
         x = tf_keras.layers.MaxPooling2D(2, name=f"{prefix}.pool")(x)
-    y = _conv3x3(channels, f"{prefix}.conv1", architecture[f"{prefix}.conv1"], recompute)(x)
+    y = conv3x3(channels, f"{prefix}.conv1")(x)
     y = _batch_norm(f"{prefix}.bn1")(y)
     y = tf_keras.layers.ReLU(name=f"{prefix}.relu1")(y)
-    y = _conv3x3(channels, f"{prefix}.conv2", architecture[f"{prefix}.conv2"], recompute)(y)
+    y = conv3x3(channels, f"{prefix}.conv2")(y)
     y = _batch_norm(f"{prefix}.bn2")(y)
-    shortcut, shortcut_name = x, None
+    shortcut = x
     if pool or in_channels != channels:
         # 1x1 convolutions gain nothing from Winograd: always normal convs.
-        shortcut_name = f"{prefix}.shortcut"
         shortcut = tf_keras.layers.Conv2D(channels, 1, use_bias=False,
-                                          kernel_initializer=_torch_kernel_init(),
-                                          name=shortcut_name)(x)
+                                          kernel_initializer=torch_kernel_init(),
+                                          name=f"{prefix}{SHORTCUT_SUFFIX}")(x)
         shortcut = _batch_norm(f"{prefix}.shortcut_bn")(shortcut)
     y = tf_keras.layers.Add(name=f"{prefix}.add")([y, shortcut])
-    return tf_keras.layers.ReLU(name=f"{prefix}.relu2")(y), shortcut_name
+    return tf_keras.layers.ReLU(name=f"{prefix}.relu2")(y)
+
+
+def build_resnet18_like(conv3x3: Callable[[int, str], tf_keras.layers.Layer],
+                        width_multiplier: float = 0.5, num_classes: int = 10,
+                        input_shape=(32, 32, 3), name: str = MODEL_NAME) -> tf_keras.Model:
+    """The ResNet-18-like structure, float, with the 3x3 convolutions `conv3x3` makes.
+
+    :func:`resnet18_like` builds its models with it; a model with other
+    searchable convolutions (``wa_tf.search``'s supernet) uses it to get the
+    very same stem, blocks, layer names and initialisation.
+
+    Args:
+      conv3x3: ``conv3x3(filters, name)`` returns the layer for the searchable
+        convolution `name` (``layer1.0.conv1`` ...): 3x3, stride 1, 'same'
+        padding, no bias.
+      width_multiplier: Scales the block channels 64/128/256/512, in (0, 1].
+      num_classes: Number of output logits.
+      input_shape: (height, width, channels) of the input images.
+      name: The model's name.
+
+    Raises:
+      ValueError: On a bad width, number of classes or input shape.
+    """
+    _check_width_multiplier(width_multiplier)
+    if not is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    input_shape = _checked_input_shape(input_shape)
+    inputs = tf_keras.Input(input_shape, name="image")
+    x = tf_keras.layers.Conv2D(STEM_CHANNELS, 3, padding="same", use_bias=False,
+                               kernel_initializer=torch_kernel_init(), name="conv1")(inputs)
+    x = _batch_norm("bn1")(x)
+    x = tf_keras.layers.ReLU(name="relu1")(x)
+    for stage, block, in_channels, channels, pool in _blocks(width_multiplier):
+        x = _basic_block(x, in_channels, channels, pool, f"layer{stage}.{block}", conv3x3)
+    x = tf_keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    bound = 1.0 / math.sqrt(channels)  # PyTorch's Linear bias init
+    outputs = tf_keras.layers.Dense(
+        num_classes, kernel_initializer=torch_kernel_init(),
+        bias_initializer=tf_keras.initializers.RandomUniform(-bound, bound), name="linear")(x)
+    return tf_keras.Model(inputs, outputs, name=name)
 
 
 def resnet18_like(conv: Optional[str] = None, tile_size: Optional[int] = None,
@@ -315,24 +354,14 @@ def resnet18_like(conv: Optional[str] = None, tile_size: Optional[int] = None,
                                  "tile_size and bits unset when giving an architecture")
         name = architecture_name(plan)
 
-    inputs = tf_keras.Input(input_shape, name="image")
-    x = tf_keras.layers.Conv2D(STEM_CHANNELS, 3, padding="same", use_bias=False,
-                               kernel_initializer=_torch_kernel_init(), name="conv1")(inputs)
-    x = _batch_norm("bn1")(x)
-    x = tf_keras.layers.ReLU(name="relu1")(x)
+    model = build_resnet18_like(
+        lambda filters, layer: _conv3x3(filters, layer, plan[layer], recompute),
+        width_multiplier, num_classes, input_shape, name)
     layer_bits = dict(plan.bits)
-    for stage, block, in_channels, channels, pool in _blocks(width_multiplier):
-        prefix = f"layer{stage}.{block}"
-        x, shortcut = _basic_block(x, in_channels, channels, pool=pool, prefix=prefix,
-                                   architecture=plan, recompute=recompute)
-        if shortcut:  # reads the block input, as conv1: quantized as conv1
-            layer_bits[shortcut] = plan[f"{prefix}.conv1"].bits
-    x = tf_keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
-    bound = 1.0 / math.sqrt(channels)  # PyTorch's Linear bias init
-    outputs = tf_keras.layers.Dense(
-        num_classes, kernel_initializer=_torch_kernel_init(),
-        bias_initializer=tf_keras.initializers.RandomUniform(-bound, bound), name="linear")(x)
-    model = tf_keras.Model(inputs, outputs, name=name)
+    for layer in model.layers:
+        if layer.name.endswith(SHORTCUT_SUFFIX):
+            # It reads the block input, as conv1 does: quantized as conv1.
+            layer_bits[layer.name] = plan[layer.name[:-len(SHORTCUT_SUFFIX)] + ".conv1"].bits
     if architecture is None and bits is None:
         return model
     if architecture is not None and all(b is None for b in layer_bits.values()):

@@ -61,14 +61,7 @@ PLOT_FILE = "choices.png"
 LOG_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
 RUNNING, FINISHED = "running", "finished"
-
-# resnet18_like's BatchNorm and initialisation (PyTorch's defaults).
-_BN_MOMENTUM = 0.9
-_BN_EPSILON = 1e-5
-
-
-def _torch_kernel_init():
-    return tf_keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
+SUPERNET_NAME = "ResNet18LikeSupernet"
 
 
 def candidate_slug(candidate: cost_lib.Candidate) -> str:
@@ -138,7 +131,7 @@ class MixedConv2D(tf_keras.layers.Layer):
         channels = int(input_shape[-1])
         r, k = self.kernel_size, self.filters
         self.kernel = self.add_weight("kernel", shape=(r, r, channels, k),
-                                      initializer=_torch_kernel_init(), trainable=True)
+                                      initializer=models.torch_kernel_init(), trainable=True)
         self.alpha = self.add_weight("alpha", shape=(len(self.candidates),),
                                      initializer="zeros", trainable=True)
         self.path = self.add_weight(
@@ -259,11 +252,6 @@ def search_space(layers: Sequence[cost_lib.LayerSpec], names: Sequence[str],
     return {layer.name: cost_lib.allowed_candidates(layer, names, bits) for layer in layers}
 
 
-def _batch_norm(name):
-    return tf_keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                                              name=name)
-
-
 def build_supernet(space: Mapping[str, Sequence[cost_lib.Candidate]],
                    width_multiplier: float = 0.5, num_classes: int = 10,
                    input_shape=(32, 32, 3), per_tap: bool = False) -> tf_keras.Model:
@@ -284,49 +272,14 @@ def build_supernet(space: Mapping[str, Sequence[cost_lib.Candidate]],
       ValueError: On a bad width or input shape, or a space that does not
         name exactly the model's searchable layers.
     """
-    # resnet18_like validates the arguments and fixes the names and widths.
-    reference = models.resnet18_like("normal", width_multiplier=width_multiplier,
-                                     num_classes=num_classes, input_shape=tuple(input_shape))
-    names = [layer.name for layer in reference.layers
-             if isinstance(layer, tf_keras.layers.Conv2D) and layer.name.startswith("layer")
-             and layer.kernel_size == (3, 3)]
+    names = [layer.name for layer in models.searchable_layers(width_multiplier,
+                                                              tuple(input_shape))]
     if sorted(space) != sorted(names):
         raise ValueError("the search space must name the searchable layers "
                          f"{', '.join(names)}; got {', '.join(space)}")
-
-    def conv3x3(x, filters, name):
-        return MixedConv2D(filters, space[name], per_tap=per_tap, name=name)(x)
-
-    inputs = tf_keras.Input(tuple(input_shape), name="image")
-    x = tf_keras.layers.Conv2D(models.STEM_CHANNELS, 3, padding="same", use_bias=False,
-                               kernel_initializer=_torch_kernel_init(), name="conv1")(inputs)
-    x = tf_keras.layers.ReLU(name="relu1")(_batch_norm("bn1")(x))
-    in_channels = models.STEM_CHANNELS
-    for stage, (base, blocks) in enumerate(zip(models.STAGE_CHANNELS, models.BLOCKS_PER_STAGE),
-                                           start=1):
-        channels = int(base * width_multiplier)
-        for block in range(blocks):
-            prefix, pool = f"layer{stage}.{block}", stage > 1 and block == 0
-            if pool:
-                x = tf_keras.layers.MaxPooling2D(2, name=f"{prefix}.pool")(x)
-            y = conv3x3(x, channels, f"{prefix}.conv1")
-            y = tf_keras.layers.ReLU(name=f"{prefix}.relu1")(_batch_norm(f"{prefix}.bn1")(y))
-            y = _batch_norm(f"{prefix}.bn2")(conv3x3(y, channels, f"{prefix}.conv2"))
-            shortcut = x
-            if pool or in_channels != channels:
-                shortcut = tf_keras.layers.Conv2D(channels, 1, use_bias=False,
-                                                  kernel_initializer=_torch_kernel_init(),
-                                                  name=f"{prefix}.shortcut")(x)
-                shortcut = _batch_norm(f"{prefix}.shortcut_bn")(shortcut)
-            y = tf_keras.layers.Add(name=f"{prefix}.add")([y, shortcut])
-            x = tf_keras.layers.ReLU(name=f"{prefix}.relu2")(y)
-            in_channels = channels
-    x = tf_keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
-    bound = 1.0 / np.sqrt(in_channels)
-    outputs = tf_keras.layers.Dense(
-        num_classes, kernel_initializer=_torch_kernel_init(),
-        bias_initializer=tf_keras.initializers.RandomUniform(-bound, bound), name="linear")(x)
-    return tf_keras.Model(inputs, outputs, name="ResNet18LikeSupernet")
+    return models.build_resnet18_like(
+        lambda filters, name: MixedConv2D(filters, space[name], per_tap=per_tap, name=name),
+        width_multiplier, num_classes, input_shape, name=SUPERNET_NAME)
 
 
 @contextlib.contextmanager
