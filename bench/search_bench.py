@@ -63,7 +63,7 @@ flags.DEFINE_string("baseline_row", "normal_int8_adapted", "The all-normal INT8 
 flags.DEFINE_string("reuse", None, "A results folder of --sweep: its finished rows are used "
                     "(linked) instead of trained again.")
 flags.DEFINE_list("searches", ["w0.05_int8:0.05:8", "w0.5_int8:0.5:8",
-                                "t0.37_int4-8:2:4/8:0.37"],
+                                "t0.37_int4-8:2:4/8:0.37", "t0.37_int5-8:2:5/6/8:0.37"],
                   "Searches, name:latency_weight:bits[:target_latency] (bits "
                   "'/'-separated; target as a fraction of all-normal at the widest bits).")
 flags.DEFINE_string("candidates", "normal,F2,F4,F6", "Algorithms searched per layer.")
