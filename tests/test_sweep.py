@@ -275,8 +275,9 @@ def test_no_test_split_is_said(tmp_path):
 def test_shipped_sweeps_load():
     proxy = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "cifar10_proxy.json"))
     assert [r.name for r in proxy.rows] == [
-        "normal_int8", "static_f4_int8", "flex_f4_int8", "flex_f6_int8", "flex_f6_int8_pertap",
-        "flex_f4_int8_pertap", "static_f2_int8"]
+        "normal_int8", "normal_int8_adapted", "static_f4_int8", "flex_f4_int8", "flex_f6_int8",
+        "flex_f6_int8_pertap", "flex_f4_int8_pertap", "static_f2_int8", "static_f6_int8",
+        "flex_f2_int8", "flex_f6_int8_15ep", "static_f6_int8_15ep"]
     assert all(r.adapt_from == "normal_int8" for r in proxy.rows[1:])
     assert "PROXY" in proxy.description
     paper = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "paper_120ep.json"))
