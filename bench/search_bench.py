@@ -301,18 +301,21 @@ def _plot(entries, path):
     done = [e for e in entries if "speedup" in e and e["val_final"] is not None]
     if not done:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     pts = [(1 / e["speedup"], e["val_final"]) for e in done]
     front = search_lib.pareto_front(pts)
     ax.plot([done[i]["speedup"] for i in front], [100 * done[i]["val_final"] for i in front],
             color="0.6", lw=1, ls="--", zorder=1, label="Pareto front")
-    for e in done:
+    # Labels cycle through three heights, in order of speedup, so neighbours do not overlap.
+    order = sorted(range(len(done)), key=lambda i: (done[i]["speedup"], done[i]["val_final"]))
+    for rank, i in enumerate(order):
+        e = done[i]
         searched = e["row"].startswith("searched_")
-        ax.scatter(e["speedup"], 100 * e["val_final"], zorder=3,
-                   marker="*" if searched else "o", s=140 if searched else 45,
+        x, y = e["speedup"], 100 * e["val_final"]
+        ax.scatter(x, y, zorder=3, marker="*" if searched else "o", s=140 if searched else 45,
                    color="tab:red" if searched else "tab:blue")
-        ax.annotate(e["row"], (e["speedup"], 100 * e["val_final"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        ax.annotate(e["row"], (x, y), fontsize=7, xytext=(5, (6, -11, 17)[rank % 3]),
+                    textcoords="offset points")
     ax.axvline(FLAGS.goal_speedup, color="tab:red", lw=0.8, alpha=0.5)
     ax.set_xlabel("speedup over all-normal INT8 (cost model)")
     ax.set_ylabel("validation accuracy, final (%)")
