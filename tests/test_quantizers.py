@@ -277,14 +277,22 @@ def test_fake_quant_propagates_a_non_finite_range():
 @pytest.mark.parametrize("bits", [2, 4, 8, 9, 16])
 def test_codes_round_trip_bit_exact(bits):
     """A fake-quantized tensor stored as integer codes decodes to exactly the same values."""
-    from wa_tf.quantizers import fake_quant_codes, from_codes, quant_scale, to_codes
+    from wa_tf.quantizers import fake_quant_codes, from_codes, quant_scale
     rng = np.random.default_rng(bits)
     x = tf.constant(rng.standard_normal((6, 50, 7)).astype("float32") * 3.7)
     # Per-position ranges (one per leading index), one of them 0 ("no statistics": scale 1).
     range_ = tf.constant(np.r_[0.0, rng.uniform(0.01, 5.0, 5)].astype("float32")[:, None, None])
     y = fake_quant(x, range_, bits)
     scale = quant_scale(range_, bits)
-    codes = to_codes(y, scale, bits)
+    # fake_quant_codes: fake_quant's output (bit for bit), its scale, identity gradient.
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y2, codes, scale2 = fake_quant_codes(x, range_, bits)
+        loss = tf.reduce_sum(y2 * tf.range(x.shape[-1], dtype=tf.float32))
+    np.testing.assert_array_equal(y2.numpy().view(np.uint32), y.numpy().view(np.uint32))
+    np.testing.assert_array_equal(scale2.numpy(), scale.numpy())
+    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(),
+                                  np.broadcast_to(np.arange(x.shape[-1]), x.shape))
     assert codes.dtype == (tf.int8 if bits <= 8 else tf.int16)
     # Exactly equal values (a -0.0 of round() comes back as +0.0, equal in value).
     np.testing.assert_array_equal(from_codes(codes, scale).numpy(), y.numpy())
@@ -292,14 +300,3 @@ def test_codes_round_trip_bit_exact(bits):
     expected = np.round(y.numpy() / scale.numpy())
     np.testing.assert_array_equal(codes.numpy(), expected)
     assert codes.numpy().min() >= -2 ** (bits - 1) and codes.numpy().max() <= 2 ** (bits - 1) - 1
-    # fake_quant_codes: the same output (bit for bit), the same codes, identity gradient.
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y2, codes2, scale2 = fake_quant_codes(x, range_, bits)
-        loss = tf.reduce_sum(y2 * tf.range(x.shape[-1], dtype=tf.float32))
-    np.testing.assert_array_equal(y2.numpy().view(np.uint32), y.numpy().view(np.uint32))
-    np.testing.assert_array_equal(codes2.numpy(), codes.numpy())
-    assert codes2.dtype == codes.dtype
-    np.testing.assert_array_equal(scale2.numpy(), scale.numpy())
-    np.testing.assert_array_equal(tape.gradient(loss, x).numpy(),
-                                  np.broadcast_to(np.arange(x.shape[-1]), x.shape))

@@ -519,8 +519,8 @@ class WinogradConv2D(tf_keras.layers.Layer):
             quantizer, variables = self.stage_quantizers[stage]
             ranges[stage] = quantizer.update_range(x, training, variables)
             if codes is not None and stage in codes:
-                y, codes[stage], scale = fake_quant_codes(x, ranges[stage], quantizer.num_bits)
-                codes[stage] = (codes[stage], scale)
+                y, stage_codes, scale = fake_quant_codes(x, ranges[stage], quantizer.num_bits)
+                codes[stage] = (stage_codes, scale)
                 return y
             return fake_quant(x, ranges[stage], quantizer.num_bits)
         return quantize

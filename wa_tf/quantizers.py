@@ -56,9 +56,8 @@ def fake_quant_codes(x, range_, num_bits):
     """:func:`fake_quant` that also returns the integer codes and the scale.
 
     ``y == from_codes(codes, scale)`` exactly (value for value); the codes
-    (int8 up to 8 bits, else int16; no gradient) cost one cast on top of the
-    quantization, where :func:`to_codes` of ``y`` costs a division and a
-    rounding more.
+    (int8 up to 8 bits, else int16: a quarter, a half of float32's memory; no
+    gradient) cost one cast on top of the quantization.
 
     Returns:
       (y, codes, scale).
@@ -116,19 +115,8 @@ def quant_scale(range_, num_bits, dtype=tf.float32):
     return tf.where(range_ <= 0, tf.ones_like(scale), scale)
 
 
-def to_codes(y, scale, num_bits):
-    """The integer codes of a :func:`fake_quant` output ``y`` quantized with `scale`.
-
-    int8 for up to 8 bits, int16 above: a quarter (a half) of float32's
-    memory.  ``from_codes(to_codes(y, s, b), s)`` gives ``y`` back bit for bit,
-    since ``y`` is a code times ``s`` and the division recovers the code to
-    well under half a step.
-    """
-    return tf.cast(tf.round(y / scale), _code_dtype(check_bits(num_bits)))
-
-
 def from_codes(codes, scale):
-    """``codes * scale`` in `scale`'s dtype: the inverse of :func:`to_codes`."""
+    """``codes * scale`` in `scale`'s dtype: the values :func:`fake_quant_codes` coded."""
     return tf.cast(codes, scale.dtype) * scale
 
 
