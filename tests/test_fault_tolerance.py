@@ -73,6 +73,26 @@ def _config(out_dir):
     return values
 
 
+def _assert_stopped_by_nan_at_epoch_2(out_dir, capsys):
+    """A run stopped by a NaN loss at epoch 2's first step: one error line, status nan_loss
+    with epoch 1 recorded, a backup of the end of epoch 1; neither the backup nor the best
+    checkpoint holds NaN weights.  Returns the run folder."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the loss is NaN at epoch 2, step 1" in err[0], err
+    assert "the last good state (the end of epoch 1)" in err[0]
+    (run,) = _runs(out_dir)
+    metrics = experiment.read_metrics(run)
+    assert metrics["status"] == experiment.NAN_LOSS and len(metrics["history"]) == 1
+    backup = tf.train.latest_checkpoint(os.path.join(run, "backup"))
+    assert tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1
+    for path in (backup, os.path.join(run, "checkpoints", "best")):
+        reader = tf.train.load_checkpoint(path)
+        for name, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype.is_floating:
+                assert np.isfinite(reader.get_tensor(name)).all(), (path, name)
+    return run
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     pipeline = data.pipeline
     nan_epoch = 1  # 0-based: the second epoch's data is poisoned
@@ -88,22 +108,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit_info:
         wa_flags.run_main(train_lib.run, "train", values)
     assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the loss is NaN at epoch 2, step 1" in err[0], err
-    assert "the last good state (the end of epoch 1)" in err[0]
-
-    (run,) = _runs(tmp_path)
-    metrics = experiment.read_metrics(run)
-    assert metrics["status"] == experiment.NAN_LOSS and len(metrics["history"]) == 1
+    run = _assert_stopped_by_nan_at_epoch_2(tmp_path, capsys)
     assert not os.path.exists(os.path.join(run, "checkpoints", "final.index"))
-    # Neither the backup nor the best checkpoint holds NaN weights.
-    backup = tf.train.latest_checkpoint(os.path.join(run, "backup"))
-    for path in (backup, os.path.join(run, "checkpoints", "best")):
-        reader = tf.train.load_checkpoint(path)
-        for name, dtype in reader.get_variable_to_dtype_map().items():
-            if dtype.is_floating:
-                assert np.isfinite(reader.get_tensor(name)).all(), (path, name)
-    assert tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1
 
 
 def test_non_finite_quantizer_range_stops_with_nan_loss(tmp_path, monkeypatch, capsys):
@@ -125,19 +131,7 @@ def test_non_finite_quantizer_range_stops_with_nan_loss(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         wa_flags.run_main(train_lib.run, "train", values)
     assert corrupted and exit_info.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the loss is NaN at epoch 2, step 1" in err[0], err
-    assert "the last good state (the end of epoch 1)" in err[0]
-    (run,) = _runs(tmp_path)
-    metrics = experiment.read_metrics(run)
-    assert metrics["status"] == experiment.NAN_LOSS and len(metrics["history"]) == 1
-    backup = tf.train.latest_checkpoint(os.path.join(run, "backup"))
-    assert tf.train.load_checkpoint(backup).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE") == 1
-    for path in (backup, os.path.join(run, "checkpoints", "best")):
-        reader = tf.train.load_checkpoint(path)
-        for name, dtype in reader.get_variable_to_dtype_map().items():
-            if dtype.is_floating:
-                assert np.isfinite(reader.get_tensor(name)).all(), (path, name)
+    _assert_stopped_by_nan_at_epoch_2(tmp_path, capsys)
 
 
 def test_deterministic_flag_enables_op_determinism(tmp_path):
