@@ -107,14 +107,13 @@ def parse_searches(entries):
     return parsed
 
 
-def run_architecture(model_dir, layers):
-    """The architecture a finished run trained: its copy of the file, else its uniform flags."""
+def run_architecture(model_dir, result, layers):
+    """The architecture a finished run trained: its copy of the file, else the uniform one
+    of its sweep result (:func:`wa_tf.sweep.row_result`'s conv, F and bits)."""
     copy = os.path.join(model_dir, experiment.ARCHITECTURE_FILE)
     if os.path.isfile(copy):
         return arch_lib.load_architecture(copy).to_dict()
-    f = experiment.read_flags(model_dir)
-    conv = "normal" if f["use_normal_conv"] else ("static" if f["static"] else "flex")
-    return cost_lib.uniform_architecture(layers, conv, f["F"], f["bits"] if f["Q"] else None)
+    return cost_lib.uniform_architecture(layers, result["conv"], result["F"], result["bits"])
 
 
 def _log(line):
@@ -219,10 +218,7 @@ def _run_searches(searches, results_dir, source_dir, extra):
 
 
 def _results(sweep, results_dir, searches):
-    layers = cost_lib.searchable_layers(0.5)
     model = cost_lib.get_cost_model(FLAGS.cost_model)
-    normal = cost_lib.model_cost(cost_lib.uniform_architecture(layers, "normal", bits=8),
-                                 layers, model)
     weights = {f"searched_{n}": (w, b, t) for n, w, b, t in searches}
     out = []
     for r in sweep_lib.summarize(sweep, results_dir, print_fn=_log):
@@ -236,7 +232,11 @@ def _results(sweep, results_dir, searches):
              entry["target_latency"]) = weights[r["row"]]
         model_dir = sweep_lib.find_run(sweep_lib.row_dir(results_dir, r["row"]))
         if r["status"] == sweep_lib.FINISHED and model_dir:
-            arch = run_architecture(model_dir, layers)
+            # Costs at the row's own width, against all-normal INT8 at that width.
+            layers = cost_lib.searchable_layers(r["mult"])
+            normal = cost_lib.model_cost(
+                cost_lib.uniform_architecture(layers, "normal", bits=8), layers, model)
+            arch = run_architecture(model_dir, r, layers)
             entry["cost"] = cost_lib.model_cost(arch, layers, model)
             entry["speedup"] = normal / entry["cost"]
             entry["choices"] = _summary(arch)
@@ -350,8 +350,11 @@ def main(argv):
     source_dir = sweep_lib.find_run(sweep_lib.row_dir(results_dir, uniform[0]))
     if sweep_lib.run_status(source_dir) != experiment.FINISHED and not FLAGS.dry_run:
         sys.exit(f"error: row {uniform[0]} did not finish; see {results_dir}/logs")
-    search_flags = ["--dataset=image_folder"] + data + [f for f in extra
-                                                        if f.split("=")[0] in ("--seed",)]
+    # The searches take the dataset and width of the run they warm-start from.
+    source = experiment.read_flags(source_dir) if source_dir else {}
+    search_flags = [f"--dataset={source.get('dataset', 'image_folder')}",
+                    f"--mult={source.get('mult', 0.5)}"] + data + [
+                        f for f in extra if f.split("=")[0] in ("--seed",)]
     _run_searches(searches, results_dir, source_dir or f"<{uniform[0]}'s run>", search_flags)
     _link_reused(sweep, results_dir)  # rows --reuse finished in the meantime
     sweep_lib.run_sweep(sweep, results_dir, bin_dir, extra_flags=row_flags,
