@@ -12,6 +12,9 @@ $(PY):
 $(STAMP): $(PY) setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	# The fused CPU kernels (else built on first use); without a compiler the
+	# pure-TF pipeline runs instead.
+	$(PY) -m wa_tf.kernels || echo "fused kernels not built: the pure-TF pipeline will run"
 	touch $(STAMP)
 
 test: $(STAMP)

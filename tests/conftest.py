@@ -44,3 +44,16 @@ def _clear_session():
     import tf_keras
     tf_keras.backend.clear_session()
     yield
+
+
+@pytest.fixture(params=["fused", "tf"])
+def pipeline(request):
+    """Runs a test with wa_tf.kernels' fused tile kernels and with the pure-TF pipeline."""
+    from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+    if request.param == "fused":
+        if not kernels.available():
+            pytest.skip(f"fused kernels unavailable here: {kernels.build_error()}")
+        yield request.param
+    else:
+        with kernels.disabled():
+            yield request.param

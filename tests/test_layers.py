@@ -16,7 +16,7 @@ def rel_err(y, ref):
 @pytest.mark.parametrize("m", [2, 4, 6])
 @pytest.mark.parametrize("size", [(8, 8), (7, 9), (16, 15), (3, 5)])
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_static_matches_conv2d(m, size, padding):
+def test_static_matches_conv2d(m, size, padding, pipeline):
     if padding == "valid" and min(size) < 3:
         pytest.skip("no valid output")
     x = tf.random.stateless_normal((2, *size, 5), seed=(1, m))
@@ -28,7 +28,7 @@ def test_static_matches_conv2d(m, size, padding):
 
 
 @pytest.mark.parametrize("m,r", [(2, 5), (4, 5), (3, 3), (2, 1)])
-def test_other_filter_and_tile_sizes(m, r):
+def test_other_filter_and_tile_sizes(m, r, pipeline):
     x = tf.random.stateless_normal((2, 11, 10, 3), seed=(2, m))
     layer = WinogradConv2D(4, kernel_size=r, tile_size=m, use_bias=True,
                            bias_initializer="ones")
@@ -87,7 +87,7 @@ def test_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("flex", [False, True])
-def test_gradients(flex):
+def test_gradients(flex, pipeline):
     x = tf.random.stateless_normal((2, 8, 8, 3), seed=(4, 4))
     layer = WinogradConv2D(4, tile_size=4, flex=flex)
     with tf.GradientTape() as tape:
@@ -130,7 +130,7 @@ def test_gradients(flex):
     np.testing.assert_allclose(grads[1], tape.gradient(ref, kernel), rtol=1e-3, atol=1e-3)
 
 
-def test_recompute_matches():
+def test_recompute_matches(pipeline):
     x = tf.random.stateless_normal((2, 9, 9, 3), seed=(5, 5))
     a = WinogradConv2D(4, tile_size=4)
     b = WinogradConv2D(4, tile_size=4, recompute=True)
@@ -199,7 +199,7 @@ def test_config_roundtrip():
 
 
 @pytest.mark.parametrize("fmt", ["h5", "checkpoint", "savedmodel"])
-def test_save_load_roundtrip(tmp_path, fmt):
+def test_save_load_roundtrip(tmp_path, fmt, pipeline):
     model = _model(m=6)
     x, _ = _data(4)
     for w in model.trainable_weights:  # make the transforms differ from their defaults
@@ -234,7 +234,7 @@ def test_weights_copy_from_conv2d():
 
 @pytest.mark.parametrize("m", [2, 4, 6])
 @pytest.mark.parametrize("size,padding", [((7, 9), "same"), ((16, 15), "same"), ((11, 10), "valid")])
-def test_input_gradient_matches_conv2d(m, size, padding):
+def test_input_gradient_matches_conv2d(m, size, padding, pipeline):
     # The tile gather has a hand-written gradient: every input pixel's share
     # of each overlapping tile, edges and padding included.
     x = tf.random.stateless_normal((2, *size, 3), seed=(7, m))
@@ -251,7 +251,7 @@ def test_input_gradient_matches_conv2d(m, size, padding):
 
 
 @pytest.mark.parametrize("m,padding", [(4, "same"), (2, "valid")])
-def test_frozen_winograd_weights(m, padding):
+def test_frozen_winograd_weights(m, padding, pipeline):
     x = tf.random.stateless_normal((2, 9, 7, 5), seed=(3, m))
     layer = WinogradConv2D(6, tile_size=m, flex=True, padding=padding, use_bias=True,
                            bias_initializer="ones")

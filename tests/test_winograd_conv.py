@@ -27,7 +27,8 @@ def test_tile_geometry_hand_worked():
 
 
 @pytest.mark.parametrize("tile_size,padding", [(2, "same"), (4, "valid"), (6, "same")])
-def test_winograd_conv_matches_conv2d_and_calls_the_hook_per_stage(tile_size, padding):
+def test_winograd_conv_matches_conv2d_and_calls_the_hook_per_stage(tile_size, padding,
+                                                                  pipeline):
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(2, 11, 9, 3)), tf.float64)
     kernel = tf.constant(rng.normal(size=(3, 3, 3, 5)), tf.float64)

@@ -36,8 +36,19 @@ from typing import Callable, Mapping, Optional, Sequence
 import tensorflow as tf
 import tf_keras
 
-from wa_tf import transforms
+from wa_tf import kernels, transforms
 from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
+
+
+kernels.load_if_built()
+
+
+def _fused(x):
+    """Whether the tile stages of `x`'s pipeline run as :mod:`wa_tf.kernels`' fused kernels.
+
+    They need the spatial size at trace time (it sets the kernels' attributes).
+    """
+    return is_int(x.shape[1]) and is_int(x.shape[2]) and kernels.usable(x.dtype)
 
 
 def _dim(x, axis):
@@ -295,6 +306,10 @@ def winograd_input(x, b_t, tile_size: int, padding: str = "same",
     """
     quantize = quantize or _no_quantization
     m, t = tile_size, b_t.shape[0]
+    if _fused(x):
+        geo = tile_geometry(x.shape[1], x.shape[2], m, t - m + 1, padding)
+        v = kernels.tile_transform(x, b_t, m, geo.pad_top, geo.pad_left, geo.n_h, geo.n_w)
+        return quantize("input_winograd", v)
     d, _ = extract_tiles(x, m, t - m + 1, padding)
     v = apply_transform(b_t, d)
     return quantize("input_winograd", tf.reshape(v, [t * t, -1, _dim(x, 3)]))
@@ -316,6 +331,10 @@ def winograd_output(mm, a_t, x, tile_size: int, padding: str = "same"):
     m, t = tile_size, a_t.shape[1]
     n, k = _dim(x, 0), mm.shape[-1]
     geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, padding)
+    if _fused(x):
+        # Y = P^T M P per tile with P = A_t^T, written into the output.
+        return kernels.tile_transform_adjoint(mm, tf.transpose(a_t), m, 0, 0, geo.n_h,
+                                              geo.n_w, geo.out_h, geo.out_w)
     # Output transform Y = A_t M A_t^T, then untile and crop.
     # M is row-major, read as column-major: the output tiles come out
     # transposed, (j, i), which untile undoes for free in its transpose.

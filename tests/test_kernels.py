@@ -1,0 +1,135 @@
+"""wa_tf.kernels: the fused tile kernels against numpy, their adjoint identity and gradients."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from wa_tf import kernels, transforms
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason=f"fused kernels unavailable: {kernels.build_error()}")
+
+
+def _numpy_tiles(x, mat, stride, pad_top, pad_left, n_h, n_w):
+    """Independent reference: the tiles cut from a zero-padded copy, transformed one by one."""
+    n, h, w, c = x.shape
+    p, q = mat.shape
+    big = np.zeros((n, pad_top + h + n_h * stride + q, pad_left + w + n_w * stride + q, c))
+    big[:, pad_top:pad_top + h, pad_left:pad_left + w] = x
+    z = np.zeros((p * p, n * n_h * n_w, c))
+    for img in range(n):
+        for th in range(n_h):
+            for tw in range(n_w):
+                tile = big[img, th * stride:th * stride + q, tw * stride:tw * stride + q]
+                out = np.einsum("ai,ijc,bj->abc", mat, tile, mat)
+                z[:, (img * n_h + th) * n_w + tw] = out.reshape(p * p, c)
+    return z
+
+
+# (x shape, mat shape, stride, pad_top, pad_left, n_h, n_w): overlapping tiles (stride < q),
+# disjoint ones, tiles past the image, channel counts with and without a partial block.
+GEOMETRIES = [
+    ((2, 10, 9, 5), (6, 6), 4, 1, 1, 3, 3),
+    ((1, 7, 8, 70), (4, 4), 2, 0, 0, 3, 3),
+    ((3, 8, 8, 64), (6, 4), 4, 0, 0, 2, 2),
+    ((2, 9, 11, 32), (8, 8), 6, 2, 1, 2, 2),
+    ((1, 5, 5, 17), (3, 5), 3, 2, 0, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,mat_shape,stride,pad_top,pad_left,n_h,n_w", GEOMETRIES)
+def test_tile_transform_matches_numpy(shape, mat_shape, stride, pad_top, pad_left, n_h, n_w,
+                                      dtype):
+    rng = np.random.default_rng(sum(shape))
+    x, mat = rng.normal(size=shape), rng.normal(size=mat_shape)
+    z = kernels.tile_transform(tf.constant(x, dtype), tf.constant(mat, dtype), stride,
+                               pad_top, pad_left, n_h, n_w)
+    assert z.dtype == dtype
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(z, _numpy_tiles(x, mat, stride, pad_top, pad_left, n_h, n_w),
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape,mat_shape,stride,pad_top,pad_left,n_h,n_w", GEOMETRIES)
+def test_adjoint_identity(shape, mat_shape, stride, pad_top, pad_left, n_h, n_w):
+    # <T(x), z> == <x, T*(z)> for the tile transform T and its adjoint T*.
+    rng = np.random.default_rng(len(shape) + stride)
+    x, mat = rng.normal(size=shape), rng.normal(size=mat_shape)
+    p = mat_shape[0]
+    z = rng.normal(size=(p * p, shape[0] * n_h * n_w, shape[3]))
+    tx = kernels.tile_transform(tf.constant(x), tf.constant(mat), stride, pad_top, pad_left,
+                                n_h, n_w)
+    tz = kernels.tile_transform_adjoint(tf.constant(z), tf.constant(mat), stride, pad_top,
+                                        pad_left, n_h, n_w, shape[1], shape[2])
+    assert tz.shape == shape
+    np.testing.assert_allclose(np.sum(tx.numpy() * z), np.sum(x * tz.numpy()), rtol=1e-10)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]])
+def test_gradients_match_finite_differences(adjoint, geometry):
+    shape, mat_shape, stride, pad_top, pad_left, n_h, n_w = geometry
+    shape = (1,) + shape[1:3] + (3,)  # few channels: the numeric Jacobian stays small
+    rng = np.random.default_rng(7)
+    mat = tf.constant(rng.normal(size=mat_shape))
+    p = mat_shape[0]
+    if adjoint:
+        arg = tf.constant(rng.normal(size=(p * p, n_h * n_w, 3)))
+        fn = lambda z, m: kernels.tile_transform_adjoint(  # noqa: E731
+            z, m, stride, pad_top, pad_left, n_h, n_w, shape[1], shape[2])
+    else:
+        arg = tf.constant(rng.normal(size=shape))
+        fn = lambda x, m: kernels.tile_transform(x, m, stride, pad_top, pad_left,  # noqa: E731
+                                                 n_h, n_w)
+    theoretical, numerical = tf.test.compute_gradient(fn, [arg, mat])
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_raise():
+    x = tf.zeros((1, 4, 4, 2))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of n_h"):
+        kernels.tile_transform_adjoint(tf.zeros((16, 3, 2)), tf.eye(4), 2, 0, 0, 2, 2, 4, 4)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="rank|4-D"):
+        kernels.tile_transform(x[0], tf.eye(4), 2, 0, 0, 2, 2)
+
+
+def test_layer_uses_the_kernels_and_xla_does_not():
+    x = tf.random.stateless_normal((2, 8, 8, 3), seed=(1, 2))
+    kernel = tf.random.stateless_normal((3, 3, 3, 4), seed=(1, 3))
+    a_t, b_t, g = (tf.constant(v, tf.float32) for v in transforms.winograd_matrices(4, 3))
+    from wa_tf.layers import winograd_conv  # pylint: disable=import-outside-toplevel
+
+    def op_types(jit):
+        fn = tf.function(lambda: winograd_conv(x, kernel, a_t, b_t, g, 4), jit_compile=jit)
+        return {op.type for op in fn.get_concrete_function().graph.get_operations()}
+    assert {"WaTileTransform", "WaTileTransformAdjoint"} <= op_types(False)
+    assert not {"WaTileTransform", "WaTileTransformAdjoint"} & op_types(True)
+    with kernels.disabled():
+        assert not kernels.available()
+        assert "WaTileTransform" not in op_types(False)
+
+
+def test_without_a_compiler_the_layer_falls_back(tmp_path):
+    # A fresh cache and a compiler that fails: one warning, the pure-TF pipeline, same values.
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        "from wa_tf import kernels\n"
+        "from wa_tf.layers import WinogradConv2D\n"
+        "assert not kernels.available() and 'failed' in kernels.build_error()\n"
+        "layer = WinogradConv2D(4, tile_size=4)\n"
+        "x = tf.random.stateless_normal((2, 9, 7, 3), seed=(3, 4))\n"
+        "np.testing.assert_allclose(layer(x), tf.nn.conv2d(x, layer.kernel, 1, 'SAME'),"
+        " rtol=1e-4, atol=1e-4)\n"
+        "print('fallback ok')\n")
+    env = dict(os.environ, WA_TF_CACHE=str(tmp_path), CXX="false")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fallback ok" in result.stdout
+    assert "fused Winograd kernels unavailable" in result.stderr
+    assert not list(tmp_path.glob("*.so"))

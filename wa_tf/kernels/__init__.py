@@ -1,0 +1,239 @@
+"""Fused CPU kernels for the Winograd pipeline's tile stages, with a pure-TF fallback.
+
+TensorFlow runs the input transform (gather the overlapping tiles, then
+``B_t d B_t^T``) and the output transform (``A_t M A_t^T``, then untile) as
+several memory-bound passes.  ``tile_transform.cc`` does each in one pass over
+the tiles, vectorized over channels: :func:`tile_transform` and its adjoint
+:func:`tile_transform_adjoint`, each the other's gradient, plus the gradient
+with respect to the transform.
+
+The library is compiled on first use with the C++ compiler and TensorFlow's
+headers (``tf.sysconfig``) into a cache folder (``$WA_TF_CACHE``, else
+``~/.cache/wa_tf``), one build per source, TensorFlow version and CPU
+instruction set, since it is compiled for the CPU at hand.  Without a
+compiler, or where the build fails, :func:`available` is False (with one
+warning) and :mod:`wa_tf.layers` runs its pure-TF pipeline, which computes the
+same values.  The kernels run on CPUs only: where TensorFlow sees a GPU they
+are not used.  ``WA_TF_KERNELS=0`` turns them off; :func:`disabled` does so
+within a context (an exported SavedModel must not need this library).
+"""
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+import tensorflow as tf
+
+from wa_tf.machine import cpu_flags
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tile_transform.cc")
+_DTYPES = (tf.float32, tf.float64)
+
+_lock = threading.Lock()
+_state = {"library": None, "tried": False, "error": None}
+_disabled = threading.local()
+
+
+def cache_dir():
+    """Where built libraries are kept: ``$WA_TF_CACHE`` or ``~/.cache/wa_tf``."""
+    return os.environ.get("WA_TF_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "wa_tf")
+
+
+def _build_key(compile_flags, link_flags):
+    digest = hashlib.sha256()
+    with open(_SOURCE, "rb") as f:
+        digest.update(f.read())
+    # -march=native: a library built on another CPU may use instructions this one lacks.
+    for part in (tf.__version__, sys.version, " ".join(compile_flags), " ".join(link_flags),
+                 " ".join(cpu_flags())):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def library_path():
+    """The path of the built library for this machine (it may not exist yet)."""
+    compile_flags, link_flags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
+    return os.path.join(cache_dir(), f"tile_transform_{_build_key(compile_flags, link_flags)}.so")
+
+
+def build(verbose=False):
+    """Compiles the kernels for this machine unless already built; returns the library's path.
+
+    Raises:
+      RuntimeError: no C++ compiler, or the compilation failed (with its output).
+    """
+    path = library_path()
+    if os.path.exists(path):
+        return path
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) found")
+    os.makedirs(cache_dir(), exist_ok=True)
+    # Build under a temporary name, then rename: concurrent builds never read half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    cmd = [compiler, "-shared", "-fPIC", "-O3", "-march=native", "-w",
+           *tf.sysconfig.get_compile_flags(), _SOURCE, "-o", tmp,
+           *tf.sysconfig.get_link_flags()]
+    if verbose:
+        print(" ".join(cmd), flush=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        errors = [line for line in result.stderr.splitlines() if "error" in line]
+        first = errors[0] if errors else f"{compiler} exited with {result.returncode}"
+        raise RuntimeError(f"compiling {os.path.basename(_SOURCE)} failed: {first}\n"
+                           f"{result.stderr[-4000:]}")
+    os.replace(tmp, path)
+    return path
+
+
+def _library():
+    """The loaded op library, building it on first use; None where that fails."""
+    if _state["tried"]:
+        return _state["library"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["library"] = tf.load_op_library(build())
+            except (RuntimeError, OSError, tf.errors.OpError) as e:
+                _state["error"] = str(e)
+                logging.getLogger("wa_tf").warning("wa_tf: fused Winograd kernels unavailable, using the pure-TF "
+                                "pipeline (%s)", str(e).splitlines()[0])
+            _state["tried"] = True
+    return _state["library"]
+
+
+def load_if_built():
+    """Loads the library when it is already built for this machine (no compiling).
+
+    A SavedModel whose graphs use the kernels loads only once they are
+    registered; :mod:`wa_tf.layers` calls this on import.
+    """
+    if not _state["tried"] and os.environ.get("WA_TF_KERNELS", "1") != "0":
+        try:
+            if os.path.exists(library_path()):
+                _library()
+        except OSError:
+            pass
+
+
+def available():
+    """Whether the fused kernels can run here (built, CPU-only, not turned off)."""
+    if os.environ.get("WA_TF_KERNELS", "1") == "0" or getattr(_disabled, "on", False):
+        return False
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    return _library() is not None
+
+
+def _in_xla_context():
+    """Whether the graph being built is compiled by XLA (which cannot run custom ops)."""
+    try:
+        from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
+        return bool(control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return False
+
+
+def usable(dtype):
+    """Whether the pipeline should use the fused kernels for tensors of `dtype` here.
+
+    Not inside an XLA-compiled function (``jit_compile=True``), which runs the pure-TF pipeline.
+    """
+    return tf.as_dtype(dtype) in _DTYPES and not _in_xla_context() and available()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within the context (this thread), :func:`available` is False: graphs traced use pure TF."""
+    previous = getattr(_disabled, "on", False)
+    _disabled.on = True
+    try:
+        yield
+    finally:
+        _disabled.on = previous
+
+
+def build_error():
+    """Why the library could not be built or loaded (None if it was, or was not tried)."""
+    return _state["error"]
+
+
+def _geometry(stride, pad_top, pad_left, n_h, n_w):
+    return {"stride": int(stride), "pad_top": int(pad_top), "pad_left": int(pad_left),
+            "n_h": int(n_h), "n_w": int(n_w)}
+
+
+def tile_transform(x, mat, stride, pad_top, pad_left, n_h, n_w):
+    """``P X P^T`` for every q x q tile ``X`` of `x` at `stride`, in the Winograd layout.
+
+    Args:
+      x: (N, H, W, C) tensor.
+      mat: (p, q) transform P.
+      stride: Distance between tile origins.
+      pad_top, pad_left: Tile (th, tw) starts at row ``th*stride - pad_top``,
+        column ``tw*stride - pad_left``; pixels outside `x` read 0.
+      n_h, n_w: Tiles per column and per row.
+
+    Returns:
+      (p*p, N*n_h*n_w, C) tensor, ``z[a*p + b, (n*n_h + th)*n_w + tw, c] = (P X P^T)[a, b]``.
+    """
+    return _library().wa_tile_transform(x, mat, **_geometry(stride, pad_top, pad_left, n_h, n_w))
+
+
+def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, width):
+    """The adjoint of :func:`tile_transform`: ``P^T Z P`` per tile, added into an image.
+
+    Args:
+      z: (p*p, N*n_h*n_w, C) tensor in the layout :func:`tile_transform` returns.
+      mat: (p, q) transform P.
+      stride, pad_top, pad_left, n_h, n_w: Tile geometry as :func:`tile_transform`.
+      height, width: Size of the result; tile pixels outside it are dropped.
+
+    Returns:
+      (N, height, width, C) tensor.
+    """
+    return _library().wa_tile_transform_adjoint(
+        z, mat, height=int(height), width=int(width),
+        **_geometry(stride, pad_top, pad_left, n_h, n_w))
+
+
+def _geometry_of(op):
+    return {name: op.get_attr(name) for name in ("stride", "pad_top", "pad_left", "n_h", "n_w")}
+
+
+def _wants_mat_grad(op):
+    # Tapes say which inputs need no gradient (a static transform's): the
+    # plain kernel then does, without the transform's gradient.
+    return 1 not in (getattr(op, "skip_input_indices", None) or ())
+
+
+@tf.RegisterGradient("WaTileTransform")
+def _tile_transform_grad(op, dz):
+    x, mat = op.inputs
+    geo = dict(_geometry_of(op), height=x.shape[1], width=x.shape[2])
+    if _wants_mat_grad(op):
+        return _library().wa_tile_transform_grad(dz, x, mat, **geo)
+    return _library().wa_tile_transform_adjoint(dz, mat, **geo), None
+
+
+@tf.RegisterGradient("WaTileTransformAdjoint")
+def _tile_transform_adjoint_grad(op, dx):
+    z, mat = op.inputs
+    geo = _geometry_of(op)
+    if _wants_mat_grad(op):
+        return _library().wa_tile_transform_adjoint_grad(dx, z, mat, **geo)
+    return _library().wa_tile_transform(dx, mat, **geo), None
+
+
+tf.no_gradient("WaTileTransformGrad")
+tf.no_gradient("WaTileTransformAdjointGrad")

@@ -1,0 +1,721 @@
+// Fused tile gather + 2-D transform kernels for the Winograd pipeline (CPU).
+//
+// A "tile transform" reads the q x q tiles of an (N, H, W, C) tensor at a
+// stride s (tile (th, tw) starts at row th*s - pad_top, column tw*s - pad_left;
+// outside the tensor reads zero) and writes Z = P X P^T for each tile X and
+// channel, P of shape (p, q), in the Winograd layout (p*p, N*n_h*n_w, C):
+//
+//   z[a*p + b, (n*n_h + th)*n_w + tw, c] = sum_ij P[a,i] P[b,j] x[n, th*s+i-pt, tw*s+j-pl, c]
+//
+// The input transform of F(m, r) is one with P = B_t, q = t, s = m; the
+// gradient of the output transform is one with P = A_t^T, q = m, s = m.  Its
+// adjoint (WaTileTransformAdjoint) computes P^T Z P per tile and adds it into
+// the tensor: the output transform, and the input transform's gradient.
+//
+// Each op's gradient is the other op; the "...Grad" ops compute it together
+// with the gradient with respect to P (trainable transforms), in the same pass
+// over the tiles:  d<Z, P X P^T>/dP = sum over tiles and channels of
+// Z P X^T + Z^T P X.
+//
+// TensorFlow runs each of these as several memory-bound passes (a gather, two
+// GEMMs with a 6-row matrix, transposes); here each tile is read once, kept
+// in a small buffer and transformed there, vectorized over channels.
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace wa_tf {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::errors::InvalidArgument;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+// Channels are handled in blocks of CB (16, 32 or 64; a compile-time constant so
+// that the inner loops vectorize without remainders), the last block padded
+// with zeros: a tile's buffers stay in L1.
+template <int CB>
+using Block = std::integral_constant<int, CB>;
+
+// Calls run(Block<CB>()) with the widest block that divides `channels` (16 when none does).
+template <typename F>
+void WithBlock(int channels, F run) {
+  if (channels % 64 == 0) {
+    run(Block<64>());
+  } else if (channels % 32 == 0) {
+    run(Block<32>());
+  } else {
+    run(Block<16>());
+  }
+}
+
+template <int N>
+using Size = std::integral_constant<int, N>;
+
+// Calls run(block, p, q) with the transform's size (p, q) as compile-time constants for the
+// transforms of F(2, 3), F(4, 3) and F(6, 3) in float32 (their loops then unroll and keep
+// their sums in registers), as plain ints otherwise.
+template <typename T, typename F>
+void WithShape(int channels, int p, int q, F run) {
+  WithBlock(channels, [&](auto block) {
+    if (std::is_same<T, float>::value) {
+      if (p == 4 && q == 4) return run(block, Size<4>(), Size<4>());  // F2 input
+      if (p == 4 && q == 2) return run(block, Size<4>(), Size<2>());  // F2 output
+      if (p == 6 && q == 6) return run(block, Size<6>(), Size<6>());  // F4 input
+      if (p == 6 && q == 4) return run(block, Size<6>(), Size<4>());  // F4 output
+      if (p == 8 && q == 8) return run(block, Size<8>(), Size<8>());  // F6 input
+      if (p == 8 && q == 6) return run(block, Size<8>(), Size<6>());  // F6 output
+    }
+    run(block, p, q);
+  });
+}
+
+// Tile geometry shared by the three kernels.
+struct Geometry {
+  int stride, pad_top, pad_left, n_h, n_w;
+};
+
+Status ReadGeometry(OpKernelConstruction* ctx, Geometry* g) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("stride", &g->stride));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("pad_top", &g->pad_top));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("pad_left", &g->pad_left));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("n_h", &g->n_h));
+  TF_RETURN_IF_ERROR(ctx->GetAttr("n_w", &g->n_w));
+  if (g->stride < 1 || g->n_h < 0 || g->n_w < 0) {
+    return InvalidArgument("stride must be >= 1 and n_h, n_w >= 0");
+  }
+  return Status();
+}
+
+// out[a][j][c] = sum_i mat[a*ld_a + i*ld_i] in[i][j][c], for a < rows, i < inner, j < cols.
+template <typename T, int cb>
+inline void Left(const T* __restrict__ mat, int ld_a, int ld_i, int rows, int inner, int cols,
+                 const T* __restrict__ in, T* __restrict__ out) {
+  for (int a = 0; a < rows; ++a) {
+    T* o = out + a * cols * cb;
+    std::fill(o, o + cols * cb, T(0));
+    for (int i = 0; i < inner; ++i) {
+      const T w = mat[a * ld_a + i * ld_i];
+      if (w == T(0)) continue;
+      const T* src = in + i * cols * cb;
+      for (int k = 0; k < cols * cb; ++k) o[k] += w * src[k];
+    }
+  }
+}
+
+// out[a][b][c] = sum_j in[a][j][c] mat[b*ld_b + j*ld_j], for a < rows, b < cols, j < inner.
+template <typename T, int cb>
+inline void Right(const T* __restrict__ mat, int ld_b, int ld_j, int rows, int inner, int cols,
+                  const T* __restrict__ in, T* __restrict__ out) {
+  for (int a = 0; a < rows; ++a) {
+    for (int b = 0; b < cols; ++b) {
+      T* o = out + (a * cols + b) * cb;
+      std::fill(o, o + cb, T(0));
+      for (int j = 0; j < inner; ++j) {
+        const T w = mat[b * ld_b + j * ld_j];
+        if (w == T(0)) continue;
+        const T* src = in + (a * inner + j) * cb;
+        for (int k = 0; k < cb; ++k) o[k] += w * src[k];
+      }
+    }
+  }
+}
+
+// Copies tile (n, th, tw), channels [c0, c0+cb), into tile[i][j][0:cb] (row stride CB);
+// zeros outside the image and in lanes cb..CB-1.
+template <typename T, int CB>
+inline void Gather(const T* x, int height, int width, int channels, const Geometry& g, int q,
+                   int n, int th, int tw, int c0, int cb, T* tile) {
+  for (int i = 0; i < q; ++i) {
+    const int y = th * g.stride + i - g.pad_top;
+    for (int j = 0; j < q; ++j) {
+      const int xx = tw * g.stride + j - g.pad_left;
+      T* dst = tile + (i * q + j) * CB;
+      if (y < 0 || y >= height || xx < 0 || xx >= width) {
+        std::fill(dst, dst + CB, T(0));
+      } else {
+        const T* src = x + ((static_cast<int64_t>(n) * height + y) * width + xx) * channels + c0;
+        if (cb == CB) {
+          for (int k = 0; k < CB; ++k) dst[k] = src[k];
+        } else {
+          std::memcpy(dst, src, cb * sizeof(T));
+          std::fill(dst + cb, dst + CB, T(0));
+        }
+      }
+    }
+  }
+}
+
+// Copies rows[r][0:cb] (row stride CB) to dst + r * ld, for r < count.
+template <typename T, int CB>
+inline void Scatter(const T* rows, int count, int64_t ld, int cb, T* dst) {
+  for (int r = 0; r < count; ++r) {
+    if (cb == CB) {
+      for (int k = 0; k < CB; ++k) dst[r * ld + k] = rows[r * CB + k];
+    } else {
+      std::memcpy(dst + r * ld, rows + r * CB, cb * sizeof(T));
+    }
+  }
+}
+
+// Reads src + r * ld, lanes [0:cb), into rows[r][0:CB] (zero-padded), for r < count.
+template <typename T, int CB>
+inline void Load(const T* src, int count, int64_t ld, int cb, T* rows) {
+  for (int r = 0; r < count; ++r) {
+    if (cb == CB) {
+      for (int k = 0; k < CB; ++k) rows[r * CB + k] = src[r * ld + k];
+    } else {
+      std::memcpy(rows + r * CB, src + r * ld, cb * sizeof(T));
+      std::fill(rows + r * CB + cb, rows + (r + 1) * CB, T(0));
+    }
+  }
+}
+
+// Adds, per lane, Z P X^T + Z^T P X to acc[p][q] for one tile X (q x q) and Z (p x p).
+template <typename T, int CB>
+inline void AccumulateMatGrad(const T* mat, int p, int q, const T* tile, const T* zt, T* pxt,
+                              T* px, T* acc) {
+  Right<T, CB>(mat, q, 1, q, q, p, tile, pxt);  // (X P^T)[i][a]
+  Left<T, CB>(mat, q, 1, p, q, q, tile, px);    // (P X)[a][j]
+  for (int pp = 0; pp < p; ++pp) {
+    for (int qq = 0; qq < q; ++qq) {
+      T sum[CB] = {};  // in registers, not re-read from acc for every a
+      for (int a = 0; a < p; ++a) {
+        const T* z1 = zt + (pp * p + a) * CB;   // Z[pp, a]
+        const T* z2 = zt + (a * p + pp) * CB;   // Z[a, pp]
+        const T* s1 = pxt + (qq * p + a) * CB;  // (P X^T)[a, qq]
+        const T* s2 = px + (a * q + qq) * CB;   // (P X)[a, qq]
+        for (int k = 0; k < CB; ++k) sum[k] += z1[k] * s1[k] + z2[k] * s2[k];
+      }
+      T* o = acc + (pp * q + qq) * CB;
+      for (int k = 0; k < CB; ++k) o[k] += sum[k];
+    }
+  }
+}
+
+// Sums per-shard transform gradients (in double: many tiles and channels add up).
+class MatGradTotal {
+ public:
+  explicit MatGradTotal(int size) : total_(size, 0.0) {}
+
+  template <typename T, int CB>
+  void Add(const T* acc) {
+    std::vector<double> part(total_.size(), 0.0);
+    for (size_t e = 0; e < part.size(); ++e) {
+      for (int k = 0; k < CB; ++k) part[e] += acc[e * CB + k];
+    }
+    std::lock_guard<std::mutex> guard(lock_);
+    for (size_t e = 0; e < part.size(); ++e) total_[e] += part[e];
+  }
+
+  template <typename T>
+  void Write(T* out) const {
+    for (size_t e = 0; e < total_.size(); ++e) out[e] = static_cast<T>(total_[e]);
+  }
+
+ private:
+  std::vector<double> total_;
+  std::mutex lock_;
+};
+
+// The row kernels below keep pointers on the stack: for transforms up to this size.
+constexpr int kMaxRowSize = 16;
+
+// Columns a row of tiles reads (tile-local column 0 of tile 0 is column 0).
+inline int RowWidth(const Geometry& g, int q) { return (g.n_w - 1) * g.stride + q; }
+
+// The plain tile transform of one row of tiles (image img, tile row th), channels
+// [c0, c0 + cb): the vertical pass (P over the q input rows) once per column, shared by
+// the horizontally overlapping tiles, then the horizontal pass per tile, written to z.
+// Buffers: rows (q * wt * CB, used for a partial channel block), h (p * wt * CB).
+template <typename T, int CB>
+void TransformTileRow(const T* __restrict__ x, int height, int width, int channels,
+                      const Geometry& g, const T* __restrict__ mat, int p, int q, int img,
+                      int th, int c0, int cb, int64_t tiles, T* __restrict__ z, T* rows,
+                      T* __restrict__ h) {
+  const int wt = RowWidth(g, q);
+  const bool direct = cb == CB;
+  // Source row i: x itself (column stride `channels`, column xx = col - pad_left), or for a
+  // partial block a zero-padded copy (column stride CB, indexed by col); null: a zero row.
+  const T* src[kMaxRowSize];
+  for (int i = 0; i < q; ++i) {
+    const int y = th * g.stride + i - g.pad_top;
+    const T* row = (y < 0 || y >= height) ? nullptr
+        : x + (static_cast<int64_t>(img) * height + y) * width * channels + c0;
+    if (direct || row == nullptr) {
+      src[i] = row;
+      continue;
+    }
+    T* copy = rows + static_cast<int64_t>(i) * wt * CB;
+    for (int col = 0; col < wt; ++col) {
+      const int xx = col - g.pad_left;
+      T* dst = copy + col * CB;
+      std::fill(dst, dst + CB, T(0));
+      if (xx >= 0 && xx < width) std::memcpy(dst, row + static_cast<int64_t>(xx) * channels,
+                                             cb * sizeof(T));
+    }
+    src[i] = copy;
+  }
+  for (int col = 0; col < wt; ++col) {
+    const int xx = col - g.pad_left;
+    const bool inside = !direct || (xx >= 0 && xx < width);
+    const int64_t offset = direct ? static_cast<int64_t>(xx) * channels : col * CB;
+    for (int a = 0; a < p; ++a) {
+      T acc[CB] = {};
+      if (inside) {
+        for (int i = 0; i < q; ++i) {
+          const T w = mat[a * q + i];
+          if (w == T(0) || src[i] == nullptr) continue;
+          const T* v = src[i] + offset;
+          for (int k = 0; k < CB; ++k) acc[k] += w * v[k];
+        }
+      }
+      T* dst = h + (static_cast<int64_t>(a) * wt + col) * CB;
+      for (int k = 0; k < CB; ++k) dst[k] = acc[k];
+    }
+  }
+  // Position (a, b) of the row's tiles is one run of z (tiles consecutive): written
+  // run by run, a few streams at a time rather than p*p interleaved.
+  const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
+  for (int a = 0; a < p; ++a) {
+    for (int b = 0; b < p; ++b) {
+      T* run = z + ((a * p + b) * tiles + first) * channels + c0;
+      for (int tw = 0; tw < g.n_w; ++tw) {
+        const T* hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+        T acc[CB] = {};
+        for (int j = 0; j < q; ++j) {
+          const T w = mat[b * q + j];
+          if (w == T(0)) continue;
+          for (int k = 0; k < CB; ++k) acc[k] += w * hr[j * CB + k];
+        }
+        T* dst = run + static_cast<int64_t>(tw) * channels;
+        if (direct) {
+          for (int k = 0; k < CB; ++k) dst[k] = acc[k];
+        } else {
+          std::memcpy(dst, acc, cb * sizeof(T));
+        }
+      }
+    }
+  }
+}
+
+// The plain adjoint of one row of tiles: the horizontal pass per tile (Z P), summed into h
+// where tiles overlap, then the vertical pass (P^T) once per column, written (`store`) or
+// added into x.  Buffers: zt (CB, for a partial block), h (p * wt * CB).
+template <typename T, int CB>
+void AdjointTileRow(const T* __restrict__ z, const T* __restrict__ mat, int p, int q,
+                    const Geometry& g, int img, int th, int c0, int cb, int channels,
+                    int64_t tiles, int height, int width, bool store, T* zt,
+                    T* __restrict__ h, T* __restrict__ x) {
+  const int wt = RowWidth(g, q);
+  const bool direct = cb == CB;
+  std::fill(h, h + static_cast<int64_t>(p) * wt * CB, T(0));
+  // Position (a, b) of the row's tiles is one run of z (tiles consecutive): read run by
+  // run, each Z[a][b] spread over the q columns it reaches.
+  const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
+  for (int a = 0; a < p; ++a) {
+    for (int b = 0; b < p; ++b) {
+      const T* run = z + ((a * p + b) * tiles + first) * channels + c0;
+      for (int tw = 0; tw < g.n_w; ++tw) {
+        const T* v = run + static_cast<int64_t>(tw) * channels;
+        if (!direct) {
+          std::memcpy(zt, v, cb * sizeof(T));
+          std::fill(zt + cb, zt + CB, T(0));
+          v = zt;
+        }
+        T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+        for (int j = 0; j < q; ++j) {
+          const T w = mat[b * q + j];
+          if (w == T(0)) continue;
+          for (int k = 0; k < CB; ++k) hr[j * CB + k] += w * v[k];
+        }
+      }
+    }
+  }
+  for (int col = 0; col < wt; ++col) {
+    const int xx = col - g.pad_left;
+    if (xx < 0 || xx >= width) continue;
+    for (int i = 0; i < q; ++i) {
+      const int y = th * g.stride + i - g.pad_top;
+      if (y < 0 || y >= height) continue;
+      T acc[CB] = {};
+      for (int a = 0; a < p; ++a) {
+        const T w = mat[a * q + i];
+        if (w == T(0)) continue;
+        const T* v = h + (static_cast<int64_t>(a) * wt + col) * CB;
+        for (int k = 0; k < CB; ++k) acc[k] += w * v[k];
+      }
+      T* dst = x + ((static_cast<int64_t>(img) * height + y) * width + xx) * channels + c0;
+      if (store) {
+        for (int k = 0; k < cb; ++k) dst[k] = acc[k];
+      } else {
+        for (int k = 0; k < cb; ++k) dst[k] += acc[k];
+      }
+    }
+  }
+}
+
+// Per-unit cost hint for the sharder: a row of n_w tiles.
+int64_t RowCost(const Geometry& g, int channels, int p, int q, bool grad) {
+  return static_cast<int64_t>(g.n_w) * channels * (q * q + p * p) * (p + q) * (grad ? 3 : 1);
+}
+
+// z = tiles of x transformed (P X P^T); with kGrad also the gradient with respect to P of
+// <zin, P X P^T> (zin: the incoming gradient, in z's layout).  Inputs: x, [zin,] mat.
+template <typename T, bool kGrad>
+class TileTransformOp : public OpKernel {
+ public:
+  explicit TileTransformOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadGeometry(ctx, &geo_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& mat = ctx->input(kGrad ? 2 : 1);
+    OP_REQUIRES(ctx, x.dims() == 4, InvalidArgument("x must be 4-D, got ", x.shape().DebugString()));
+    OP_REQUIRES(ctx, mat.dims() == 2, InvalidArgument("mat must be 2-D"));
+    const int n = x.dim_size(0), height = x.dim_size(1), width = x.dim_size(2),
+              channels = x.dim_size(3);
+    const int p = mat.dim_size(0), q = mat.dim_size(1);
+    const int64_t tiles = static_cast<int64_t>(n) * geo_.n_h * geo_.n_w;
+    const T* zin = nullptr;
+    if (kGrad) {
+      const Tensor& z = ctx->input(1);
+      OP_REQUIRES(ctx, z.dims() == 3 && z.dim_size(0) == p * p && z.dim_size(1) == tiles &&
+                           z.dim_size(2) == channels,
+                  InvalidArgument("z has shape ", z.shape().DebugString(), ", expected [",
+                                  p * p, ", ", tiles, ", ", channels, "]"));
+      zin = z.flat<T>().data();
+    }
+    Tensor* z = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p * p, tiles, channels}), &z));
+    MatGradTotal total(p * q);
+    const T* xp = x.flat<T>().data();
+    const T* mp = mat.flat<T>().data();
+    T* zp = z->flat<T>().data();
+    const Geometry geo = geo_;
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    if (tiles > 0 && channels > 0) {
+      WithShape<T>(channels, p, q, [&](auto block, auto p_size, auto q_size) {
+        constexpr int CB = decltype(block)::value;
+        const int p = p_size, q = q_size;
+        if (!kGrad && p <= kMaxRowSize && q <= kMaxRowSize) {
+          const int64_t wt = RowWidth(geo, q);
+          auto rows_work = [&](int64_t begin, int64_t end) {
+            std::vector<T> buf((q + p) * wt * CB);
+            for (int64_t unit = begin; unit < end; ++unit) {  // unit = n * n_h + th
+              for (int c0 = 0; c0 < channels; c0 += CB) {
+                TransformTileRow<T, CB>(xp, height, width, channels, geo, mp, p, q,
+                                        unit / geo.n_h, unit % geo.n_h, c0,
+                                        std::min(CB, channels - c0), tiles, zp, buf.data(),
+                                        buf.data() + q * wt * CB);
+              }
+            }
+          };
+          tensorflow::Shard(workers->num_threads, workers->workers,
+                            static_cast<int64_t>(n) * geo.n_h, RowCost(geo, channels, p, q, false),
+                            rows_work);
+          return;
+        }
+        auto work = [&](int64_t begin, int64_t end) {
+          std::vector<T> buf((q * q + 4 * p * q + 2 * p * p) * CB);
+          T* tile = buf.data();
+          T* half = tile + q * q * CB;
+          T* out = half + p * q * CB;
+          T* zt = out + p * p * CB;
+          T* pxt = zt + p * p * CB;
+          T* px = pxt + p * q * CB;
+          T* acc = px + p * q * CB;
+          if (kGrad) std::fill(acc, acc + p * q * CB, T(0));
+          for (int64_t unit = begin; unit < end; ++unit) {  // unit = n * n_h + th
+            const int img = unit / geo.n_h, th = unit % geo.n_h;
+            for (int tw = 0; tw < geo.n_w; ++tw) {
+              const int64_t t_index = unit * geo.n_w + tw;
+              for (int c0 = 0; c0 < channels; c0 += CB) {
+                const int cb = std::min(CB, channels - c0);
+                Gather<T, CB>(xp, height, width, channels, geo, q, img, th, tw, c0, cb, tile);
+                Left<T, CB>(mp, q, 1, p, q, q, tile, half);   // (P X)[a][j]
+                Right<T, CB>(mp, q, 1, p, q, p, half, out);   // (P X P^T)[a][b]
+                Scatter<T, CB>(out, p * p, tiles * channels, cb, zp + t_index * channels + c0);
+                if (kGrad) {
+                  Load<T, CB>(zin + t_index * channels + c0, p * p, tiles * channels, cb, zt);
+                  AccumulateMatGrad<T, CB>(mp, p, q, tile, zt, pxt, px, acc);
+                }
+              }
+            }
+          }
+          if (kGrad) total.Add<T, CB>(acc);
+        };
+        tensorflow::Shard(workers->num_threads, workers->workers,
+                          static_cast<int64_t>(n) * geo.n_h, RowCost(geo, channels, p, q, kGrad),
+                          work);
+      });
+    }
+    if (kGrad) {
+      Tensor* grad = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, mat.shape(), &grad));
+      total.Write(grad->flat<T>().data());
+    }
+  }
+
+ private:
+  Geometry geo_;
+};
+
+// x = P^T Z P per tile of z, added into an (N, height, width, C) image; with kGrad also the
+// gradient with respect to P of <X, P^T Z P> (X: the tiles of the incoming gradient xin).
+// Inputs: z, [xin,] mat.
+template <typename T, bool kGrad>
+class TileTransformAdjointOp : public OpKernel {
+ public:
+  explicit TileTransformAdjointOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadGeometry(ctx, &geo_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("height", &height_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("width", &width_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& z = ctx->input(0);
+    const Tensor& mat = ctx->input(kGrad ? 2 : 1);
+    OP_REQUIRES(ctx, z.dims() == 3, InvalidArgument("z must be 3-D"));
+    OP_REQUIRES(ctx, mat.dims() == 2, InvalidArgument("mat must be 2-D"));
+    const int p = mat.dim_size(0), q = mat.dim_size(1);
+    const int64_t per_image = static_cast<int64_t>(geo_.n_h) * geo_.n_w;
+    OP_REQUIRES(ctx, z.dim_size(0) == p * p,
+                InvalidArgument("z must have p*p = ", p * p, " rows, got ", z.dim_size(0)));
+    OP_REQUIRES(ctx, per_image > 0 && z.dim_size(1) % per_image == 0,
+                InvalidArgument("z's tiles (", z.dim_size(1), ") are not a multiple of n_h*n_w"));
+    const int n = z.dim_size(1) / per_image;
+    const int channels = z.dim_size(2);
+    const int64_t tiles = z.dim_size(1);
+    const int height = height_, width = width_;
+    const T* xin = nullptr;
+    if (kGrad) {
+      const Tensor& xg = ctx->input(1);
+      OP_REQUIRES(ctx, xg.shape() == TensorShape({n, height, width, channels}),
+                  InvalidArgument("x has shape ", xg.shape().DebugString(), ", expected [", n,
+                                  ", ", height, ", ", width, ", ", channels, "]"));
+      xin = xg.flat<T>().data();
+    }
+    Tensor* x = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, height, width, channels}), &x));
+    const T* zp = z.flat<T>().data();
+    const T* mp = mat.flat<T>().data();
+    T* xp = x->flat<T>().data();
+    const Geometry geo = geo_;
+    MatGradTotal total(p * q);
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    const bool row_kernel = !kGrad && p <= kMaxRowSize && q <= kMaxRowSize;
+    // Disjoint tiles that cover the output (the output transform) are written; otherwise
+    // tiles add into the output, zeroed first (pixels no tile reaches stay 0).
+    const bool store = row_kernel && geo.stride == q && geo.pad_top == 0 &&
+                       geo.pad_left == 0 && static_cast<int64_t>(geo.n_h) * q >= height &&
+                       static_cast<int64_t>(geo.n_w) * q >= width;
+    const int64_t row = static_cast<int64_t>(width) * channels;
+    if (!store) {
+      tensorflow::Shard(workers->num_threads, workers->workers,
+                        static_cast<int64_t>(n) * height, row,
+                        [&](int64_t begin, int64_t end) {
+                          std::fill(xp + begin * row, xp + end * row, T(0));
+                        });
+    }
+    // Tile rows th and th + k overlap when k*stride < q: run the rows in
+    // `period` passes so that no two concurrent units write the same pixels.
+    const int period = q > geo.stride ? (q + geo.stride - 1) / geo.stride : 1;
+    if (tiles > 0 && channels > 0) {
+      WithShape<T>(channels, p, q, [&](auto block, auto p_size, auto q_size) {
+        constexpr int CB = decltype(block)::value;
+        const int p = p_size, q = q_size;
+        for (int phase = 0; phase < period; ++phase) {
+          const int rows = geo.n_h > phase ? (geo.n_h - phase + period - 1) / period : 0;
+          if (row_kernel) {
+            const int64_t wt = RowWidth(geo, q);
+            auto rows_work = [&](int64_t begin, int64_t end) {
+              std::vector<T> buf((p * p + p * wt) * CB);
+              for (int64_t unit = begin; unit < end; ++unit) {
+                const int img = unit / rows, th = phase + (unit % rows) * period;
+                for (int c0 = 0; c0 < channels; c0 += CB) {
+                  AdjointTileRow<T, CB>(zp, mp, p, q, geo, img, th, c0,
+                                        std::min(CB, channels - c0), channels, tiles, height,
+                                        width, store, buf.data(), buf.data() + p * p * CB, xp);
+                }
+              }
+            };
+            tensorflow::Shard(workers->num_threads, workers->workers,
+                              static_cast<int64_t>(n) * rows,
+                              RowCost(geo, channels, p, q, false), rows_work);
+            continue;
+          }
+          auto work = [&](int64_t begin, int64_t end) {
+            std::vector<T> buf((p * p + 4 * p * q + 2 * q * q) * CB);
+            T* in = buf.data();
+            T* half = in + p * p * CB;
+            T* out = half + q * p * CB;
+            T* tile = out + q * q * CB;
+            T* pxt = tile + q * q * CB;
+            T* px = pxt + p * q * CB;
+            T* acc = px + p * q * CB;
+            if (kGrad) std::fill(acc, acc + p * q * CB, T(0));
+            for (int64_t unit = begin; unit < end; ++unit) {
+              const int img = unit / rows, th = phase + (unit % rows) * period;
+              for (int tw = 0; tw < geo.n_w; ++tw) {
+                const int64_t t_index =
+                    (static_cast<int64_t>(img) * geo.n_h + th) * geo.n_w + tw;
+                for (int c0 = 0; c0 < channels; c0 += CB) {
+                  const int cb = std::min(CB, channels - c0);
+                  Load<T, CB>(zp + t_index * channels + c0, p * p, tiles * channels, cb, in);
+                  Left<T, CB>(mp, 1, q, q, p, p, in, half);    // (P^T Z)[i][b]
+                  Right<T, CB>(mp, 1, q, q, p, q, half, out);  // (P^T Z P)[i][j]
+                  for (int i = 0; i < q; ++i) {
+                    const int y = th * geo.stride + i - geo.pad_top;
+                    if (y < 0 || y >= height) continue;
+                    for (int j = 0; j < q; ++j) {
+                      const int xx = tw * geo.stride + j - geo.pad_left;
+                      if (xx < 0 || xx >= width) continue;
+                      T* dst = xp + ((static_cast<int64_t>(img) * height + y) * width + xx) *
+                                        channels + c0;
+                      const T* src = out + (i * q + j) * CB;
+                      for (int k = 0; k < cb; ++k) dst[k] += src[k];
+                    }
+                  }
+                  if (kGrad) {
+                    Gather<T, CB>(xin, height, width, channels, geo, q, img, th, tw, c0, cb,
+                                  tile);
+                    AccumulateMatGrad<T, CB>(mp, p, q, tile, in, pxt, px, acc);
+                  }
+                }
+              }
+            }
+            if (kGrad) total.Add<T, CB>(acc);
+          };
+          tensorflow::Shard(workers->num_threads, workers->workers,
+                            static_cast<int64_t>(n) * rows, RowCost(geo, channels, p, q, kGrad),
+                            work);
+        }
+      });
+    }
+    if (kGrad) {
+      Tensor* grad = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, mat.shape(), &grad));
+      total.Write(grad->flat<T>().data());
+    }
+  }
+
+ private:
+  Geometry geo_;
+  int height_, width_;
+};
+
+Status TileTransformShape(InferenceContext* c, int mat_input, int out_index) {
+  ShapeHandle x, mat;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(mat_input), 2, &mat));
+  int n_h, n_w;
+  TF_RETURN_IF_ERROR(c->GetAttr("n_h", &n_h));
+  TF_RETURN_IF_ERROR(c->GetAttr("n_w", &n_w));
+  DimensionHandle pp, tiles;
+  TF_RETURN_IF_ERROR(c->Multiply(c->Dim(mat, 0), c->Dim(mat, 0), &pp));
+  TF_RETURN_IF_ERROR(c->Multiply(c->Dim(x, 0), static_cast<int64_t>(n_h) * n_w, &tiles));
+  c->set_output(out_index, c->MakeShape({pp, tiles, c->Dim(x, 3)}));
+  return Status();
+}
+
+Status AdjointShape(InferenceContext* c) {
+  ShapeHandle z;
+  TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &z));
+  int n_h, n_w, height, width;
+  TF_RETURN_IF_ERROR(c->GetAttr("n_h", &n_h));
+  TF_RETURN_IF_ERROR(c->GetAttr("n_w", &n_w));
+  TF_RETURN_IF_ERROR(c->GetAttr("height", &height));
+  TF_RETURN_IF_ERROR(c->GetAttr("width", &width));
+  DimensionHandle n;
+  TF_RETURN_IF_ERROR(
+      c->Divide(c->Dim(z, 1), static_cast<int64_t>(n_h) * n_w, /*evenly_divisible=*/true, &n));
+  c->set_output(0, c->MakeShape({n, height, width, c->Dim(z, 2)}));
+  return Status();
+}
+
+}  // namespace
+
+#define WA_GEOMETRY_ATTRS                                                              \
+  Attr("stride: int").Attr("pad_top: int").Attr("pad_left: int").Attr("n_h: int")      \
+      .Attr("n_w: int").Attr("T: {float, double}")
+
+REGISTER_OP("WaTileTransform")
+    .Input("x: T")
+    .Input("mat: T")
+    .Output("z: T")
+    .WA_GEOMETRY_ATTRS
+    .SetShapeFn([](InferenceContext* c) { return TileTransformShape(c, 1, 0); });
+
+// The gradient of WaTileTransformAdjoint: (dz, dmat) from the incoming gradient dx, its z
+// and mat (the tile-transform kernel with the transform's gradient).
+REGISTER_OP("WaTileTransformAdjointGrad")
+    .Input("dx: T")
+    .Input("z: T")
+    .Input("mat: T")
+    .Output("dz: T")
+    .Output("dmat: T")
+    .WA_GEOMETRY_ATTRS
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(TileTransformShape(c, 2, 0));
+      c->set_output(1, c->input(2));
+      return Status();
+    });
+
+REGISTER_OP("WaTileTransformAdjoint")
+    .Input("z: T")
+    .Input("mat: T")
+    .Output("x: T")
+    .Attr("height: int")
+    .Attr("width: int")
+    .WA_GEOMETRY_ATTRS
+    .SetShapeFn(AdjointShape);
+
+// The gradient of WaTileTransform: (dx, dmat) from the incoming gradient dz, its x and mat
+// (the adjoint kernel with the transform's gradient).
+REGISTER_OP("WaTileTransformGrad")
+    .Input("dz: T")
+    .Input("x: T")
+    .Input("mat: T")
+    .Output("dx: T")
+    .Output("dmat: T")
+    .Attr("height: int")
+    .Attr("width: int")
+    .WA_GEOMETRY_ATTRS
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(AdjointShape(c));
+      c->set_output(1, c->input(2));
+      return Status();
+    });
+
+// The kernel class comes last: its template arguments hold commas.
+#define WA_REGISTER_KERNEL(name, type, ...)                                                 \
+  REGISTER_KERNEL_BUILDER(                                                                  \
+      Name(name).Device(::tensorflow::DEVICE_CPU).TypeConstraint<type>("T"), __VA_ARGS__);
+
+#define WA_REGISTER(type)                                                                   \
+  WA_REGISTER_KERNEL("WaTileTransform", type, TileTransformOp<type, false>)                 \
+  WA_REGISTER_KERNEL("WaTileTransformAdjointGrad", type, TileTransformOp<type, true>)       \
+  WA_REGISTER_KERNEL("WaTileTransformAdjoint", type, TileTransformAdjointOp<type, false>)   \
+  WA_REGISTER_KERNEL("WaTileTransformGrad", type, TileTransformAdjointOp<type, true>)
+
+WA_REGISTER(float)
+WA_REGISTER(double)
+
+}  // namespace wa_tf
