@@ -15,6 +15,10 @@ each reports the median of ``--reps`` calls after ``--warmup`` calls.
 The header describes the machine and TensorFlow's kernel options
 (bench/common.py).
 
+Where :mod:`wa_tf.kernels` can run, the flex model is also exported with
+``fused_kernels=True`` (``... fused`` columns); its process loads the kernels'
+library with ``tf.load_op_library`` (still no wa_tf).
+
 Examples:
   bench/export_bench.py                           # batch 1 and 64, 15 reps
   bench/export_bench.py --reps 5 --batch_sizes 1  # quicker
@@ -48,6 +52,8 @@ flags.DEFINE_string("export_dir", None, "Export into this folder and keep the Sa
                     "(reused by the next run with the same folder); default: a temporary one.")
 flags.DEFINE_string("worker", None, "Internal: time the SavedModels of this JSON "
                     "{name: path} with TensorFlow alone and print the result as JSON.")
+flags.DEFINE_string("op_library", None, "Internal: the fused kernels' library, loaded by the "
+                    "worker with tf.load_op_library.")
 
 PRECISIONS = (("FP32", None), ("INT8", 8))
 
@@ -64,8 +70,8 @@ class _Block(importlib.abc.MetaPathFinder):
         return None
 
 
-def export_models(directory):
-    """Exports normal and flex models, FP32 and INT8; returns {name: path}."""
+def export_models(directory, fused):
+    """Exports normal and flex models, FP32 and INT8 (and flex with fused kernels); {name: path}."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from wa_tf import export, models  # pylint: disable=import-outside-toplevel
 
@@ -74,16 +80,20 @@ def export_models(directory):
     for label, bits in PRECISIONS:
         for conv in ("normal", "flex"):
             name = f"{conv}-{label}" if conv == "normal" else f"flex-F{FLAGS.tile_size}-{label}"
-            path = os.path.join(directory, name)
-            paths[name] = path
-            if os.path.exists(os.path.join(path, "saved_model.pb")):
-                continue  # exported by an earlier run into --export_dir
-            model = models.resnet18_like(conv, tile_size=FLAGS.tile_size,
-                                         width_multiplier=FLAGS.mult, bits=bits)
-            if bits:  # ranges from two training batches, as after (a little) training
-                for _ in range(2):
-                    model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32), training=True)
-            export.export_saved_model(model, path)
+            model = None
+            for kernels_on in (False, True) if conv == "flex" and fused else (False,):
+                path = os.path.join(directory, name + "-fused" * kernels_on)
+                paths[name + "-fused" * kernels_on] = path
+                if os.path.exists(os.path.join(path, "saved_model.pb")):
+                    continue  # exported by an earlier run into --export_dir
+                if model is None:
+                    model = models.resnet18_like(conv, tile_size=FLAGS.tile_size,
+                                                 width_multiplier=FLAGS.mult, bits=bits)
+                    if bits:  # ranges from two training batches, as after (a little) training
+                        for _ in range(2):
+                            model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+                                  training=True)
+                export.export_saved_model(model, path, fused_kernels=kernels_on)
     return paths
 
 
@@ -92,6 +102,8 @@ def time_savedmodels(paths, batch_sizes, reps, warmup):
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
+    if FLAGS.op_library:
+        tf.load_op_library(FLAGS.op_library)
     loaded = {name: tf.saved_model.load(path) for name, path in paths.items()}
     serve = {name: m.signatures["serving_default"] for name, m in loaded.items()}
     results = {name: {} for name in paths}
@@ -123,12 +135,16 @@ def main(argv):
         return
     with contextlib.ExitStack() as stack:
         directory = FLAGS.export_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+        fused = kernels.available()
         print("exporting ...", file=sys.stderr, flush=True)
-        paths = export_models(directory)
+        paths = export_models(directory, fused)
         print("timing ...", file=sys.stderr, flush=True)
         worker = [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(paths)}",
                   f"--batch_sizes={','.join(FLAGS.batch_sizes)}",
                   f"--reps={FLAGS.reps}", f"--warmup={FLAGS.warmup}"]
+        if fused:
+            worker.append(f"--op_library={kernels.library_path()}")
         results = common.run_worker(worker)
     if "error" in results:
         raise SystemExit(f"timing failed: {results['error']}")
@@ -137,14 +153,23 @@ def main(argv):
           f"with tf.saved_model.load (TensorFlow alone): median of {FLAGS.reps} interleaved "
           f"calls after {FLAGS.warmup} warm-up calls, in ms")
     flex = f"flex F{FLAGS.tile_size}"
-    print(f"| precision | batch | normal | {flex} | {flex} / normal |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    header = f"| precision | batch | normal | {flex} | {flex} / normal |"
+    rule = "| --- | ---: | ---: | ---: | ---: |"
+    if fused:
+        header += f" {flex} fused | fused / normal |"
+        rule += " ---: | ---: |"
+    print(header)
+    print(rule)
     for label, _ in PRECISIONS:
         for batch in batch_sizes:
             normal = results[f"normal-{label}"][str(batch)]
             winograd = results[f"flex-F{FLAGS.tile_size}-{label}"][str(batch)]
-            print(f"| {label} | {batch} | {normal * 1e3:.2f} | {winograd * 1e3:.2f} "
-                  f"| {winograd / normal:.2f} |")
+            row = (f"| {label} | {batch} | {normal * 1e3:.2f} | {winograd * 1e3:.2f} "
+                   f"| {winograd / normal:.2f} |")
+            if fused:
+                fused_t = results[f"flex-F{FLAGS.tile_size}-{label}-fused"][str(batch)]
+                row += f" {fused_t * 1e3:.2f} | {fused_t / normal:.2f} |"
+            print(row)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ flags.DEFINE_string("export_dir", None, "Output folder of the SavedModel (must n
                     "be empty).")
 flags.DEFINE_boolean("raw_signature", True, "Add the 'serving_raw' signature (uint8 0-255 "
                      "images, dataset normalisation folded in).")
+flags.DEFINE_boolean("fused_kernels", False, "Serve the Winograd tile stages with wa_tf's fused "
+                     "CPU kernels (faster on CPUs); loading the SavedModel then needs their "
+                     "library first: import wa_tf, or tf.load_op_library(<path printed>).")
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS
@@ -47,10 +50,19 @@ def _export():
     model, config = cli.load_run()
     normalization = cli.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \
         else None
-    export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization)
+    try:
+        export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization,
+                                  fused_kernels=FLAGS.fused_kernels)
+    except ValueError as e:
+        raise ValueError(f"--fused_kernels: {e}" if FLAGS.fused_kernels and "fused" in str(e)
+                         else str(e)) from None
     signatures = [export.DEFAULT_SIGNATURE] + ([export.RAW_SIGNATURE] if normalization else [])
     print(f"SavedModel: {FLAGS.export_dir} (signatures: {', '.join(signatures)}; "
           f"input {list(model.input_shape)}, output 'logits')")
+    if FLAGS.fused_kernels:
+        from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+        print(f"uses the fused kernels: load {kernels.library_path()} first "
+              "(tf.load_op_library), or import wa_tf")
     if FLAGS.npz_dir:
         for name, path in integer_export.export_model_npz(model, FLAGS.npz_dir).items():
             print(f"layer {name}: {path}")

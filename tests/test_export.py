@@ -180,3 +180,31 @@ def test_savedmodel_computes_winograd_weights_once(tmp_path, bits):
         variable.assign(tf.fill(variable.shape, np.nan))
     served = loaded.signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_fused_kernels_export(tmp_path, bits):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+    if not kernels.available():
+        pytest.skip(f"fused kernels unavailable here: {kernels.build_error()}")
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
+    model = _two_winograd_model()
+    if bits:
+        model = quantization.quantize_model(model, bits=bits)
+        for _ in range(2):  # calibrate the quantizer ranges
+            model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)
+    plain = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "plain")))
+    fused = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "fused"),
+                                                          fused_kernels=True))
+    # The default export has TensorFlow's ops only; the fused one a kernel per tile stage.
+    assert _serve_op_count(plain, "WaTileTransform") == 0
+    assert _serve_op_count(fused, "WaTileTransform") == 2
+    assert _serve_op_count(fused, "WaTileTransformAdjoint") == 2
+    assert _serve_op_count(fused, "MatMul") == 1  # the Dense layer's only
+    serve = lambda m: m.signatures["serving_default"](  # noqa: E731
+        images=tf.constant(images))["logits"].numpy()
+    np.testing.assert_allclose(serve(fused), serve(plain), atol=1e-5, rtol=0)
+    with kernels.disabled(), pytest.raises(ValueError, match="fused_kernels=True needs"):
+        export.export_saved_model(model, str(tmp_path / "no"), fused_kernels=True)

@@ -27,6 +27,12 @@ does with the dataset's statistics)
   ``images * (1 / (255 std)) - mean / std``, exactly as :func:`wa_tf.data.pipeline`)
   and then runs the model.
 
+With ``fused_kernels=True`` the serving graph runs the tile stages with
+:mod:`wa_tf.kernels`' fused CPU kernels instead of TensorFlow's own ops
+(faster on CPUs); loading it then needs those ops registered first:
+``tf.load_op_library(path)`` of the library :func:`wa_tf.kernels.build`
+returns (or ``import wa_tf``, which loads it when built).
+
 Example:
   >>> export_saved_model(model, "/tmp/exported")
   >>> served = tf.saved_model.load("/tmp/exported")  # no wa_tf needed
@@ -40,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from wa_tf import kernels
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import inference_weight, unwrap
 from wa_tf.tfmot_adapter import is_quantize_wrapper
@@ -104,8 +111,8 @@ def _frozen_winograd_weights(layers) -> List[tf.Variable]:
 
 
 def export_saved_model(model: tf_keras.Model, path: str,
-                       raw_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None
-                       ) -> str:
+                       raw_normalization: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+                       fused_kernels: bool = False) -> str:
     """Writes ``model``'s inference computation as a self-contained SavedModel.
 
     Args:
@@ -114,15 +121,21 @@ def export_saved_model(model: tf_keras.Model, path: str,
       path: Output directory (created; an existing SavedModel is replaced).
       raw_normalization: Optional ``(mean, std)`` per channel, on the [0, 1]
         scale; adds the ``serving_raw`` signature taking uint8 0-255 images.
+      fused_kernels: Serve the Winograd tile stages with :mod:`wa_tf.kernels`
+        (CPU only; loading then needs their library, see the module docstring).
 
     Returns:
       ``path``.
 
     Raises:
       ValueError: if the model's input or output is not a single NHWC image
-        tensor / logits tensor, or ``raw_normalization`` does not match the
-        number of channels.
+        tensor / logits tensor, ``raw_normalization`` does not match the
+        number of channels, or ``fused_kernels`` is set where the kernels
+        cannot run.
     """
+    if fused_kernels and not kernels.available():
+        raise ValueError("fused_kernels=True needs wa_tf.kernels, not available here: "
+                         f"{kernels.build_error() or 'a GPU is visible or WA_TF_KERNELS=0'}")
     shape = _input_spec(model)
     module = tf.Module()
     # Track the variables only, not the Keras model: the SavedModel then holds
@@ -153,8 +166,11 @@ def export_saved_model(model: tf_keras.Model, path: str,
         module.serve_raw = serve_raw
     winograd_layers = _winograd_layers(model)
     module.winograd_weights = _frozen_winograd_weights(winograd_layers)
-    # Traced and saved while every Winograd layer reads its precomputed U.
+    # Traced and saved while every Winograd layer reads its precomputed U, with
+    # TensorFlow's own ops only (no wa_tf.kernels) unless asked: it then loads anywhere.
     with contextlib.ExitStack() as stack:
+        if not fused_kernels:
+            stack.enter_context(kernels.disabled())
         for layer, u in zip(winograd_layers, module.winograd_weights):
             stack.enter_context(unwrap(layer).frozen_winograd_weights(u))
         tf.saved_model.save(module, path, signatures=signatures)
