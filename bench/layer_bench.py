@@ -18,7 +18,12 @@ Usage:
   python bench/layer_bench.py --shapes=16x16x64  # one stage
   python bench/layer_bench.py --recompute --jit_compile
   python bench/layer_bench.py --memory=rss       # peak RSS growth even where stats exist
+  python bench/layer_bench.py --compare_tf       # also the pure-TF pipeline (no wa_tf.kernels)
+
+Winograd rows use wa_tf.kernels' fused tile kernels where they are available
+(the header says); ``tf`` rows run the pure-TF pipeline in the same process.
 """
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +37,7 @@ import numpy as np  # noqa: E402
 
 import wa_tf  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
+from wa_tf import kernels  # noqa: E402
 from wa_tf.layers import WinogradConv2D  # noqa: E402
 import common  # noqa: E402  (bench/common.py, next to this file)
 
@@ -44,6 +50,8 @@ flags.DEFINE_integer("repeats", 20, "Timed steps per configuration (after 3 warm
 flags.DEFINE_bool("jit_compile", False, "Also time XLA-compiled steps.")
 flags.DEFINE_bool("recompute", False, "Also time recompute=True (gradient checkpointing).")
 flags.DEFINE_bool("forward", True, "Also time forward-only (inference) steps.")
+flags.DEFINE_bool("compare_tf", False, "Also time each Winograd row with the pure-TF pipeline "
+                  "(wa_tf.kernels turned off), in the same run.")
 flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
                   "Peak memory measure: TensorFlow's allocator statistics, the peak RSS growth "
                   "of a fresh process per configuration, or auto (allocator where it works).")
@@ -79,6 +87,12 @@ def measure(spec, memory):
     level during the timed steps; with 'rss' it is this process's peak RSS
     growth from before the first step (warm-up and tracing included).
     """
+    # The step is traced in its first call: with the kernels off, it is pure TF.
+    with kernels.disabled() if spec.get("tf") else contextlib.nullcontext():
+        return _measure(spec, memory)
+
+
+def _measure(spec, memory):
     h, w, c = (int(v) for v in spec["shape"].split("x"))
     x = tf.random.stateless_normal((FLAGS.batch_size, h, w, c), (0, 1))
     if spec["m"] is None:
@@ -133,6 +147,8 @@ def main(argv):
     run = (lambda spec: measure(spec, memory)) if memory == "allocator" \
         else _measure_in_fresh_process
     common.print_machine()
+    print(f"fused tile kernels (wa_tf.kernels): "
+          f"{'on' if kernels.available() else 'off: ' + str(kernels.build_error())}")
     mem_label = ("allocator peak above the pre-step level, timed steps" if memory == "allocator"
                  else "peak RSS growth of a fresh process per row, from before its first step")
     print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps; "
@@ -144,6 +160,8 @@ def main(argv):
     variants = [("", False, False, False)]
     if FLAGS.forward:
         variants.append((" fwd", False, False, True))
+    tf_variants = [(" tf", False, False, False)] + (
+        [(" fwd tf", False, False, True)] if FLAGS.forward else []) if FLAGS.compare_tf else []
     if FLAGS.jit_compile:
         variants.append((" xla", True, False, False))
     if FLAGS.recompute:
@@ -160,9 +178,9 @@ def main(argv):
                   f"{conv_m / 2**20:9.1f} {1.0:7.2f}")
         for m in (int(v) for v in FLAGS.tiles):
             for flex in (False, True):
-                for suffix, jit, recompute, forward in variants:
+                for suffix, jit, recompute, forward in variants + tf_variants:
                     t, mem = run(dict(base, m=m, flex=flex, jit=jit, recompute=recompute,
-                                      forward=forward))
+                                      forward=forward, tf=suffix.endswith(" tf")))
                     conv_t, conv_m = conv[forward]
                     name = f"F{m} {'flex' if flex else 'static'}{suffix}"
                     print(f"{shape:>14} {name:>18} {t * 1e3:8.2f} {t / conv_t:7.2f} "

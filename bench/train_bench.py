@@ -53,6 +53,8 @@ flags.DEFINE_list("configs", None, "Only these configurations, as named in the t
 flags.DEFINE_boolean("jit_compile", False, "Add rows with the step compiled by XLA.")
 flags.DEFINE_boolean("recompute", False, "Add Winograd rows with recompute=True "
                      "(the backward pass recomputes the Winograd pipeline).")
+flags.DEFINE_boolean("compare_tf", False, "Add Winograd rows with the pure-TF pipeline "
+                     "(wa_tf.kernels turned off), named ...-pureTF.")
 flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
                   "Peak memory measure: TensorFlow's allocator statistics and RSS growth "
                   "(allocator), RSS growth only (rss), or auto (allocator where it works).")
@@ -75,6 +77,9 @@ def configurations():
                 specs.append(dict(specs[-1], jit=True))
             if FLAGS.recompute and conv != "normal":
                 specs.append(dict(specs[-1], jit=False, recompute=True))
+            if FLAGS.compare_tf and conv != "normal":
+                specs.append({"conv": conv, "tile_size": tile, "bits": bits, "jit": False,
+                              "recompute": False, "F": tile, "tf": True})
     named = [(name_of(s), s) for s in specs]
     if FLAGS.configs:
         unknown = set(FLAGS.configs) - {n for n, _ in named}
@@ -89,6 +94,7 @@ def name_of(spec):
     parts = [spec["conv"]] + ([f"F{spec['F']}"] if spec["F"] else [])
     parts.append("INT8" if spec["bits"] else "FP32")
     parts += ["XLA"] * spec["jit"] + ["recompute"] * spec["recompute"]
+    parts += ["pureTF"] * bool(spec.get("tf"))
     return "-".join(parts)
 
 
@@ -100,7 +106,10 @@ def measure(spec, requested_memory):
     of the timed steps; with 'rss' it is None.
     """
     import numpy as np  # pylint: disable=import-outside-toplevel
+    if spec.get("tf"):
+        os.environ["WA_TF_KERNELS"] = "0"  # read by wa_tf.kernels: the pure-TF pipeline
     import wa_tf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    from wa_tf import kernels  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from wa_tf import models  # pylint: disable=import-outside-toplevel
     from wa_tf.training import train_lib  # pylint: disable=import-outside-toplevel
@@ -131,6 +140,7 @@ def measure(spec, requested_memory):
     if memory == "allocator":
         peak = int(tf.config.experimental.get_memory_info(device)["peak"])
     return {"step_s": statistics.median(times), "peak_bytes": peak,
+            "kernels": kernels.available(),
             "rss_growth_bytes": int(common.peak_rss_bytes() - rss_before), "device": device,
             "memory": memory}
 
@@ -192,6 +202,8 @@ def main(argv):
     memory = "allocator" if measured and all(r["memory"] == "allocator" for r in measured) \
         else "rss"
     common.print_machine()
+    fused = sorted({r["name"] for r in measured if r.get("kernels") and r["conv"] != "normal"})
+    print(f"fused tile kernels (wa_tf.kernels) in: {', '.join(fused) or 'no row'}")
     print(f"Training step of ResNet18-like, batch {FLAGS.batch_size}, width {FLAGS.mult}, "
           f"on {device}: median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up steps")
     if memory == "rss":
