@@ -92,6 +92,8 @@ def test_gradients_match_finite_differences(adjoint, geometry):
 
 def test_bad_arguments_raise():
     x = tf.zeros((1, 4, 4, 2))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at most|between 1 x 1 and 16"):
+        kernels.tile_transform(x, tf.eye(17), 2, 0, 0, 1, 1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of n_h"):
         kernels.tile_transform_adjoint(tf.zeros((16, 3, 2)), tf.eye(4), 2, 0, 0, 2, 2, 4, 4)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="rank|4-D"):
@@ -109,6 +111,14 @@ def test_layer_uses_the_kernels_and_xla_does_not():
         return {op.type for op in fn.get_concrete_function().graph.get_operations()}
     assert {"WaTileTransform", "WaTileTransformAdjoint"} <= op_types(False)
     assert not {"WaTileTransform", "WaTileTransformAdjoint"} & op_types(True)
+    # Transforms larger than the kernels take (t = 17) run in TensorFlow ops.
+    # (Any matrices of these shapes: only the graph's ops are looked at.)
+    a17, b17, g17 = (tf.random.stateless_normal(shape, seed=(1, 4))
+                     for shape in ((15, 17), (17, 17), (17, 3)))
+    big = tf.function(lambda: winograd_conv(x, kernel, a17, b17, g17, 15))
+    assert "WaTileTransform" not in {
+        op.type for op in big.get_concrete_function().graph.get_operations()}
+    assert big().shape == (2, 8, 8, 4)
     with kernels.disabled():
         assert not kernels.available()
         assert "WaTileTransform" not in op_types(False)

@@ -43,12 +43,13 @@ from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
 kernels.load_if_built()
 
 
-def _fused(x):
-    """Whether the tile stages of `x`'s pipeline run as :mod:`wa_tf.kernels`' fused kernels.
+def _fused(x, t):
+    """Whether the tile stages of `x`'s pipeline (tile size t) run as :mod:`wa_tf.kernels`.
 
     They need the spatial size at trace time (it sets the kernels' attributes).
     """
-    return is_int(x.shape[1]) and is_int(x.shape[2]) and kernels.usable(x.dtype)
+    return (is_int(x.shape[1]) and is_int(x.shape[2]) and t <= kernels.MAX_TRANSFORM_SIZE
+            and kernels.usable(x.dtype))
 
 
 def _dim(x, axis):
@@ -306,7 +307,7 @@ def winograd_input(x, b_t, tile_size: int, padding: str = "same",
     """
     quantize = quantize or _no_quantization
     m, t = tile_size, b_t.shape[0]
-    if _fused(x):
+    if _fused(x, t):
         geo = tile_geometry(x.shape[1], x.shape[2], m, t - m + 1, padding)
         v = kernels.tile_transform(x, b_t, m, geo.pad_top, geo.pad_left, geo.n_h, geo.n_w)
         return quantize("input_winograd", v)
@@ -331,7 +332,7 @@ def winograd_output(mm, a_t, x, tile_size: int, padding: str = "same"):
     m, t = tile_size, a_t.shape[1]
     n, k = _dim(x, 0), mm.shape[-1]
     geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, padding)
-    if _fused(x):
+    if _fused(x, t):
         # Y = P^T M P per tile with P = A_t^T, written into the output.
         return kernels.tile_transform_adjoint(mm, tf.transpose(a_t), m, 0, 0, geo.n_h,
                                               geo.n_w, geo.out_h, geo.out_w)

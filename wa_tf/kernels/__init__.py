@@ -34,6 +34,7 @@ from wa_tf.machine import cpu_flags
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tile_transform.cc")
 _DTYPES = (tf.float32, tf.float64)
+MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m + r - 1 <= 16
 
 _lock = threading.Lock()
 _state = {"library": None, "tried": False, "error": None}

@@ -102,112 +102,6 @@ Status ReadGeometry(OpKernelConstruction* ctx, Geometry* g) {
   return Status();
 }
 
-// out[a][j][c] = sum_i mat[a*ld_a + i*ld_i] in[i][j][c], for a < rows, i < inner, j < cols.
-template <typename T, int cb>
-inline void Left(const T* __restrict__ mat, int ld_a, int ld_i, int rows, int inner, int cols,
-                 const T* __restrict__ in, T* __restrict__ out) {
-  for (int a = 0; a < rows; ++a) {
-    T* o = out + a * cols * cb;
-    std::fill(o, o + cols * cb, T(0));
-    for (int i = 0; i < inner; ++i) {
-      const T w = mat[a * ld_a + i * ld_i];
-      if (w == T(0)) continue;
-      const T* src = in + i * cols * cb;
-      for (int k = 0; k < cols * cb; ++k) o[k] += w * src[k];
-    }
-  }
-}
-
-// out[a][b][c] = sum_j in[a][j][c] mat[b*ld_b + j*ld_j], for a < rows, b < cols, j < inner.
-template <typename T, int cb>
-inline void Right(const T* __restrict__ mat, int ld_b, int ld_j, int rows, int inner, int cols,
-                  const T* __restrict__ in, T* __restrict__ out) {
-  for (int a = 0; a < rows; ++a) {
-    for (int b = 0; b < cols; ++b) {
-      T* o = out + (a * cols + b) * cb;
-      std::fill(o, o + cb, T(0));
-      for (int j = 0; j < inner; ++j) {
-        const T w = mat[b * ld_b + j * ld_j];
-        if (w == T(0)) continue;
-        const T* src = in + (a * inner + j) * cb;
-        for (int k = 0; k < cb; ++k) o[k] += w * src[k];
-      }
-    }
-  }
-}
-
-// Copies tile (n, th, tw), channels [c0, c0+cb), into tile[i][j][0:cb] (row stride CB);
-// zeros outside the image and in lanes cb..CB-1.
-template <typename T, int CB>
-inline void Gather(const T* x, int height, int width, int channels, const Geometry& g, int q,
-                   int n, int th, int tw, int c0, int cb, T* tile) {
-  for (int i = 0; i < q; ++i) {
-    const int y = th * g.stride + i - g.pad_top;
-    for (int j = 0; j < q; ++j) {
-      const int xx = tw * g.stride + j - g.pad_left;
-      T* dst = tile + (i * q + j) * CB;
-      if (y < 0 || y >= height || xx < 0 || xx >= width) {
-        std::fill(dst, dst + CB, T(0));
-      } else {
-        const T* src = x + ((static_cast<int64_t>(n) * height + y) * width + xx) * channels + c0;
-        if (cb == CB) {
-          for (int k = 0; k < CB; ++k) dst[k] = src[k];
-        } else {
-          std::memcpy(dst, src, cb * sizeof(T));
-          std::fill(dst + cb, dst + CB, T(0));
-        }
-      }
-    }
-  }
-}
-
-// Copies rows[r][0:cb] (row stride CB) to dst + r * ld, for r < count.
-template <typename T, int CB>
-inline void Scatter(const T* rows, int count, int64_t ld, int cb, T* dst) {
-  for (int r = 0; r < count; ++r) {
-    if (cb == CB) {
-      for (int k = 0; k < CB; ++k) dst[r * ld + k] = rows[r * CB + k];
-    } else {
-      std::memcpy(dst + r * ld, rows + r * CB, cb * sizeof(T));
-    }
-  }
-}
-
-// Reads src + r * ld, lanes [0:cb), into rows[r][0:CB] (zero-padded), for r < count.
-template <typename T, int CB>
-inline void Load(const T* src, int count, int64_t ld, int cb, T* rows) {
-  for (int r = 0; r < count; ++r) {
-    if (cb == CB) {
-      for (int k = 0; k < CB; ++k) rows[r * CB + k] = src[r * ld + k];
-    } else {
-      std::memcpy(rows + r * CB, src + r * ld, cb * sizeof(T));
-      std::fill(rows + r * CB + cb, rows + (r + 1) * CB, T(0));
-    }
-  }
-}
-
-// Adds, per lane, Z P X^T + Z^T P X to acc[p][q] for one tile X (q x q) and Z (p x p).
-template <typename T, int CB>
-inline void AccumulateMatGrad(const T* mat, int p, int q, const T* tile, const T* zt, T* pxt,
-                              T* px, T* acc) {
-  Right<T, CB>(mat, q, 1, q, q, p, tile, pxt);  // (X P^T)[i][a]
-  Left<T, CB>(mat, q, 1, p, q, q, tile, px);    // (P X)[a][j]
-  for (int pp = 0; pp < p; ++pp) {
-    for (int qq = 0; qq < q; ++qq) {
-      T sum[CB] = {};  // in registers, not re-read from acc for every a
-      for (int a = 0; a < p; ++a) {
-        const T* z1 = zt + (pp * p + a) * CB;   // Z[pp, a]
-        const T* z2 = zt + (a * p + pp) * CB;   // Z[a, pp]
-        const T* s1 = pxt + (qq * p + a) * CB;  // (P X^T)[a, qq]
-        const T* s2 = px + (a * q + qq) * CB;   // (P X)[a, qq]
-        for (int k = 0; k < CB; ++k) sum[k] += z1[k] * s1[k] + z2[k] * s2[k];
-      }
-      T* o = acc + (pp * q + qq) * CB;
-      for (int k = 0; k < CB; ++k) o[k] += sum[k];
-    }
-  }
-}
-
 // Sums per-shard transform gradients (in double: many tiles and channels add up).
 class MatGradTotal {
  public:
@@ -239,59 +133,76 @@ constexpr int kMaxRowSize = 16;
 // Columns a row of tiles reads (tile-local column 0 of tile 0 is column 0).
 inline int RowWidth(const Geometry& g, int q) { return (g.n_w - 1) * g.stride + q; }
 
-// The plain tile transform of one row of tiles (image img, tile row th), channels
-// [c0, c0 + cb): the vertical pass (P over the q input rows) once per column, shared by
-// the horizontally overlapping tiles, then the horizontal pass per tile, written to z.
-// Buffers: rows (q * wt * CB, used for a partial channel block), h (p * wt * CB).
+// The q image rows a row of tiles (image img, tile row th) reads, channels [c0, c0 + cb):
+// pointers into the image (column stride `channels`), or for a partial channel block into
+// a zero-padded copy (column stride CB); a null row reads zeros.
 template <typename T, int CB>
-void TransformTileRow(const T* __restrict__ x, int height, int width, int channels,
-                      const Geometry& g, const T* __restrict__ mat, int p, int q, int img,
-                      int th, int c0, int cb, int64_t tiles, T* __restrict__ z, T* rows,
-                      T* __restrict__ h) {
-  const int wt = RowWidth(g, q);
-  const bool direct = cb == CB;
-  // Source row i: x itself (column stride `channels`, column xx = col - pad_left), or for a
-  // partial block a zero-padded copy (column stride CB, indexed by col); null: a zero row.
-  const T* src[kMaxRowSize];
-  for (int i = 0; i < q; ++i) {
-    const int y = th * g.stride + i - g.pad_top;
-    const T* row = (y < 0 || y >= height) ? nullptr
-        : x + (static_cast<int64_t>(img) * height + y) * width * channels + c0;
-    if (direct || row == nullptr) {
-      src[i] = row;
-      continue;
-    }
-    T* copy = rows + static_cast<int64_t>(i) * wt * CB;
-    for (int col = 0; col < wt; ++col) {
-      const int xx = col - g.pad_left;
-      T* dst = copy + col * CB;
-      std::fill(dst, dst + CB, T(0));
-      if (xx >= 0 && xx < width) std::memcpy(dst, row + static_cast<int64_t>(xx) * channels,
-                                             cb * sizeof(T));
-    }
-    src[i] = copy;
+struct RowSource {
+  const T* row[kMaxRowSize];
+  bool direct;
+  int64_t channels;
+  int pad_left, width;
+
+  // Column col (0 = the first tile's first column) of row i, or nullptr for zeros.
+  const T* at(int i, int col) const {
+    if (row[i] == nullptr) return nullptr;
+    if (!direct) return row[i] + col * CB;
+    const int xx = col - pad_left;
+    return (xx < 0 || xx >= width) ? nullptr : row[i] + xx * channels;
   }
+
+  // copy: q * RowWidth * CB values, used for a partial block.
+  RowSource(const T* x, int height, int width_, int channels_, const Geometry& g, int q,
+            int img, int th, int c0, int cb, T* copy)
+      : direct(cb == CB), channels(channels_), pad_left(g.pad_left), width(width_) {
+    const int wt = RowWidth(g, q);
+    for (int i = 0; i < q; ++i) {
+      const int y = th * g.stride + i - g.pad_top;
+      row[i] = (y < 0 || y >= height) ? nullptr
+          : x + (static_cast<int64_t>(img) * height + y) * width * channels + c0;
+      if (direct || row[i] == nullptr) continue;
+      T* rows = copy + static_cast<int64_t>(i) * wt * CB;
+      for (int col = 0; col < wt; ++col) {
+        const int xx = col - g.pad_left;
+        T* dst = rows + col * CB;
+        std::fill(dst, dst + CB, T(0));
+        if (xx >= 0 && xx < width) {
+          std::memcpy(dst, row[i] + static_cast<int64_t>(xx) * channels, cb * sizeof(T));
+        }
+      }
+      row[i] = rows;
+    }
+  }
+};
+
+// h[a][col] = sum_i P[a][i] rows[i][col] for every column: the vertical pass, once per
+// column, shared by the horizontally overlapping tiles.  h: p * wt * CB.
+template <typename T, int CB>
+void VerticalPass(const RowSource<T, CB>& src, const T* __restrict__ mat, int p, int q, int wt,
+                  T* __restrict__ h) {
   for (int col = 0; col < wt; ++col) {
-    const int xx = col - g.pad_left;
-    const bool inside = !direct || (xx >= 0 && xx < width);
-    const int64_t offset = direct ? static_cast<int64_t>(xx) * channels : col * CB;
+    const T* v[kMaxRowSize];
+    for (int i = 0; i < q; ++i) v[i] = src.at(i, col);
     for (int a = 0; a < p; ++a) {
       T acc[CB] = {};
-      if (inside) {
-        for (int i = 0; i < q; ++i) {
-          const T w = mat[a * q + i];
-          if (w == T(0) || src[i] == nullptr) continue;
-          const T* v = src[i] + offset;
-          for (int k = 0; k < CB; ++k) acc[k] += w * v[k];
-        }
+      for (int i = 0; i < q; ++i) {
+        const T w = mat[a * q + i];
+        if (w == T(0) || v[i] == nullptr) continue;
+        for (int k = 0; k < CB; ++k) acc[k] += w * v[i][k];
       }
       T* dst = h + (static_cast<int64_t>(a) * wt + col) * CB;
       for (int k = 0; k < CB; ++k) dst[k] = acc[k];
     }
   }
-  // Position (a, b) of the row's tiles is one run of z (tiles consecutive): written
-  // run by run, a few streams at a time rather than p*p interleaved.
-  const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
+}
+
+// z's tiles of the row: Z = (P X) P^T from the vertical pass h.  Position (a, b) of the
+// row's tiles is one run of z (tiles consecutive): written run by run, a few streams at a
+// time rather than p*p interleaved.
+template <typename T, int CB>
+void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, int p, int q,
+                    const Geometry& g, int wt, int64_t first, int64_t tiles, int channels,
+                    int c0, int cb, T* __restrict__ z) {
   for (int a = 0; a < p; ++a) {
     for (int b = 0; b < p; ++b) {
       T* run = z + ((a * p + b) * tiles + first) * channels + c0;
@@ -304,7 +215,7 @@ void TransformTileRow(const T* __restrict__ x, int height, int width, int channe
           for (int k = 0; k < CB; ++k) acc[k] += w * hr[j * CB + k];
         }
         T* dst = run + static_cast<int64_t>(tw) * channels;
-        if (direct) {
+        if (cb == CB) {
           for (int k = 0; k < CB; ++k) dst[k] = acc[k];
         } else {
           std::memcpy(dst, acc, cb * sizeof(T));
@@ -314,37 +225,163 @@ void TransformTileRow(const T* __restrict__ x, int height, int width, int channe
   }
 }
 
-// The plain adjoint of one row of tiles: the horizontal pass per tile (Z P), summed into h
-// where tiles overlap, then the vertical pass (P^T) once per column, written (`store`) or
-// added into x.  Buffers: zt (CB, for a partial block), h (p * wt * CB).
+// Copies the row's tiles of z (p*p, tiles, C), channels [c0, c0 + cb), to buf[tw][a*p + b]
+// (zero-padded to CB lanes), reading z run by run.
 template <typename T, int CB>
-void AdjointTileRow(const T* __restrict__ z, const T* __restrict__ mat, int p, int q,
-                    const Geometry& g, int img, int th, int c0, int cb, int channels,
-                    int64_t tiles, int height, int width, bool store, T* zt,
-                    T* __restrict__ h, T* __restrict__ x) {
+void LoadTiles(const T* __restrict__ z, int p, int n_w, int64_t first, int64_t tiles,
+               int channels, int c0, int cb, T* __restrict__ buf) {
+  for (int ab = 0; ab < p * p; ++ab) {
+    const T* run = z + (ab * tiles + first) * channels + c0;
+    for (int tw = 0; tw < n_w; ++tw) {
+      T* dst = buf + (static_cast<int64_t>(tw) * p * p + ab) * CB;
+      const T* src = run + static_cast<int64_t>(tw) * channels;
+      if (cb == CB) {
+        for (int k = 0; k < CB; ++k) dst[k] = src[k];
+      } else {
+        std::memcpy(dst, src, cb * sizeof(T));
+        std::fill(dst + cb, dst + CB, T(0));
+      }
+    }
+  }
+}
+
+// zp[a][j] = sum_b Z[a][b] P[b][j] for one tile (Z: p*p*CB, zp: p*q*CB).
+template <typename T, int CB>
+inline void TimesMat(const T* __restrict__ zt, const T* __restrict__ mat, int p, int q,
+                     T* __restrict__ zp) {
+  for (int a = 0; a < p; ++a) {
+    for (int j = 0; j < q; ++j) {
+      T acc[CB] = {};
+      for (int b = 0; b < p; ++b) {
+        const T w = mat[b * q + j];
+        if (w == T(0)) continue;
+        const T* v = zt + (a * p + b) * CB;
+        for (int k = 0; k < CB; ++k) acc[k] += w * v[k];
+      }
+      for (int k = 0; k < CB; ++k) zp[(a * q + j) * CB + k] = acc[k];
+    }
+  }
+}
+
+// For tile tw of the row: acc[u][v] += (Z P X^T)[u][v] + (Z^T P X)[u][v], per lane, from
+// zp = Z P (p*q), Z (p*p), the vertical pass h = P X of the image rows and the rows
+// themselves (X[v][j] = rows[v][tw*s + j]).
+template <typename T, int CB>
+inline void AccumulateTileMatGrad(const T* __restrict__ zp, const T* __restrict__ zt,
+                                  const T* __restrict__ h, const RowSource<T, CB>& src, int p,
+                                  int q, int wt, int col0, T* __restrict__ acc) {
+  for (int v = 0; v < q; ++v) {
+    const T* x[kMaxRowSize];
+    for (int j = 0; j < q; ++j) x[j] = src.at(v, col0 + j);
+    for (int u = 0; u < p; ++u) {
+      T sum[CB] = {};
+      for (int j = 0; j < q; ++j) {  // (Z P)[u][j] X[v][j]
+        if (x[j] == nullptr) continue;
+        const T* zu = zp + (u * q + j) * CB;
+        for (int k = 0; k < CB; ++k) sum[k] += zu[k] * x[j][k];
+      }
+      for (int a = 0; a < p; ++a) {  // Z[a][u] (P X)[a][v]
+        const T* zv = zt + (a * p + u) * CB;
+        const T* hv = h + (static_cast<int64_t>(a) * wt + col0 + v) * CB;
+        for (int k = 0; k < CB; ++k) sum[k] += zv[k] * hv[k];
+      }
+      T* o = acc + (u * q + v) * CB;
+      for (int k = 0; k < CB; ++k) o[k] += sum[k];
+    }
+  }
+}
+
+// Buffer sizes (in units of CB values) of the row kernels.
+inline int64_t TransformRowBuffer(int p, int q, int wt, int n_w, bool grad) {
+  return static_cast<int64_t>(q + p) * wt +
+         (grad ? static_cast<int64_t>(n_w) * p * p + p * q + p * q : 0);
+}
+inline int64_t AdjointRowBuffer(int p, int q, int wt, int n_w, bool grad) {
+  return static_cast<int64_t>(p) * wt + 1 +
+         (grad ? static_cast<int64_t>(q + p) * wt + static_cast<int64_t>(n_w) * p * p +
+                     static_cast<int64_t>(n_w) * p * q + p * q
+               : 0);
+}
+
+// The tile transform of one row of tiles (image img, tile row th), channels [c0, c0 + cb),
+// written to z; with `acc` (kGrad) also the transform's gradient against zin, the incoming
+// gradient of the adjoint in z's layout.  buf: TransformRowBuffer * CB values.
+template <typename T, int CB>
+void TransformTileRow(const T* x, int height, int width, int channels, const Geometry& g,
+                      const T* mat, int p, int q, int img, int th, int c0, int cb,
+                      int64_t tiles, T* z, const T* zin, T* acc, T* buf) {
+  const int wt = RowWidth(g, q);
+  const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
+  T* copy = buf;
+  T* h = copy + static_cast<int64_t>(q) * wt * CB;
+  const RowSource<T, CB> src(x, height, width, channels, g, q, img, th, c0, cb, copy);
+  VerticalPass<T, CB>(src, mat, p, q, wt, h);
+  HorizontalPass<T, CB>(h, mat, p, q, g, wt, first, tiles, channels, c0, cb, z);
+  if (acc == nullptr) return;
+  T* zt = h + static_cast<int64_t>(p) * wt * CB;  // the row's tiles of zin
+  T* zp = zt + static_cast<int64_t>(g.n_w) * p * p * CB;
+  LoadTiles<T, CB>(zin, p, g.n_w, first, tiles, channels, c0, cb, zt);
+  for (int tw = 0; tw < g.n_w; ++tw) {
+    const T* ztile = zt + static_cast<int64_t>(tw) * p * p * CB;
+    TimesMat<T, CB>(ztile, mat, p, q, zp);
+    AccumulateTileMatGrad<T, CB>(zp, ztile, h, src, p, q, wt, tw * g.stride, acc);
+  }
+}
+
+// The adjoint of one row of tiles: per tile Z P (the horizontal pass), summed into h where
+// tiles overlap, then P^T (the vertical pass) once per column, written (`store`) or added
+// into x; with `acc` (kGrad) also the transform's gradient against xin, the image whose
+// tiles the adjoint's input is the gradient of.  buf: AdjointRowBuffer * CB values.
+template <typename T, int CB>
+void AdjointTileRow(const T* z, const T* mat, int p, int q, const Geometry& g, int img,
+                    int th, int c0, int cb, int channels, int64_t tiles, int height, int width,
+                    bool store, T* x, const T* xin, T* acc, T* buf) {
   const int wt = RowWidth(g, q);
   const bool direct = cb == CB;
-  std::fill(h, h + static_cast<int64_t>(p) * wt * CB, T(0));
-  // Position (a, b) of the row's tiles is one run of z (tiles consecutive): read run by
-  // run, each Z[a][b] spread over the q columns it reaches.
   const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
-  for (int a = 0; a < p; ++a) {
-    for (int b = 0; b < p; ++b) {
-      const T* run = z + ((a * p + b) * tiles + first) * channels + c0;
-      for (int tw = 0; tw < g.n_w; ++tw) {
-        const T* v = run + static_cast<int64_t>(tw) * channels;
-        if (!direct) {
-          std::memcpy(zt, v, cb * sizeof(T));
-          std::fill(zt + cb, zt + CB, T(0));
-          v = zt;
-        }
-        T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
-        for (int j = 0; j < q; ++j) {
-          const T w = mat[b * q + j];
-          if (w == T(0)) continue;
-          for (int k = 0; k < CB; ++k) hr[j * CB + k] += w * v[k];
+  T* h = buf;
+  T* zt = h + static_cast<int64_t>(p) * wt * CB;  // one tile (partial blocks)
+  std::fill(h, h + static_cast<int64_t>(p) * wt * CB, T(0));
+  if (acc == nullptr) {
+    // Position (a, b) of the row's tiles is one run of z: read run by run, each Z[a][b]
+    // spread over the q columns it reaches.
+    for (int a = 0; a < p; ++a) {
+      for (int b = 0; b < p; ++b) {
+        const T* run = z + ((a * p + b) * tiles + first) * channels + c0;
+        for (int tw = 0; tw < g.n_w; ++tw) {
+          const T* v = run + static_cast<int64_t>(tw) * channels;
+          if (!direct) {
+            std::memcpy(zt, v, cb * sizeof(T));
+            std::fill(zt + cb, zt + CB, T(0));
+            v = zt;
+          }
+          T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+          for (int j = 0; j < q; ++j) {
+            const T w = mat[b * q + j];
+            if (w == T(0)) continue;
+            for (int k = 0; k < CB; ++k) hr[j * CB + k] += w * v[k];
+          }
         }
       }
+    }
+  } else {
+    T* copy = zt + CB;
+    T* hx = copy + static_cast<int64_t>(q) * wt * CB;  // P X of xin's rows
+    T* tiles_buf = hx + static_cast<int64_t>(p) * wt * CB;
+    T* zps = tiles_buf + static_cast<int64_t>(g.n_w) * p * p * CB;
+    const RowSource<T, CB> src(xin, height, width, channels, g, q, img, th, c0, cb, copy);
+    VerticalPass<T, CB>(src, mat, p, q, wt, hx);
+    LoadTiles<T, CB>(z, p, g.n_w, first, tiles, channels, c0, cb, tiles_buf);
+    for (int tw = 0; tw < g.n_w; ++tw) {
+      const T* ztile = tiles_buf + static_cast<int64_t>(tw) * p * p * CB;
+      T* zp = zps + static_cast<int64_t>(tw) * p * q * CB;
+      TimesMat<T, CB>(ztile, mat, p, q, zp);
+      for (int a = 0; a < p; ++a) {
+        T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+        const T* za = zp + a * q * CB;
+        for (int k = 0; k < q * CB; ++k) hr[k] += za[k];
+      }
+      AccumulateTileMatGrad<T, CB>(zp, ztile, hx, src, p, q, wt, tw * g.stride, acc);
     }
   }
   for (int col = 0; col < wt; ++col) {
@@ -353,21 +390,29 @@ void AdjointTileRow(const T* __restrict__ z, const T* __restrict__ mat, int p, i
     for (int i = 0; i < q; ++i) {
       const int y = th * g.stride + i - g.pad_top;
       if (y < 0 || y >= height) continue;
-      T acc[CB] = {};
+      T sum[CB] = {};
       for (int a = 0; a < p; ++a) {
         const T w = mat[a * q + i];
         if (w == T(0)) continue;
         const T* v = h + (static_cast<int64_t>(a) * wt + col) * CB;
-        for (int k = 0; k < CB; ++k) acc[k] += w * v[k];
+        for (int k = 0; k < CB; ++k) sum[k] += w * v[k];
       }
       T* dst = x + ((static_cast<int64_t>(img) * height + y) * width + xx) * channels + c0;
       if (store) {
-        for (int k = 0; k < cb; ++k) dst[k] = acc[k];
+        for (int k = 0; k < cb; ++k) dst[k] = sum[k];
       } else {
-        for (int k = 0; k < cb; ++k) dst[k] += acc[k];
+        for (int k = 0; k < cb; ++k) dst[k] += sum[k];
       }
     }
   }
+}
+
+Status CheckMatSize(int p, int q) {
+  if (p < 1 || q < 1 || p > kMaxRowSize || q > kMaxRowSize) {
+    return InvalidArgument("mat must be between 1 x 1 and ", kMaxRowSize, " x ", kMaxRowSize,
+                           ", got ", p, " x ", q);
+  }
+  return Status();
 }
 
 // Per-unit cost hint for the sharder: a row of n_w tiles.
@@ -392,6 +437,7 @@ class TileTransformOp : public OpKernel {
     const int n = x.dim_size(0), height = x.dim_size(1), width = x.dim_size(2),
               channels = x.dim_size(3);
     const int p = mat.dim_size(0), q = mat.dim_size(1);
+    OP_REQUIRES_OK(ctx, CheckMatSize(p, q));
     const int64_t tiles = static_cast<int64_t>(n) * geo_.n_h * geo_.n_w;
     const T* zin = nullptr;
     if (kGrad) {
@@ -414,56 +460,23 @@ class TileTransformOp : public OpKernel {
       WithShape<T>(channels, p, q, [&](auto block, auto p_size, auto q_size) {
         constexpr int CB = decltype(block)::value;
         const int p = p_size, q = q_size;
-        if (!kGrad && p <= kMaxRowSize && q <= kMaxRowSize) {
-          const int64_t wt = RowWidth(geo, q);
-          auto rows_work = [&](int64_t begin, int64_t end) {
-            std::vector<T> buf((q + p) * wt * CB);
-            for (int64_t unit = begin; unit < end; ++unit) {  // unit = n * n_h + th
-              for (int c0 = 0; c0 < channels; c0 += CB) {
-                TransformTileRow<T, CB>(xp, height, width, channels, geo, mp, p, q,
-                                        unit / geo.n_h, unit % geo.n_h, c0,
-                                        std::min(CB, channels - c0), tiles, zp, buf.data(),
-                                        buf.data() + q * wt * CB);
-              }
-            }
-          };
-          tensorflow::Shard(workers->num_threads, workers->workers,
-                            static_cast<int64_t>(n) * geo.n_h, RowCost(geo, channels, p, q, false),
-                            rows_work);
-          return;
-        }
-        auto work = [&](int64_t begin, int64_t end) {
-          std::vector<T> buf((q * q + 4 * p * q + 2 * p * p) * CB);
-          T* tile = buf.data();
-          T* half = tile + q * q * CB;
-          T* out = half + p * q * CB;
-          T* zt = out + p * p * CB;
-          T* pxt = zt + p * p * CB;
-          T* px = pxt + p * q * CB;
-          T* acc = px + p * q * CB;
-          if (kGrad) std::fill(acc, acc + p * q * CB, T(0));
+        const int wt = RowWidth(geo, q);
+        auto rows_work = [&](int64_t begin, int64_t end) {
+          std::vector<T> buf(TransformRowBuffer(p, q, wt, geo.n_w, kGrad) * CB);
+          std::vector<T> acc(kGrad ? p * q * CB : 0, T(0));
           for (int64_t unit = begin; unit < end; ++unit) {  // unit = n * n_h + th
-            const int img = unit / geo.n_h, th = unit % geo.n_h;
-            for (int tw = 0; tw < geo.n_w; ++tw) {
-              const int64_t t_index = unit * geo.n_w + tw;
-              for (int c0 = 0; c0 < channels; c0 += CB) {
-                const int cb = std::min(CB, channels - c0);
-                Gather<T, CB>(xp, height, width, channels, geo, q, img, th, tw, c0, cb, tile);
-                Left<T, CB>(mp, q, 1, p, q, q, tile, half);   // (P X)[a][j]
-                Right<T, CB>(mp, q, 1, p, q, p, half, out);   // (P X P^T)[a][b]
-                Scatter<T, CB>(out, p * p, tiles * channels, cb, zp + t_index * channels + c0);
-                if (kGrad) {
-                  Load<T, CB>(zin + t_index * channels + c0, p * p, tiles * channels, cb, zt);
-                  AccumulateMatGrad<T, CB>(mp, p, q, tile, zt, pxt, px, acc);
-                }
-              }
+            for (int c0 = 0; c0 < channels; c0 += CB) {
+              TransformTileRow<T, CB>(xp, height, width, channels, geo, mp, p, q,
+                                      unit / geo.n_h, unit % geo.n_h, c0,
+                                      std::min(CB, channels - c0), tiles, zp, zin,
+                                      kGrad ? acc.data() : nullptr, buf.data());
             }
           }
-          if (kGrad) total.Add<T, CB>(acc);
+          if (kGrad) total.Add<T, CB>(acc.data());
         };
         tensorflow::Shard(workers->num_threads, workers->workers,
-                          static_cast<int64_t>(n) * geo.n_h, RowCost(geo, channels, p, q, kGrad),
-                          work);
+                          static_cast<int64_t>(n) * geo.n_h,
+                          RowCost(geo, channels, p, q, kGrad), rows_work);
       });
     }
     if (kGrad) {
@@ -495,6 +508,7 @@ class TileTransformAdjointOp : public OpKernel {
     OP_REQUIRES(ctx, z.dims() == 3, InvalidArgument("z must be 3-D"));
     OP_REQUIRES(ctx, mat.dims() == 2, InvalidArgument("mat must be 2-D"));
     const int p = mat.dim_size(0), q = mat.dim_size(1);
+    OP_REQUIRES_OK(ctx, CheckMatSize(p, q));
     const int64_t per_image = static_cast<int64_t>(geo_.n_h) * geo_.n_w;
     OP_REQUIRES(ctx, z.dim_size(0) == p * p,
                 InvalidArgument("z must have p*p = ", p * p, " rows, got ", z.dim_size(0)));
@@ -520,10 +534,9 @@ class TileTransformAdjointOp : public OpKernel {
     const Geometry geo = geo_;
     MatGradTotal total(p * q);
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    const bool row_kernel = !kGrad && p <= kMaxRowSize && q <= kMaxRowSize;
     // Disjoint tiles that cover the output (the output transform) are written; otherwise
     // tiles add into the output, zeroed first (pixels no tile reaches stay 0).
-    const bool store = row_kernel && geo.stride == q && geo.pad_top == 0 &&
+    const bool store = geo.stride == q && geo.pad_top == 0 &&
                        geo.pad_left == 0 && static_cast<int64_t>(geo.n_h) * q >= height &&
                        static_cast<int64_t>(geo.n_w) * q >= width;
     const int64_t row = static_cast<int64_t>(width) * channels;
@@ -543,69 +556,24 @@ class TileTransformAdjointOp : public OpKernel {
         const int p = p_size, q = q_size;
         for (int phase = 0; phase < period; ++phase) {
           const int rows = geo.n_h > phase ? (geo.n_h - phase + period - 1) / period : 0;
-          if (row_kernel) {
-            const int64_t wt = RowWidth(geo, q);
-            auto rows_work = [&](int64_t begin, int64_t end) {
-              std::vector<T> buf((p * p + p * wt) * CB);
-              for (int64_t unit = begin; unit < end; ++unit) {
-                const int img = unit / rows, th = phase + (unit % rows) * period;
-                for (int c0 = 0; c0 < channels; c0 += CB) {
-                  AdjointTileRow<T, CB>(zp, mp, p, q, geo, img, th, c0,
-                                        std::min(CB, channels - c0), channels, tiles, height,
-                                        width, store, buf.data(), buf.data() + p * p * CB, xp);
-                }
-              }
-            };
-            tensorflow::Shard(workers->num_threads, workers->workers,
-                              static_cast<int64_t>(n) * rows,
-                              RowCost(geo, channels, p, q, false), rows_work);
-            continue;
-          }
-          auto work = [&](int64_t begin, int64_t end) {
-            std::vector<T> buf((p * p + 4 * p * q + 2 * q * q) * CB);
-            T* in = buf.data();
-            T* half = in + p * p * CB;
-            T* out = half + q * p * CB;
-            T* tile = out + q * q * CB;
-            T* pxt = tile + q * q * CB;
-            T* px = pxt + p * q * CB;
-            T* acc = px + p * q * CB;
-            if (kGrad) std::fill(acc, acc + p * q * CB, T(0));
+          const int wt = RowWidth(geo, q);
+          auto rows_work = [&](int64_t begin, int64_t end) {
+            std::vector<T> buf(AdjointRowBuffer(p, q, wt, geo.n_w, kGrad) * CB);
+            std::vector<T> acc(kGrad ? p * q * CB : 0, T(0));
             for (int64_t unit = begin; unit < end; ++unit) {
               const int img = unit / rows, th = phase + (unit % rows) * period;
-              for (int tw = 0; tw < geo.n_w; ++tw) {
-                const int64_t t_index =
-                    (static_cast<int64_t>(img) * geo.n_h + th) * geo.n_w + tw;
-                for (int c0 = 0; c0 < channels; c0 += CB) {
-                  const int cb = std::min(CB, channels - c0);
-                  Load<T, CB>(zp + t_index * channels + c0, p * p, tiles * channels, cb, in);
-                  Left<T, CB>(mp, 1, q, q, p, p, in, half);    // (P^T Z)[i][b]
-                  Right<T, CB>(mp, 1, q, q, p, q, half, out);  // (P^T Z P)[i][j]
-                  for (int i = 0; i < q; ++i) {
-                    const int y = th * geo.stride + i - geo.pad_top;
-                    if (y < 0 || y >= height) continue;
-                    for (int j = 0; j < q; ++j) {
-                      const int xx = tw * geo.stride + j - geo.pad_left;
-                      if (xx < 0 || xx >= width) continue;
-                      T* dst = xp + ((static_cast<int64_t>(img) * height + y) * width + xx) *
-                                        channels + c0;
-                      const T* src = out + (i * q + j) * CB;
-                      for (int k = 0; k < cb; ++k) dst[k] += src[k];
-                    }
-                  }
-                  if (kGrad) {
-                    Gather<T, CB>(xin, height, width, channels, geo, q, img, th, tw, c0, cb,
-                                  tile);
-                    AccumulateMatGrad<T, CB>(mp, p, q, tile, in, pxt, px, acc);
-                  }
-                }
+              for (int c0 = 0; c0 < channels; c0 += CB) {
+                AdjointTileRow<T, CB>(zp, mp, p, q, geo, img, th, c0,
+                                      std::min(CB, channels - c0), channels, tiles, height,
+                                      width, store, xp, xin, kGrad ? acc.data() : nullptr,
+                                      buf.data());
               }
             }
-            if (kGrad) total.Add<T, CB>(acc);
+            if (kGrad) total.Add<T, CB>(acc.data());
           };
           tensorflow::Shard(workers->num_threads, workers->workers,
-                            static_cast<int64_t>(n) * rows, RowCost(geo, channels, p, q, kGrad),
-                            work);
+                            static_cast<int64_t>(n) * rows,
+                            RowCost(geo, channels, p, q, kGrad), rows_work);
         }
       });
     }
