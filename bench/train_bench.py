@@ -53,6 +53,9 @@ flags.DEFINE_list("configs", None, "Only these configurations, as named in the t
 flags.DEFINE_boolean("jit_compile", False, "Add rows with the step compiled by XLA.")
 flags.DEFINE_boolean("recompute", False, "Add Winograd rows with recompute=True "
                      "(the backward pass recomputes the Winograd pipeline).")
+flags.DEFINE_integer("rounds", 1, "Measure every configuration this many times, round by "
+                     "round (a load change on a shared machine then hits all alike); the "
+                     "table gives the median step time and the largest peaks.")
 flags.DEFINE_boolean("compare_tf", False, "Add Winograd rows with the pure-TF pipeline "
                      "(wa_tf.kernels turned off), named ...-pureTF.")
 flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
@@ -153,6 +156,19 @@ def run_config(name, spec, requested_memory):
     return dict(common.run_worker(cmd), name=name, **spec)
 
 
+def _combine(runs):
+    """One configuration's rounds as one result: median step, largest peaks; failed if any did."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    result = dict(runs[0], step_s=statistics.median(r["step_s"] for r in runs),
+                  rss_growth_bytes=max(r["rss_growth_bytes"] for r in runs),
+                  step_s_rounds=[r["step_s"] for r in runs])
+    if all(r["peak_bytes"] is not None for r in runs):
+        result["peak_bytes"] = max(r["peak_bytes"] for r in runs)
+    return result
+
+
 def table(results, memory):
     """Markdown table with ratios to the normal convolution of the same precision/XLA.
 
@@ -193,10 +209,16 @@ def main(argv):
         return
     # The parent runs nothing on the device (on a GPU it would hold memory the
     # workers need): each worker finds which measure works there.
-    results = []
-    for name, spec in configurations():
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        results.append(run_config(name, spec, FLAGS.memory))
+    if FLAGS.rounds < 1:
+        raise app.UsageError(f"--rounds must be >= 1, got {FLAGS.rounds}")
+    named = configurations()
+    rounds = {name: [] for name, _ in named}
+    for round_ in range(FLAGS.rounds):
+        for name, spec in named:
+            print(f"measuring {name} (round {round_ + 1}/{FLAGS.rounds}) ...", file=sys.stderr,
+                  flush=True)
+            rounds[name].append(run_config(name, spec, FLAGS.memory))
+    results = [_combine(rounds[name]) for name, _ in named]
     measured = [r for r in results if "error" not in r]
     device = next((r["device"] for r in measured), "?")
     memory = "allocator" if measured and all(r["memory"] == "allocator" for r in measured) \
@@ -205,7 +227,8 @@ def main(argv):
     fused = sorted({r["name"] for r in measured if r.get("kernels") and r["conv"] != "normal"})
     print(f"fused tile kernels (wa_tf.kernels) in: {', '.join(fused) or 'no row'}")
     print(f"Training step of ResNet18-like, batch {FLAGS.batch_size}, width {FLAGS.mult}, "
-          f"on {device}: median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up steps")
+          f"on {device}: median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up steps"
+          + (f", median over {FLAGS.rounds} interleaved rounds" if FLAGS.rounds > 1 else ""))
     if memory == "rss":
         print("Memory: RSS growth only (TensorFlow keeps no allocator statistics here, or "
               "--memory=rss): growth of each process's peak RSS from before its model is built.")

@@ -143,3 +143,57 @@ def test_without_a_compiler_the_layer_falls_back(tmp_path):
     assert "fallback ok" in result.stdout
     assert "fused Winograd kernels unavailable" in result.stderr
     assert not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("per_axis", [False, True])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_fake_quant_matches_numpy_bit_for_bit(dtype, per_axis, bits):
+    rng = np.random.default_rng(bits)
+    qmin, qmax = -2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
+    scale = (rng.uniform(0.01, 0.2, size=(5, 1, 1)) if per_axis else np.array(0.05)).astype(dtype)
+    codes = rng.integers(int(qmin) - 20, int(qmax) + 20, size=(5, 7, 33))
+    # Ties (k + 1/2) round to even; values past the limits clip; the rest is noise.
+    x = ((codes + rng.choice([0.0, 0.5, -0.5, 0.3], size=codes.shape)) * scale).astype(dtype)
+    expected_codes = np.clip(np.round(x / scale), qmin, qmax)  # numpy rounds half to even
+    expected = (expected_codes * scale).astype(dtype)
+    y = kernels.fake_quant(tf.constant(x), tf.constant(scale), qmin, qmax)
+    np.testing.assert_array_equal(y.numpy(), expected)
+    code_dtype = tf.int8 if bits <= 8 else tf.int16
+    y2, c = kernels.fake_quant(tf.constant(x), tf.constant(scale), qmin, qmax, code_dtype)
+    np.testing.assert_array_equal(y2.numpy(), expected)
+    assert c.dtype == code_dtype
+    np.testing.assert_array_equal(c.numpy(), expected_codes.astype(code_dtype.as_numpy_dtype))
+
+
+def test_fake_quant_keeps_nan_and_checks_the_scale():
+    x = tf.constant([[1.0, np.nan], [3.0, -2.0]])
+    y = kernels.fake_quant(x, tf.constant(0.5), -128, 127).numpy()
+    assert np.isnan(y[0, 1]) and y[0, 0] == 1.0
+    assert np.isnan(kernels.fake_quant(x, tf.constant(np.nan, tf.float32), -128, 127)).all()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one per index"):
+        kernels.fake_quant(x, tf.constant([0.5, 0.5, 0.5]), -128, 127)
+
+
+def test_quantizers_use_the_fused_fake_quant_with_the_same_values():
+    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    x = tf.random.stateless_normal((9, 40, 16), seed=(2, 9)) * 3
+    ranges = tf.random.stateless_uniform((9, 1, 1), seed=(2, 8), minval=0.5, maxval=4.0)
+
+    def ops(fn):
+        return {op.type for op in tf.function(fn).get_concrete_function().graph.get_operations()}
+    for range_ in (ranges, tf.constant(2.5)):
+        fused = quantizers.fake_quant_codes(x, range_, 8)
+        assert "WaFakeQuantCodes" in ops(lambda r=range_: quantizers.fake_quant_codes(x, r, 8))
+        with kernels.disabled():
+            plain = quantizers.fake_quant_codes(x, range_, 8)
+            assert "WaFakeQuantCodes" not in ops(
+                lambda r=range_: quantizers.fake_quant_codes(x, r, 8))
+        for a, b in zip(fused, plain):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Straight-through gradient either way.
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = quantizers.fake_quant(x, ranges, 4)
+    np.testing.assert_array_equal(tape.gradient(y, x, output_gradients=x * 2).numpy(),
+                                  (x * 2).numpy())

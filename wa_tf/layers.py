@@ -17,11 +17,15 @@ element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
     g (r, r, C, K) --G . G^T--> U (t^2, C, K)
     M = V @ U (t^2, N*P, K) --A_t . A_t^T--> (m^2, N*P*K) --untile--> y
 
-The tiles are gathered in one pass (a gather of C-channel rows whose gradient
-is a gather too, not TensorFlow's scatter-add); the output is untiled by one
-transpose.  For the backward pass the layer keeps U and M and recomputes the
-tiles and V (and a flex layer's output-transform intermediate), each several
-times the size of the input.
+On CPUs the tile stages run as :mod:`wa_tf.kernels`' fused kernels: tiles and
+``B_t d B_t^T`` in one pass, ``A_t M A_t^T`` and untiling in one pass, each the
+other's gradient.  Otherwise (XLA, GPUs, other dtypes, no compiler) they are
+TensorFlow ops: the tiles are gathered in one pass (a gather of C-channel rows
+whose gradient is a gather too, not TensorFlow's scatter-add), each transform
+is two GEMMs, and the output is untiled by one transpose.  For the backward
+pass the layer keeps U and M and recomputes the tiles and V (and a flex
+layer's output-transform intermediate), each several times the size of the
+input.
 
 :func:`winograd_conv` is the pipeline as a function, with a hook on each
 Winograd-domain stage (:func:`winograd_conv_transformed` the same from a

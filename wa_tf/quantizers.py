@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
+from wa_tf import kernels
 from wa_tf.transforms import is_int
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
@@ -70,24 +71,41 @@ def _fake_quant(x, range_, num_bits, with_codes):
     qmin, qmax = _code_limits(num_bits)
     x = tf.convert_to_tensor(x)
     scale = quant_scale(range_, num_bits, x.dtype)
+    # The same arithmetic in one pass where wa_tf.kernels runs (bit-identical).
+    fused = _leading_axis_scale(scale, x) and kernels.usable(x.dtype)
     if not with_codes:
         @tf.custom_gradient
         def _quantize(v):
-            y = tf.clip_by_value(tf.round(v / scale), qmin, qmax) * scale
+            if fused:
+                y = kernels.fake_quant(v, scale, qmin, qmax)
+            else:
+                y = tf.clip_by_value(tf.round(v / scale), qmin, qmax) * scale
             return y, lambda dy: dy
         return _quantize(x)
 
     @tf.custom_gradient
     def _quantize_codes(v):
-        q = tf.clip_by_value(tf.round(v / scale), qmin, qmax)
-
         def grad(dy, dcodes):
             del dcodes  # integer output: no gradient
             return dy
+        if fused:
+            return kernels.fake_quant(v, scale, qmin, qmax, _code_dtype(num_bits)), grad
+        q = tf.clip_by_value(tf.round(v / scale), qmin, qmax)
         return (q * scale, tf.cast(q, _code_dtype(num_bits))), grad
 
     y, codes = _quantize_codes(x)
     return y, codes, scale
+
+
+def _leading_axis_scale(scale, x):
+    """Whether `scale` is one value, or one per index of `x`'s first axis (the fused kernel's)."""
+    shape = scale.shape
+    if not shape.is_fully_defined():
+        return False
+    if shape.num_elements() == 1:
+        return True
+    return (x.shape.rank == shape.rank and x.shape[0] == shape[0]
+            and all(d == 1 for d in shape[1:]))
 
 
 def _code_dtype(num_bits):

@@ -1,11 +1,13 @@
-"""Fused CPU kernels for the Winograd pipeline's tile stages, with a pure-TF fallback.
+"""Fused CPU kernels for the Winograd pipeline's memory-bound stages, with a pure-TF fallback.
 
 TensorFlow runs the input transform (gather the overlapping tiles, then
 ``B_t d B_t^T``) and the output transform (``A_t M A_t^T``, then untile) as
 several memory-bound passes.  ``tile_transform.cc`` does each in one pass over
 the tiles, vectorized over channels: :func:`tile_transform` and its adjoint
 :func:`tile_transform_adjoint`, each the other's gradient, plus the gradient
-with respect to the transform.
+with respect to the transform (docs/kernels.md).  ``fake_quant.cc`` is
+:func:`wa_tf.quantizers.fake_quant` in one pass instead of five
+(:func:`fake_quant`), with the same results bit for bit.
 
 The library is compiled on first use with the C++ compiler and TensorFlow's
 headers (``tf.sysconfig``) into a cache folder (``$WA_TF_CACHE``, else
@@ -32,9 +34,14 @@ import tensorflow as tf
 
 from wa_tf.machine import cpu_flags
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tile_transform.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = tuple(os.path.join(_HERE, name) for name in ("tile_transform.cc", "fake_quant.cc"))
 _DTYPES = (tf.float32, tf.float64)
 MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m + r - 1 <= 16
+
+# -fno-trapping-math / -fno-math-errno let rounding vectorize; they change no value.
+_EXTRA_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-fno-trapping-math",
+                "-fno-math-errno", "-w")
 
 _lock = threading.Lock()
 _state = {"library": None, "tried": False, "error": None}
@@ -49,11 +56,12 @@ def cache_dir():
 
 def _build_key(compile_flags, link_flags):
     digest = hashlib.sha256()
-    with open(_SOURCE, "rb") as f:
-        digest.update(f.read())
+    for source in _SOURCES:
+        with open(source, "rb") as f:
+            digest.update(f.read())
     # -march=native: a library built on another CPU may use instructions this one lacks.
     for part in (tf.__version__, sys.version, " ".join(compile_flags), " ".join(link_flags),
-                 " ".join(cpu_flags())):
+                 " ".join(cpu_flags()), " ".join(_EXTRA_FLAGS)):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -61,7 +69,7 @@ def _build_key(compile_flags, link_flags):
 def library_path():
     """The path of the built library for this machine (it may not exist yet)."""
     compile_flags, link_flags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
-    return os.path.join(cache_dir(), f"tile_transform_{_build_key(compile_flags, link_flags)}.so")
+    return os.path.join(cache_dir(), f"wa_tf_kernels_{_build_key(compile_flags, link_flags)}.so")
 
 
 def build(verbose=False):
@@ -80,8 +88,8 @@ def build(verbose=False):
     # Build under a temporary name, then rename: concurrent builds never read half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
-    cmd = [compiler, "-shared", "-fPIC", "-O3", "-march=native", "-w",
-           *tf.sysconfig.get_compile_flags(), _SOURCE, "-o", tmp,
+    cmd = [compiler, *_EXTRA_FLAGS,
+           *tf.sysconfig.get_compile_flags(), *_SOURCES, "-o", tmp,
            *tf.sysconfig.get_link_flags()]
     if verbose:
         print(" ".join(cmd), flush=True)
@@ -90,7 +98,7 @@ def build(verbose=False):
         os.unlink(tmp)
         errors = [line for line in result.stderr.splitlines() if "error" in line]
         first = errors[0] if errors else f"{compiler} exited with {result.returncode}"
-        raise RuntimeError(f"compiling {os.path.basename(_SOURCE)} failed: {first}\n"
+        raise RuntimeError(f"compiling wa_tf/kernels failed: {first}\n"
                            f"{result.stderr[-4000:]}")
     os.replace(tmp, path)
     return path
@@ -169,6 +177,27 @@ def build_error():
     return _state["error"]
 
 
+def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
+    """``clip(round(x / scale), qmin, qmax) * scale`` in one pass, as TensorFlow computes it.
+
+    Args:
+      x: Float tensor.
+      scale: Its step: one value, or one per index of `x`'s first axis (any
+        shape with that many elements).
+      qmin, qmax: The code limits.
+      codes_dtype: None, or tf.int8 / tf.int16 to also return the codes.
+
+    Returns:
+      The fake-quantized tensor, or (it, codes) with `codes_dtype`.  No gradient
+      is defined: :mod:`wa_tf.quantizers` gives it its straight-through one.
+    """
+    scale = tf.reshape(scale, [-1])
+    if codes_dtype is None:
+        return _library().wa_fake_quant(x, scale, qmin=float(qmin), qmax=float(qmax))
+    return _library().wa_fake_quant_codes(x, scale, qmin=float(qmin), qmax=float(qmax),
+                                          Tcodes=codes_dtype)
+
+
 def _geometry(stride, pad_top, pad_left, n_h, n_w):
     return {"stride": int(stride), "pad_top": int(pad_top), "pad_left": int(pad_left),
             "n_h": int(n_h), "n_w": int(n_w)}
@@ -237,4 +266,6 @@ def _tile_transform_adjoint_grad(op, dx):
 
 
 tf.no_gradient("WaTileTransformGrad")
+tf.no_gradient("WaFakeQuant")
+tf.no_gradient("WaFakeQuantCodes")
 tf.no_gradient("WaTileTransformAdjointGrad")

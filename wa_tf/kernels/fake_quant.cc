@@ -1,0 +1,142 @@
+// Fused symmetric fake quantization (CPU): y = clip(round(x / s), qmin, qmax) * s in one
+// pass, optionally with the integer codes, where TensorFlow runs five elementwise passes
+// (divide, round, maximum, minimum, multiply) and a cast.
+//
+// The arithmetic is TensorFlow's, operation for operation: a true division, rounding half
+// to even (tf.round), clipping that keeps NaN, one multiplication; the results are
+// bit-identical.  The scale is a scalar or one value per index of the first axis (the
+// Winograd layer's per-tap ranges).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace wa_tf {
+namespace {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::errors::InvalidArgument;
+using ::tensorflow::shape_inference::InferenceContext;
+
+constexpr int64_t kChunk = 512;
+
+template <typename T, typename C, bool kCodes>
+class FakeQuantOp : public OpKernel {
+ public:
+  explicit FakeQuantOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("qmin", &qmin_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("qmax", &qmax_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& scale = ctx->input(1);
+    const int64_t size = x.NumElements();
+    const int64_t scales = scale.NumElements();
+    OP_REQUIRES(ctx, scales == 1 || (x.dims() >= 1 && scales == x.dim_size(0)),
+                InvalidArgument("scale must have 1 value or one per index of x's first axis (",
+                                x.dims() >= 1 ? x.dim_size(0) : 0, "), got ", scales));
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    Tensor* codes = nullptr;
+    if (kCodes) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, x.shape(), &codes));
+    if (size == 0) return;
+    const T* xp = x.flat<T>().data();
+    const T* sp = scale.flat<T>().data();
+    T* yp = y->flat<T>().data();
+    C* cp = kCodes ? codes->flat<C>().data() : nullptr;
+    const int64_t inner = scales == 1 ? size : size / scales;
+    const T lo = static_cast<T>(qmin_), hi = static_cast<T>(qmax_);
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end;) {
+        const T s = sp[scales == 1 ? 0 : e / inner];
+        const int64_t stop = std::min(end, (e / inner + 1) * inner);
+        // Branch-free loops over chunks, so that they vectorize (built with
+        // -fno-trapping-math); the codes from a second loop over the chunk's q.
+        while (e < stop) {
+          const int64_t n = std::min<int64_t>(kChunk, stop - e);
+          T q[kChunk];
+          for (int64_t k = 0; k < n; ++k) {
+            T v = std::nearbyint(xp[e + k] / s);  // half to even, as tf.round
+            v = v < lo ? lo : v;                  // comparisons keep NaN, as tf.clip_by_value
+            v = v > hi ? hi : v;
+            q[k] = v;
+            yp[e + k] = v * s;
+          }
+          if (kCodes) {
+            // Within [qmin, qmax] after clipping; NaN (a NaN range) codes as 0.
+            for (int64_t k = 0; k < n; ++k) {
+              cp[e + k] = static_cast<C>(static_cast<int32_t>(q[k] == q[k] ? q[k] : T(0)));
+            }
+          }
+          e += n;
+        }
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    tensorflow::Shard(workers->num_threads, workers->workers, size, 8, work);
+  }
+
+ private:
+  float qmin_, qmax_;
+};
+
+Status SameShape(InferenceContext* c) {
+  c->set_output(0, c->input(0));
+  return Status();
+}
+
+}  // namespace
+
+REGISTER_OP("WaFakeQuant")
+    .Input("x: T")
+    .Input("scale: T")
+    .Output("y: T")
+    .Attr("qmin: float")
+    .Attr("qmax: float")
+    .Attr("T: {float, double}")
+    .SetShapeFn(SameShape);
+
+REGISTER_OP("WaFakeQuantCodes")
+    .Input("x: T")
+    .Input("scale: T")
+    .Output("y: T")
+    .Output("codes: Tcodes")
+    .Attr("qmin: float")
+    .Attr("qmax: float")
+    .Attr("T: {float, double}")
+    .Attr("Tcodes: {int8, int16}")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(0));
+      return Status();
+    });
+
+#define WA_REGISTER_FAKE_QUANT(type)                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                \
+      Name("WaFakeQuant").Device(::tensorflow::DEVICE_CPU).TypeConstraint<type>("T"),     \
+      FakeQuantOp<type, int8_t, false>);                                                  \
+  REGISTER_KERNEL_BUILDER(Name("WaFakeQuantCodes")                                        \
+                              .Device(::tensorflow::DEVICE_CPU)                           \
+                              .TypeConstraint<type>("T")                                  \
+                              .TypeConstraint<int8_t>("Tcodes"),                          \
+                          FakeQuantOp<type, int8_t, true>);                               \
+  REGISTER_KERNEL_BUILDER(Name("WaFakeQuantCodes")                                        \
+                              .Device(::tensorflow::DEVICE_CPU)                           \
+                              .TypeConstraint<type>("T")                                  \
+                              .TypeConstraint<int16_t>("Tcodes"),                         \
+                          FakeQuantOp<type, int16_t, true>);
+
+WA_REGISTER_FAKE_QUANT(float)
+WA_REGISTER_FAKE_QUANT(double)
+
+}  // namespace wa_tf
