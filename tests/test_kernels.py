@@ -197,3 +197,26 @@ def test_quantizers_use_the_fused_fake_quant_with_the_same_values():
         y = quantizers.fake_quant(x, ranges, 4)
     np.testing.assert_array_equal(tape.gradient(y, x, output_gradients=x * 2).numpy(),
                                   (x * 2).numpy())
+
+
+@pytest.mark.parametrize("quantized", [None, "per_tensor", "per_tap"])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[3]])
+def test_weight_grad_matches_the_product_with_v(geometry, quantized):
+    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    shape, mat_shape, stride, pad_top, pad_left, n_h, n_w = geometry
+    rng = np.random.default_rng(11)
+    x = tf.constant(rng.normal(size=shape))
+    mat = tf.constant(rng.normal(size=(mat_shape[1], mat_shape[1])))  # a square input transform
+    args = (stride, pad_top, pad_left, n_h, n_w)
+    v = kernels.tile_transform(x, mat, *args)
+    dm = tf.constant(rng.normal(size=(v.shape[0], v.shape[1], 6)))
+    kwargs = {}
+    if quantized:
+        axes = [1, 2] if quantized == "per_tap" else None
+        range_ = tf.reduce_max(tf.abs(v), axis=axes, keepdims=quantized == "per_tap") * 0.7
+        v = quantizers.fake_quant(v, range_, 6)  # 0.7: some values clip
+        qmin, qmax = quantizers.code_limits(6)
+        kwargs = {"scale": quantizers.quant_scale(range_, 6, tf.float64), "qmin": qmin,
+                  "qmax": qmax}
+    du = kernels.tile_transform_weight_grad(x, mat, dm, *args, **kwargs)
+    np.testing.assert_allclose(du, tf.matmul(v, dm, transpose_a=True), rtol=1e-12, atol=1e-12)

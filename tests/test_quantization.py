@@ -238,7 +238,7 @@ def test_rejects_unsupported_models():
 
 
 @pytest.mark.parametrize("per_tap", [False, True])
-def test_recompute_matches_stored_pipeline(per_tap):
+def test_recompute_matches_stored_pipeline(per_tap, pipeline):
     """recompute=True: same outputs, gradients and quantizer state after two steps.
 
     Two different batches: a recomputation that updated the ranges again

@@ -758,6 +758,16 @@ class WinogradConv2D(tf_keras.layers.Layer):
                 # As in _recomputed: recompute only once dm exists.
                 with tf.control_dependencies([dm]):
                     x2, b_t2, u2 = tf.identity(x), tf.identity(b_t), kept_u()
+                if _fused(x, b_t.shape[0]):
+                    # V never in memory: dU from x block by block, dx (and dB_t) from
+                    # dV, through the fake quantization's straight-through gradient.
+                    dv = tf.matmul(dm, u2, transpose_b=True)
+                    geometry = self._input_geometry(x)
+                    du = kernels.tile_transform_weight_grad(
+                        x2, b_t2, dm, *geometry, **self._input_quantization(ranges, x.dtype))
+                    dx, db_t = kernels.tile_transform_backprop(dv, x2, b_t2, *geometry,
+                                                               mat_grad=self.flex)
+                    return dx, db_t, du
                 with tf.GradientTape() as tape:
                     tape.watch([x2, b_t2])
                     v2 = stage(x2, b_t2, self._fixed_ranges(ranges))
@@ -768,6 +778,22 @@ class WinogradConv2D(tf_keras.layers.Layer):
                 return dx, (db_t[0] if db_t else None), du
             return tf.matmul(v, u), grad
         return run(x, b_t, u)
+
+    def _input_geometry(self, x):
+        """(stride, pad_top, pad_left, n_h, n_w) of the input transform's tiles of `x`."""
+        m, r = self.tile_size, self.kernel_size[0]
+        geo = tile_geometry(x.shape[1], x.shape[2], m, r, self.padding)
+        return m, geo.pad_top, geo.pad_left, geo.n_h, geo.n_w
+
+    def _input_quantization(self, ranges, dtype):
+        """How the forward pass quantized V: ``{scale, qmin, qmax}``, empty when it did not."""
+        if "input_winograd" not in ranges:
+            return {}
+        from wa_tf.quantizers import code_limits, quant_scale  # pylint: disable=import-outside-toplevel
+        bits = self.stage_quantizers["input_winograd"][0].num_bits
+        qmin, qmax = code_limits(bits)
+        return {"scale": quant_scale(ranges["input_winograd"], bits, dtype), "qmin": qmin,
+                "qmax": qmax}
 
     def compute_output_shape(self, input_shape):
         input_shape = tf.TensorShape(input_shape).as_list()

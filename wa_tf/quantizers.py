@@ -68,7 +68,7 @@ def fake_quant_codes(x, range_, num_bits):
 
 def _fake_quant(x, range_, num_bits, with_codes):
     num_bits = check_bits(num_bits)
-    qmin, qmax = _code_limits(num_bits)
+    qmin, qmax = code_limits(num_bits)
     x = tf.convert_to_tensor(x)
     scale = quant_scale(range_, num_bits, x.dtype)
     # The same arithmetic in one pass where wa_tf.kernels runs (bit-identical).
@@ -112,7 +112,8 @@ def _code_dtype(num_bits):
     return tf.int8 if num_bits <= 8 else tf.int16
 
 
-def _code_limits(num_bits):
+def code_limits(num_bits):
+    """The codes of :func:`fake_quant` at `num_bits`: ``(qmin, qmax)`` as floats."""
     return -(2.0 ** (num_bits - 1)), 2.0 ** (num_bits - 1) - 1.0
 
 
@@ -122,7 +123,7 @@ def quant_scale(range_, num_bits, dtype=tf.float32):
     1 where ``range_`` is 0 (no statistics yet), at least 1e-8 elsewhere, NaN
     for a NaN range.  No gradient flows into ``range_``.
     """
-    qmin, qmax = _code_limits(check_bits(num_bits))
+    qmin, qmax = code_limits(check_bits(num_bits))
     range_ = tf.stop_gradient(tf.cast(range_, dtype))
     # Multiply by the reciprocal rather than divide by the constant: graphs
     # (Grappler) rewrite the division so, and eager and graph runs (and

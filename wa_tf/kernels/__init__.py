@@ -237,6 +237,45 @@ def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, 
         **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
 
+def tile_transform_weight_grad(x, mat, dm, stride, pad_top, pad_left, n_h, n_w, scale=None,
+                               qmin=0.0, qmax=0.0):
+    """``sum over tiles of V^T dM`` per position, V = :func:`tile_transform` of `x`, not kept.
+
+    The gradient of ``V @ U`` (per position, ``tf.matmul``) with respect to U:
+    ``tf.matmul(V, dm, transpose_a=True)``, without V in memory.  With `scale`,
+    V is first fake-quantized as :func:`wa_tf.quantizers.fake_quant` does it
+    (one value or one per position; `qmin`, `qmax` the code limits).
+
+    Args:
+      x: (N, H, W, C) tensor.
+      mat: (p, q) transform P.
+      dm: (p*p, N*n_h*n_w, K) gradient of ``V @ U``.
+      stride, pad_top, pad_left, n_h, n_w: Tile geometry as :func:`tile_transform`.
+      scale: None, or the quantization step (1 or p*p values).
+      qmin, qmax: The code limits (with `scale`).
+
+    Returns:
+      (p*p, C, K) tensor.
+    """
+    scale = tf.zeros([0], x.dtype) if scale is None else tf.reshape(scale, [-1])
+    return _library().wa_tile_transform_weight_grad(
+        x, mat, dm, scale, qmin=float(qmin), qmax=float(qmax),
+        **_geometry(stride, pad_top, pad_left, n_h, n_w))
+
+
+def tile_transform_backprop(dz, x, mat, stride, pad_top, pad_left, n_h, n_w, mat_grad=True):
+    """The gradients of :func:`tile_transform` (x, mat) for the incoming gradient `dz`.
+
+    Returns:
+      (dx, dmat), dmat None unless `mat_grad`.
+    """
+    geo = dict(_geometry(stride, pad_top, pad_left, n_h, n_w), height=int(x.shape[1]),
+               width=int(x.shape[2]))
+    if mat_grad:
+        return tuple(_library().wa_tile_transform_grad(dz, x, mat, **geo))
+    return _library().wa_tile_transform_adjoint(dz, mat, **geo), None
+
+
 def _geometry_of(op):
     return {name: op.get_attr(name) for name in ("stride", "pad_top", "pad_left", "n_h", "n_w")}
 
@@ -266,6 +305,7 @@ def _tile_transform_adjoint_grad(op, dx):
 
 
 tf.no_gradient("WaTileTransformGrad")
+tf.no_gradient("WaTileTransformWeightGrad")
 tf.no_gradient("WaFakeQuant")
 tf.no_gradient("WaFakeQuantCodes")
 tf.no_gradient("WaTileTransformAdjointGrad")
