@@ -137,6 +137,16 @@ def _two_winograd_model():
     return tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="fc")(x))
 
 
+def _calibrated(model, bits, rng):
+    """`model` quantized to `bits` with its ranges calibrated on two batches (None: as is)."""
+    if not bits:
+        return model
+    model = quantization.quantize_model(model, bits=bits)
+    for _ in range(2):
+        model(rng.normal(size=(4, *model.input_shape[1:])).astype(np.float32), training=True)
+    return model
+
+
 def _serve_op_count(loaded, op):
     """How many `op` nodes the traced serving function holds."""
     library = loaded.signatures["serving_default"].graph.as_graph_def().library
@@ -149,11 +159,8 @@ def test_savedmodel_computes_winograd_weights_once(tmp_path, bits):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(2)
     images = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
-    model = _two_winograd_model()
+    model = _calibrated(_two_winograd_model(), bits, rng)
     if bits:
-        model = quantization.quantize_model(model, bits=bits)
-        for _ in range(2):  # calibrate the quantizer ranges
-            model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)
         expected = model.predict(images, verbose=0)
     else:
         expected = model(images, training=False).numpy()
@@ -190,11 +197,7 @@ def test_fused_kernels_export(tmp_path, bits):
         pytest.skip(f"fused kernels unavailable here: {kernels.build_error()}")
     rng = np.random.default_rng(3)
     images = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
-    model = _two_winograd_model()
-    if bits:
-        model = quantization.quantize_model(model, bits=bits)
-        for _ in range(2):  # calibrate the quantizer ranges
-            model(rng.normal(size=(4, 12, 12, 3)).astype(np.float32), training=True)
+    model = _calibrated(_two_winograd_model(), bits, rng)
     plain = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "plain")))
     fused = tf.saved_model.load(export.export_saved_model(model, str(tmp_path / "fused"),
                                                           fused_kernels=True))

@@ -118,9 +118,14 @@ class MatGradTotal {
     for (size_t e = 0; e < part.size(); ++e) total_[e] += part[e];
   }
 
+  // Writes the total as output `index` of `ctx`, of `shape` (the transform's).
   template <typename T>
-  void Write(T* out) const {
-    for (size_t e = 0; e < total_.size(); ++e) out[e] = static_cast<T>(total_[e]);
+  Status Output(OpKernelContext* ctx, int index, const TensorShape& shape) const {
+    Tensor* out = nullptr;
+    TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, &out));
+    T* data = out->flat<T>().data();
+    for (size_t e = 0; e < total_.size(); ++e) data[e] = static_cast<T>(total_[e]);
+    return Status();
   }
 
  private:
@@ -482,11 +487,7 @@ class TileTransformOp : public OpKernel {
                           RowCost(geo, channels, p, q, kGrad), rows_work);
       });
     }
-    if (kGrad) {
-      Tensor* grad = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, mat.shape(), &grad));
-      total.Write(grad->flat<T>().data());
-    }
+    if (kGrad) OP_REQUIRES_OK(ctx, total.Output<T>(ctx, 1, mat.shape()));
   }
 
  private:
@@ -580,11 +581,7 @@ class TileTransformAdjointOp : public OpKernel {
         }
       });
     }
-    if (kGrad) {
-      Tensor* grad = nullptr;
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, mat.shape(), &grad));
-      total.Write(grad->flat<T>().data());
-    }
+    if (kGrad) OP_REQUIRES_OK(ctx, total.Output<T>(ctx, 1, mat.shape()));
   }
 
  private:
