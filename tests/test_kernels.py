@@ -135,6 +135,12 @@ def test_without_a_compiler_the_layer_falls_back(tmp_path):
         "x = tf.random.stateless_normal((2, 9, 7, 3), seed=(3, 4))\n"
         "np.testing.assert_allclose(layer(x), tf.nn.conv2d(x, layer.kernel, 1, 'SAME'),"
         " rtol=1e-4, atol=1e-4)\n"
+        "try:\n"
+        "    kernels.tile_transform(x, tf.eye(6), 4, 1, 1, 3, 2)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'unavailable here: compiling' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('a direct call did not raise')\n"
         "print('fallback ok')\n")
     env = dict(os.environ, WA_TF_CACHE=str(tmp_path), CXX="false")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

@@ -34,6 +34,11 @@ import tensorflow as tf
 
 from wa_tf.machine import cpu_flags
 
+try:  # TensorFlow's own test for "inside XLA" (tf.image uses it); no public API has it
+    from tensorflow.python.ops import control_flow_util as _control_flow_util
+except ImportError:  # pragma: no cover
+    _control_flow_util = None
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, name) for name in ("tile_transform.cc", "fake_quant.cc"))
 _DTYPES = (tf.float32, tf.float64)
@@ -114,10 +119,19 @@ def _library():
                 _state["library"] = tf.load_op_library(build())
             except (RuntimeError, OSError, tf.errors.OpError) as e:
                 _state["error"] = str(e)
-                logging.getLogger("wa_tf").warning("wa_tf: fused Winograd kernels unavailable, using the pure-TF "
-                                "pipeline (%s)", str(e).splitlines()[0])
+                logging.getLogger("wa_tf").warning(
+                    "wa_tf: fused Winograd kernels unavailable, using the pure-TF pipeline (%s)",
+                    str(e).splitlines()[0])
             _state["tried"] = True
     return _state["library"]
+
+
+def _ops():
+    """The op library for a direct call; RuntimeError (saying why) where it is unavailable."""
+    library = _library()
+    if library is None:
+        raise RuntimeError(f"wa_tf.kernels are unavailable here: {_state['error']}")
+    return library
 
 
 def load_if_built():
@@ -145,12 +159,9 @@ def available():
 
 def _in_xla_context():
     """Whether the graph being built is compiled by XLA (which cannot run custom ops)."""
-    try:
-        from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
-        return bool(control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()))
-    except (ImportError, AttributeError):
+    if _control_flow_util is None:
         return False
+    return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def usable(dtype):
@@ -193,8 +204,8 @@ def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
     """
     scale = tf.reshape(scale, [-1])
     if codes_dtype is None:
-        return _library().wa_fake_quant(x, scale, qmin=float(qmin), qmax=float(qmax))
-    return _library().wa_fake_quant_codes(x, scale, qmin=float(qmin), qmax=float(qmax),
+        return _ops().wa_fake_quant(x, scale, qmin=float(qmin), qmax=float(qmax))
+    return _ops().wa_fake_quant_codes(x, scale, qmin=float(qmin), qmax=float(qmax),
                                           Tcodes=codes_dtype)
 
 
@@ -217,7 +228,7 @@ def tile_transform(x, mat, stride, pad_top, pad_left, n_h, n_w):
     Returns:
       (p*p, N*n_h*n_w, C) tensor, ``z[a*p + b, (n*n_h + th)*n_w + tw, c] = (P X P^T)[a, b]``.
     """
-    return _library().wa_tile_transform(x, mat, **_geometry(stride, pad_top, pad_left, n_h, n_w))
+    return _ops().wa_tile_transform(x, mat, **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
 
 def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, width):
@@ -232,7 +243,7 @@ def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, 
     Returns:
       (N, height, width, C) tensor.
     """
-    return _library().wa_tile_transform_adjoint(
+    return _ops().wa_tile_transform_adjoint(
         z, mat, height=int(height), width=int(width),
         **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
@@ -258,7 +269,7 @@ def tile_transform_weight_grad(x, mat, dm, stride, pad_top, pad_left, n_h, n_w, 
       (p*p, C, K) tensor.
     """
     scale = tf.zeros([0], x.dtype) if scale is None else tf.reshape(scale, [-1])
-    return _library().wa_tile_transform_weight_grad(
+    return _ops().wa_tile_transform_weight_grad(
         x, mat, dm, scale, qmin=float(qmin), qmax=float(qmax),
         **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
@@ -272,8 +283,8 @@ def tile_transform_backprop(dz, x, mat, stride, pad_top, pad_left, n_h, n_w, mat
     geo = dict(_geometry(stride, pad_top, pad_left, n_h, n_w), height=int(x.shape[1]),
                width=int(x.shape[2]))
     if mat_grad:
-        return tuple(_library().wa_tile_transform_grad(dz, x, mat, **geo))
-    return _library().wa_tile_transform_adjoint(dz, mat, **geo), None
+        return tuple(_ops().wa_tile_transform_grad(dz, x, mat, **geo))
+    return _ops().wa_tile_transform_adjoint(dz, mat, **geo), None
 
 
 def _geometry_of(op):
@@ -291,8 +302,8 @@ def _tile_transform_grad(op, dz):
     x, mat = op.inputs
     geo = dict(_geometry_of(op), height=x.shape[1], width=x.shape[2])
     if _wants_mat_grad(op):
-        return _library().wa_tile_transform_grad(dz, x, mat, **geo)
-    return _library().wa_tile_transform_adjoint(dz, mat, **geo), None
+        return _ops().wa_tile_transform_grad(dz, x, mat, **geo)
+    return _ops().wa_tile_transform_adjoint(dz, mat, **geo), None
 
 
 @tf.RegisterGradient("WaTileTransformAdjoint")
@@ -300,8 +311,8 @@ def _tile_transform_adjoint_grad(op, dx):
     z, mat = op.inputs
     geo = _geometry_of(op)
     if _wants_mat_grad(op):
-        return _library().wa_tile_transform_adjoint_grad(dx, z, mat, **geo)
-    return _library().wa_tile_transform(dx, mat, **geo), None
+        return _ops().wa_tile_transform_adjoint_grad(dx, z, mat, **geo)
+    return _ops().wa_tile_transform(dx, mat, **geo), None
 
 
 tf.no_gradient("WaTileTransformGrad")
