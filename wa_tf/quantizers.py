@@ -97,6 +97,7 @@ def _fake_quant(x, range_, num_bits, with_codes):
     return y, codes, scale
 
 
+@tf.autograph.experimental.do_not_convert
 def _leading_axis_scale(scale, x):
     """Whether `scale` is one value, or one per index of `x`'s first axis (the fused kernel's)."""
     shape = scale.shape

@@ -48,6 +48,10 @@ MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m
 _EXTRA_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-fno-trapping-math",
                 "-fno-math-errno", "-w")
 
+# Called from code that AutoGraph converts (TF-MOT's quantize wrappers): these are plain
+# Python around ops, which AutoGraph must leave as they are.
+_plain = tf.autograph.experimental.do_not_convert
+
 _lock = threading.Lock()
 _state = {"library": None, "tried": False, "error": None}
 _disabled = threading.local()
@@ -148,6 +152,7 @@ def load_if_built():
             pass
 
 
+@_plain
 def available():
     """Whether the fused kernels can run here (built, CPU-only, not turned off)."""
     if os.environ.get("WA_TF_KERNELS", "1") == "0" or getattr(_disabled, "on", False):
@@ -157,6 +162,7 @@ def available():
     return _library() is not None
 
 
+@_plain
 def _in_xla_context():
     """Whether the graph being built is compiled by XLA (which cannot run custom ops)."""
     if _control_flow_util is None:
@@ -164,6 +170,7 @@ def _in_xla_context():
     return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+@_plain
 def usable(dtype):
     """Whether the pipeline should use the fused kernels for tensors of `dtype` here.
 
@@ -188,6 +195,7 @@ def build_error():
     return _state["error"]
 
 
+@_plain
 def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
     """``clip(round(x / scale), qmin, qmax) * scale`` in one pass, as TensorFlow computes it.
 
@@ -214,6 +222,7 @@ def _geometry(stride, pad_top, pad_left, n_h, n_w):
             "n_h": int(n_h), "n_w": int(n_w)}
 
 
+@_plain
 def tile_transform(x, mat, stride, pad_top, pad_left, n_h, n_w):
     """``P X P^T`` for every q x q tile ``X`` of `x` at `stride`, in the Winograd layout.
 
@@ -231,6 +240,7 @@ def tile_transform(x, mat, stride, pad_top, pad_left, n_h, n_w):
     return _ops().wa_tile_transform(x, mat, **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
 
+@_plain
 def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, width):
     """The adjoint of :func:`tile_transform`: ``P^T Z P`` per tile, added into an image.
 
@@ -248,6 +258,7 @@ def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, 
         **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
 
+@_plain
 def tile_transform_weight_grad(x, mat, dm, stride, pad_top, pad_left, n_h, n_w, scale=None,
                                qmin=0.0, qmax=0.0):
     """``sum over tiles of V^T dM`` per position, V = :func:`tile_transform` of `x`, not kept.
@@ -274,6 +285,7 @@ def tile_transform_weight_grad(x, mat, dm, stride, pad_top, pad_left, n_h, n_w, 
         **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
 
+@_plain
 def tile_transform_backprop(dz, x, mat, stride, pad_top, pad_left, n_h, n_w, mat_grad=True):
     """The gradients of :func:`tile_transform` (x, mat) for the incoming gradient `dz`.
 

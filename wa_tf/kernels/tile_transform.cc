@@ -204,16 +204,32 @@ void VerticalPass(const RowSource<T, CB>& src, const T* __restrict__ mat, int p,
   }
 }
 
-// z's tiles of the row: Z = (P X) P^T from the vertical pass h.  Position (a, b) of the
-// row's tiles is one run of z (tiles consecutive): written run by run, a few streams at a
-// time rather than p*p interleaved.
+// Where HorizontalPass writes: position (a, b) of tile tw of the row goes to
+// z + ((a - a_begin) * p + b) * position_stride + tw * channels, each lane block at c0.
+template <typename T>
+struct RowOut {
+  T* z;
+  int64_t position_stride;
+  int a_begin = 0;
+  int a_end = -1;       // -1: all p rows
+  const T* scale = nullptr;  // fake-quantize with these steps (1 or p*p of them)
+  int64_t scales = 0;
+  T qmin = 0, qmax = 0;
+};
+
+// The row's tiles Z = (P X) P^T from the vertical pass h, rows a of `out`'s range,
+// fake-quantized as wa_tf.quantizers.fake_quant does when `out.scale` is set.  Position
+// (a, b) of the row's tiles is one run (tiles consecutive): written run by run, a few
+// streams at a time rather than p*p interleaved.
 template <typename T, int CB>
 void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, int p, int q,
-                    const Geometry& g, int wt, int64_t first, int64_t tiles, int channels,
-                    int c0, int cb, T* __restrict__ z) {
-  for (int a = 0; a < p; ++a) {
+                    const Geometry& g, int wt, int channels, int c0, int cb,
+                    const RowOut<T>& out) {
+  const int a_end = out.a_end < 0 ? p : out.a_end;
+  for (int a = out.a_begin; a < a_end; ++a) {
     for (int b = 0; b < p; ++b) {
-      T* run = z + ((a * p + b) * tiles + first) * channels + c0;
+      T* run = out.z + ((a - out.a_begin) * p + b) * out.position_stride + c0;
+      const T s = out.scale == nullptr ? T(1) : out.scale[out.scales == 1 ? 0 : a * p + b];
       for (int tw = 0; tw < g.n_w; ++tw) {
         const T* hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
         T acc[CB] = {};
@@ -221,6 +237,14 @@ void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, int p, i
           const T w = mat[b * q + j];
           if (w == T(0)) continue;
           for (int k = 0; k < CB; ++k) acc[k] += w * hr[j * CB + k];
+        }
+        if (out.scale != nullptr) {  // wa_tf.quantizers.fake_quant, value for value
+          for (int k = 0; k < CB; ++k) {
+            T r = std::nearbyint(acc[k] / s);
+            r = r < out.qmin ? out.qmin : r;
+            r = r > out.qmax ? out.qmax : r;
+            acc[k] = r * s;
+          }
         }
         T* dst = run + static_cast<int64_t>(tw) * channels;
         if (cb == CB) {
@@ -324,7 +348,8 @@ void TransformTileRow(const T* x, int height, int width, int channels, const Geo
   T* h = copy + static_cast<int64_t>(q) * wt * CB;
   const RowSource<T, CB> src(x, height, width, channels, g, q, img, th, c0, cb, copy);
   VerticalPass<T, CB>(src, mat, p, q, wt, h);
-  HorizontalPass<T, CB>(h, mat, p, q, g, wt, first, tiles, channels, c0, cb, z);
+  HorizontalPass<T, CB>(h, mat, p, q, g, wt, channels, c0, cb,
+                        RowOut<T>{z + first * channels, tiles * channels});
   if (acc == nullptr) return;
   T* zt = h + static_cast<int64_t>(p) * wt * CB;  // the row's tiles of zin
   T* zp = zt + static_cast<int64_t>(g.n_w) * p * p * CB;
@@ -665,33 +690,10 @@ class TileTransformWeightGradOp : public OpKernel {
               const RowSource<T, CB> src(xp, height, width, channels, geo, q, unit / geo.n_h,
                                          unit % geo.n_h, c0, cb, rows.data());
               VerticalPass<T, CB>(src, mp, p, q, wt, h.data(), a_begin, a_end);
-              for (int a = a_begin; a < a_end; ++a) {
-                const T* hr0 = h.data() + static_cast<int64_t>(a) * wt * CB;
-                for (int b = 0; b < p; ++b) {
-                  const T s = sp == nullptr ? T(0) : sp[scales == 1 ? 0 : a * p + b];
-                  T* run = v.data() + ((static_cast<int64_t>(a - a_begin) * p + b) *
-                                           block_tiles + (unit - u0) * geo.n_w) * channels + c0;
-                  for (int tw = 0; tw < geo.n_w; ++tw) {
-                    const T* hr = hr0 + static_cast<int64_t>(tw) * geo.stride * CB;
-                    T acc[CB] = {};
-                    for (int j = 0; j < q; ++j) {
-                      const T w = mp[b * q + j];
-                      if (w == T(0)) continue;
-                      for (int k = 0; k < CB; ++k) acc[k] += w * hr[j * CB + k];
-                    }
-                    if (sp != nullptr) {  // wa_tf.quantizers.fake_quant, value for value
-                      for (int k = 0; k < CB; ++k) {
-                        T r = std::nearbyint(acc[k] / s);
-                        r = r < lo ? lo : r;
-                        r = r > hi ? hi : r;
-                        acc[k] = r * s;
-                      }
-                    }
-                    std::memcpy(run + static_cast<int64_t>(tw) * channels, acc,
-                                cb * sizeof(T));
-                  }
-                }
-              }
+              RowOut<T> out{v.data() + (unit - u0) * geo.n_w * channels,
+                            block_tiles * channels, static_cast<int>(a_begin),
+                            static_cast<int>(a_end), sp, scales, lo, hi};
+              HorizontalPass<T, CB>(h.data(), mp, p, q, geo, wt, channels, c0, cb, out);
             }
           }
           for (int a = a_begin; a < a_end; ++a) {
