@@ -8,8 +8,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["wa_tf", "wa_tf.*"]),
-    # The fused kernels' source, compiled on first use (wa_tf/kernels/__init__.py).
-    package_data={"wa_tf.kernels": ["*.cc"]},
+    # The fused kernels' sources, compiled on first use (wa_tf/kernels/__init__.py).
+    package_data={"wa_tf.kernels": ["*.cc", "*.h"]},
     scripts=["bin/train.py", "bin/adapt.py", "bin/export.py", "bin/evaluate.py", "bin/sweep.py",
              "bin/latency_table.py", "bin/search.py"],
     python_requires=">=3.10",

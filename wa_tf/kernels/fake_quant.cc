@@ -8,24 +8,12 @@
 // Winograd layer's per-tap ranges).
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "common.h"
 
 namespace wa_tf {
 namespace {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::errors::InvalidArgument;
-using ::tensorflow::shape_inference::InferenceContext;
 
 constexpr int64_t kChunk = 512;
 
@@ -60,15 +48,13 @@ class FakeQuantOp : public OpKernel {
       for (int64_t e = begin; e < end;) {
         const T s = sp[scales == 1 ? 0 : e / inner];
         const int64_t stop = std::min(end, (e / inner + 1) * inner);
-        // Branch-free loops over chunks, so that they vectorize (built with
-        // -fno-trapping-math); the codes from a second loop over the chunk's q.
+        // Loops over chunks, so that they vectorize; the codes from a second loop over
+        // the chunk's q.
         while (e < stop) {
           const int64_t n = std::min<int64_t>(kChunk, stop - e);
           T q[kChunk];
           for (int64_t k = 0; k < n; ++k) {
-            T v = std::nearbyint(xp[e + k] / s);  // half to even, as tf.round
-            v = v < lo ? lo : v;                  // comparisons keep NaN, as tf.clip_by_value
-            v = v > hi ? hi : v;
+            const T v = QuantCode(xp[e + k], s, lo, hi);
             q[k] = v;
             yp[e + k] = v * s;
           }

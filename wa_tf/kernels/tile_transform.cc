@@ -28,24 +28,10 @@
 #include <vector>
 
 #include "Eigen/Core"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "common.h"
 
 namespace wa_tf {
 namespace {
-
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-using ::tensorflow::errors::InvalidArgument;
-using ::tensorflow::shape_inference::DimensionHandle;
-using ::tensorflow::shape_inference::InferenceContext;
-using ::tensorflow::shape_inference::ShapeHandle;
 
 // Channels are handled in blocks of CB (16, 32 or 64; a compile-time constant so
 // that the inner loops vectorize without remainders), the last block padded
@@ -239,12 +225,7 @@ void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, int p, i
           for (int k = 0; k < CB; ++k) acc[k] += w * hr[j * CB + k];
         }
         if (out.scale != nullptr) {  // wa_tf.quantizers.fake_quant, value for value
-          for (int k = 0; k < CB; ++k) {
-            T r = std::nearbyint(acc[k] / s);
-            r = r < out.qmin ? out.qmin : r;
-            r = r > out.qmax ? out.qmax : r;
-            acc[k] = r * s;
-          }
+          for (int k = 0; k < CB; ++k) acc[k] = QuantCode(acc[k], s, out.qmin, out.qmax) * s;
         }
         T* dst = run + static_cast<int64_t>(tw) * channels;
         if (cb == CB) {
@@ -324,14 +305,17 @@ inline void AccumulateTileMatGrad(const T* __restrict__ zp, const T* __restrict_
 }
 
 // Buffer sizes (in units of CB values) of the row kernels.
+// TransformTileRow: the rows' copy (q wt) and h (p wt); with the gradient the row's tiles
+// of zin (n_w p p) and Z P of one tile (p q).
 inline int64_t TransformRowBuffer(int p, int q, int wt, int n_w, bool grad) {
   return static_cast<int64_t>(q + p) * wt +
-         (grad ? static_cast<int64_t>(n_w) * p * p + p * q + p * q : 0);
+         (grad ? static_cast<int64_t>(n_w) * p * p + p * q : 0);
 }
+// AdjointTileRow: h (p wt) and one tile (1); with the gradient the rows' copy (q wt), P X
+// (p wt), the row's tiles of z (n_w p p) and Z P of one tile (p q).
 inline int64_t AdjointRowBuffer(int p, int q, int wt, int n_w, bool grad) {
   return static_cast<int64_t>(p) * wt + 1 +
-         (grad ? static_cast<int64_t>(q + p) * wt + static_cast<int64_t>(n_w) * p * p +
-                     static_cast<int64_t>(n_w) * p * q + p * q
+         (grad ? static_cast<int64_t>(q + p) * wt + static_cast<int64_t>(n_w) * p * p + p * q
                : 0);
 }
 
@@ -401,13 +385,12 @@ void AdjointTileRow(const T* z, const T* mat, int p, int q, const Geometry& g, i
     T* copy = zt + CB;
     T* hx = copy + static_cast<int64_t>(q) * wt * CB;  // P X of xin's rows
     T* tiles_buf = hx + static_cast<int64_t>(p) * wt * CB;
-    T* zps = tiles_buf + static_cast<int64_t>(g.n_w) * p * p * CB;
+    T* zp = tiles_buf + static_cast<int64_t>(g.n_w) * p * p * CB;  // Z P of one tile
     const RowSource<T, CB> src(xin, height, width, channels, g, q, img, th, c0, cb, copy);
     VerticalPass<T, CB>(src, mat, p, q, wt, hx);
     LoadTiles<T, CB>(z, p, g.n_w, first, tiles, channels, c0, cb, tiles_buf);
     for (int tw = 0; tw < g.n_w; ++tw) {
       const T* ztile = tiles_buf + static_cast<int64_t>(tw) * p * p * CB;
-      T* zp = zps + static_cast<int64_t>(tw) * p * q * CB;
       TimesMat<T, CB>(ztile, mat, p, q, zp);
       for (int a = 0; a < p; ++a) {
         T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
