@@ -148,7 +148,7 @@ def main(argv):
         else _measure_in_fresh_process
     common.print_machine()
     print(f"fused tile kernels (wa_tf.kernels): "
-          f"{'on' if kernels.available() else 'off: ' + str(kernels.build_error())}")
+          f"{'on' if kernels.available() else 'off: ' + kernels.unavailable_reason()}")
     mem_label = ("allocator peak above the pre-step level, timed steps" if memory == "allocator"
                  else "peak RSS growth of a fresh process per row, from before its first step")
     print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps; "

@@ -47,20 +47,20 @@ def _export():
     if os.path.exists(FLAGS.export_dir) and (not os.path.isdir(FLAGS.export_dir)
                                              or os.listdir(FLAGS.export_dir)):
         raise ValueError(f"--export_dir: {FLAGS.export_dir} exists and is not an empty folder")
+    if FLAGS.fused_kernels:
+        from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+        reason = kernels.unavailable_reason()
+        if reason:
+            raise ValueError(f"--fused_kernels: the fused kernels cannot run here: {reason}")
     model, config = cli.load_run()
     normalization = cli.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \
         else None
-    try:
-        export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization,
-                                  fused_kernels=FLAGS.fused_kernels)
-    except ValueError as e:
-        raise ValueError(f"--fused_kernels: {e}" if FLAGS.fused_kernels and "fused" in str(e)
-                         else str(e)) from None
+    export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization,
+                              fused_kernels=FLAGS.fused_kernels)
     signatures = [export.DEFAULT_SIGNATURE] + ([export.RAW_SIGNATURE] if normalization else [])
     print(f"SavedModel: {FLAGS.export_dir} (signatures: {', '.join(signatures)}; "
           f"input {list(model.input_shape)}, output 'logits')")
     if FLAGS.fused_kernels:
-        from wa_tf import kernels  # pylint: disable=import-outside-toplevel
         print(f"uses the fused kernels: load {kernels.library_path()} first "
               "(tf.load_op_library), or import wa_tf")
     if FLAGS.npz_dir:

@@ -52,7 +52,7 @@ def pipeline(request):
     from wa_tf import kernels  # pylint: disable=import-outside-toplevel
     if request.param == "fused":
         if not kernels.available():
-            pytest.skip(f"fused kernels unavailable here: {kernels.build_error()}")
+            pytest.skip(f"fused kernels unavailable here: {kernels.unavailable_reason()}")
         yield request.param
     else:
         with kernels.disabled():

@@ -196,7 +196,7 @@ def test_savedmodel_computes_winograd_weights_once(tmp_path, bits):
 def test_fused_kernels_export(tmp_path, bits):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     if not kernels.available():
-        pytest.skip(f"fused kernels unavailable here: {kernels.build_error()}")
+        pytest.skip(f"fused kernels unavailable here: {kernels.unavailable_reason()}")
     rng = np.random.default_rng(3)
     images = rng.normal(size=(3, 12, 12, 3)).astype(np.float32)
     model = _calibrated(_two_winograd_model(), bits, rng)

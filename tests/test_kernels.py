@@ -10,7 +10,7 @@ import tensorflow as tf
 from wa_tf import kernels, transforms
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
-                                reason=f"fused kernels unavailable: {kernels.build_error()}")
+                                reason=f"fused kernels unavailable: {kernels.unavailable_reason()}")
 
 
 def _numpy_tiles(x, mat, stride, pad_top, pad_left, n_h, n_w):

@@ -135,7 +135,7 @@ def export_saved_model(model: tf_keras.Model, path: str,
     """
     if fused_kernels and not kernels.available():
         raise ValueError("fused_kernels=True needs wa_tf.kernels, not available here: "
-                         f"{kernels.build_error() or 'a GPU is visible or WA_TF_KERNELS=0'}")
+                         f"{kernels.unavailable_reason()}")
     shape = _input_spec(model)
     module = tf.Module()
     # Track the variables only, not the Keras model: the SavedModel then holds

@@ -56,6 +56,12 @@ def _fused(x, t):
             and kernels.usable(x.dtype))
 
 
+def _input_tiles(x, m, r, padding):
+    """(stride, pad_top, pad_left, n_h, n_w): the input tiles of `x` as the kernels take them."""
+    geo = tile_geometry(x.shape[1], x.shape[2], m, r, padding)
+    return m, geo.pad_top, geo.pad_left, geo.n_h, geo.n_w
+
+
 def _dim(x, axis):
     """Static size of `axis` when known, else a scalar tensor."""
     size = x.shape[axis]
@@ -312,8 +318,7 @@ def winograd_input(x, b_t, tile_size: int, padding: str = "same",
     quantize = quantize or _no_quantization
     m, t = tile_size, b_t.shape[0]
     if _fused(x, t):
-        geo = tile_geometry(x.shape[1], x.shape[2], m, t - m + 1, padding)
-        v = kernels.tile_transform(x, b_t, m, geo.pad_top, geo.pad_left, geo.n_h, geo.n_w)
+        v = kernels.tile_transform(x, b_t, *_input_tiles(x, m, t - m + 1, padding))
         return quantize("input_winograd", v)
     d, _ = extract_tiles(x, m, t - m + 1, padding)
     v = apply_transform(b_t, d)
@@ -762,7 +767,8 @@ class WinogradConv2D(tf_keras.layers.Layer):
                     # V never in memory: dU from x block by block, dx (and dB_t) from
                     # dV, through the fake quantization's straight-through gradient.
                     dv = tf.matmul(dm, u2, transpose_b=True)
-                    geometry = self._input_geometry(x)
+                    geometry = _input_tiles(x, self.tile_size, self.kernel_size[0],
+                                            self.padding)
                     du = kernels.tile_transform_weight_grad(
                         x2, b_t2, dm, *geometry, **self._input_quantization(ranges, x.dtype))
                     dx, db_t = kernels.tile_transform_backprop(dv, x2, b_t2, *geometry,
@@ -778,12 +784,6 @@ class WinogradConv2D(tf_keras.layers.Layer):
                 return dx, (db_t[0] if db_t else None), du
             return tf.matmul(v, u), grad
         return run(x, b_t, u)
-
-    def _input_geometry(self, x):
-        """(stride, pad_top, pad_left, n_h, n_w) of the input transform's tiles of `x`."""
-        m, r = self.tile_size, self.kernel_size[0]
-        geo = tile_geometry(x.shape[1], x.shape[2], m, r, self.padding)
-        return m, geo.pad_top, geo.pad_left, geo.n_h, geo.n_w
 
     def _input_quantization(self, ranges, dtype):
         """How the forward pass quantized V: ``{scale, qmin, qmax}``, empty when it did not."""

@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, name) for name in ("tile_transform.cc", "fake_quant.cc"))
+_HEADERS = (os.path.join(_HERE, "common.h"),)
 _DTYPES = (tf.float32, tf.float64)
 MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m + r - 1 <= 16
 
@@ -65,7 +66,7 @@ def cache_dir():
 
 def _build_key(compile_flags, link_flags):
     digest = hashlib.sha256()
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         with open(source, "rb") as f:
             digest.update(f.read())
     # -march=native: a library built on another CPU may use instructions this one lacks.
@@ -130,6 +131,10 @@ def _library():
     return _state["library"]
 
 
+def _turned_off():
+    return os.environ.get("WA_TF_KERNELS", "1") == "0"
+
+
 def _ops():
     """The op library for a direct call; RuntimeError (saying why) where it is unavailable."""
     library = _library()
@@ -144,7 +149,7 @@ def load_if_built():
     A SavedModel whose graphs use the kernels loads only once they are
     registered; :mod:`wa_tf.layers` calls this on import.
     """
-    if not _state["tried"] and os.environ.get("WA_TF_KERNELS", "1") != "0":
+    if not _state["tried"] and not _turned_off():
         try:
             if os.path.exists(library_path()):
                 _library()
@@ -153,13 +158,23 @@ def load_if_built():
 
 
 @_plain
+def unavailable_reason():
+    """Why the fused kernels cannot run here (one line), or None where they can."""
+    if _turned_off():
+        return "turned off (WA_TF_KERNELS=0)"
+    if getattr(_disabled, "on", False):
+        return "turned off (within wa_tf.kernels.disabled())"
+    if tf.config.list_physical_devices("GPU"):
+        return "a GPU is visible (they run on CPUs only)"
+    if _library() is None:
+        return _state["error"].splitlines()[0]
+    return None
+
+
+@_plain
 def available():
     """Whether the fused kernels can run here (built, CPU-only, not turned off)."""
-    if os.environ.get("WA_TF_KERNELS", "1") == "0" or getattr(_disabled, "on", False):
-        return False
-    if tf.config.list_physical_devices("GPU"):
-        return False
-    return _library() is not None
+    return unavailable_reason() is None
 
 
 @_plain
@@ -312,10 +327,8 @@ def _wants_mat_grad(op):
 @tf.RegisterGradient("WaTileTransform")
 def _tile_transform_grad(op, dz):
     x, mat = op.inputs
-    geo = dict(_geometry_of(op), height=x.shape[1], width=x.shape[2])
-    if _wants_mat_grad(op):
-        return _ops().wa_tile_transform_grad(dz, x, mat, **geo)
-    return _ops().wa_tile_transform_adjoint(dz, mat, **geo), None
+    return tile_transform_backprop(dz, x, mat, **_geometry_of(op),
+                                   mat_grad=_wants_mat_grad(op))
 
 
 @tf.RegisterGradient("WaTileTransformAdjoint")
