@@ -122,6 +122,39 @@ class MatGradTotal {
 // The row kernels below keep pointers on the stack: for transforms up to this size.
 constexpr int kMaxRowSize = 16;
 
+// The lane block a missing row or column (outside the image) reads: the loops below
+// multiply it like any other rather than branch.
+// The vectors the row kernels' loops are written in: 64 bytes (one AVX-512 register, two
+// AVX2 ones), GCC vector types, so that a tile's sums stay in registers whatever the
+// compiler's heuristics; every block width CB is a multiple of their lanes.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+constexpr int Lanes() { return 64 / sizeof(T); }
+
+template <typename T>
+inline Vec<T> Load(const T* src) {
+  Vec<T> v;
+  std::memcpy(&v, src, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void Store(T* dst, const Vec<T>& v) {
+  std::memcpy(dst, &v, sizeof(v));
+}
+
+template <typename T, int CB>
+const T* Zeros() {
+  alignas(64) static const T zeros[CB] = {};
+  return zeros;
+}
+
 // Columns a row of tiles reads (tile-local column 0 of tile 0 is column 0).
 inline int RowWidth(const Geometry& g, int q) { return (g.n_w - 1) * g.stride + q; }
 
@@ -168,24 +201,32 @@ struct RowSource {
 };
 
 // h[a][col] = sum_i P[a][i] rows[i][col] for every column: the vertical pass, once per
-// column, shared by the horizontally overlapping tiles.  h: p * wt * CB.
-// Only rows [a_begin, a_end) when given.
-template <typename T, int CB>
-void VerticalPass(const RowSource<T, CB>& src, const T* __restrict__ mat, int p, int q, int wt,
+// column, shared by the horizontally overlapping tiles.  h: p * wt * CB.  Only rows
+// [a_begin, a_end) are stored when given.  The loops run over vectors of kLanes lanes,
+// the p sums of a vector in registers (p and q compile-time sizes, Size<N>, unroll them);
+// they carry no branches: a zero weight or a missing row costs a multiplication (0 * x
+// adds nothing, so the values are those of a loop that skips them).
+template <typename T, int CB, typename PS, typename QS>
+void VerticalPass(const RowSource<T, CB>& src, const T* __restrict__ mat, PS p, QS q, int wt,
                   T* __restrict__ h, int a_begin = 0, int a_end = -1) {
+  constexpr int L = Lanes<T>();
   if (a_end < 0) a_end = p;
   for (int col = 0; col < wt; ++col) {
     const T* v[kMaxRowSize];
-    for (int i = 0; i < q; ++i) v[i] = src.at(i, col);
-    for (int a = a_begin; a < a_end; ++a) {
-      T acc[CB] = {};
+    for (int i = 0; i < q; ++i) {
+      v[i] = src.at(i, col);
+      if (v[i] == nullptr) v[i] = Zeros<T, CB>();
+    }
+    for (int k0 = 0; k0 < CB; k0 += L) {
+      Vec<T> acc[kMaxRowSize];
+      for (int a = 0; a < p; ++a) acc[a] = Vec<T>{};
       for (int i = 0; i < q; ++i) {
-        const T w = mat[a * q + i];
-        if (w == T(0) || v[i] == nullptr) continue;
-        for (int k = 0; k < CB; ++k) acc[k] += w * v[i][k];
+        const Vec<T> x = Load(v[i] + k0);
+        for (int a = 0; a < p; ++a) acc[a] += mat[a * q + i] * x;
       }
-      T* dst = h + (static_cast<int64_t>(a) * wt + col) * CB;
-      for (int k = 0; k < CB; ++k) dst[k] = acc[k];
+      for (int a = a_begin; a < a_end; ++a) {
+        Store(h + (static_cast<int64_t>(a) * wt + col) * CB + k0, acc[a]);
+      }
     }
   }
 }
@@ -205,33 +246,38 @@ struct RowOut {
 
 // The row's tiles Z = (P X) P^T from the vertical pass h, rows a of `out`'s range,
 // fake-quantized as wa_tf.quantizers.fake_quant does when `out.scale` is set.  Position
-// (a, b) of the row's tiles is one run (tiles consecutive): written run by run, a few
-// streams at a time rather than p*p interleaved.
-template <typename T, int CB>
-void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, int p, int q,
+// (a, b) of the row's tiles is one run (tiles consecutive): for a given a, the p runs
+// (a, 0..p-1) advance together, tile by tile.
+template <typename T, int CB, typename PS, typename QS>
+void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, PS p, QS q,
                     const Geometry& g, int wt, int channels, int c0, int cb,
                     const RowOut<T>& out) {
+  constexpr int L = Lanes<T>();
   const int a_end = out.a_end < 0 ? p : out.a_end;
   for (int a = out.a_begin; a < a_end; ++a) {
-    for (int b = 0; b < p; ++b) {
-      T* run = out.z + ((a - out.a_begin) * p + b) * out.position_stride + c0;
-      const T s = out.scale == nullptr ? T(1) : out.scale[out.scales == 1 ? 0 : a * p + b];
-      for (int tw = 0; tw < g.n_w; ++tw) {
-        const T* hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
-        T acc[CB] = {};
+    T* runs = out.z + static_cast<int64_t>(a - out.a_begin) * p * out.position_stride + c0;
+    for (int tw = 0; tw < g.n_w; ++tw) {
+      const T* hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+      T tile[kMaxRowSize][CB];
+      for (int k0 = 0; k0 < CB; k0 += L) {
+        Vec<T> acc[kMaxRowSize];
+        for (int b = 0; b < p; ++b) acc[b] = Vec<T>{};
         for (int j = 0; j < q; ++j) {
-          const T w = mat[b * q + j];
-          if (w == T(0)) continue;
-          for (int k = 0; k < CB; ++k) acc[k] += w * hr[j * CB + k];
+          const Vec<T> x = Load(hr + j * CB + k0);
+          for (int b = 0; b < p; ++b) acc[b] += mat[b * q + j] * x;
         }
+        for (int b = 0; b < p; ++b) Store(tile[b] + k0, acc[b]);
+      }
+      for (int b = 0; b < p; ++b) {
         if (out.scale != nullptr) {  // wa_tf.quantizers.fake_quant, value for value
-          for (int k = 0; k < CB; ++k) acc[k] = QuantCode(acc[k], s, out.qmin, out.qmax) * s;
+          const T s = out.scale[out.scales == 1 ? 0 : a * p + b];
+          for (int k = 0; k < CB; ++k) tile[b][k] = QuantCode(tile[b][k], s, out.qmin, out.qmax) * s;
         }
-        T* dst = run + static_cast<int64_t>(tw) * channels;
+        T* dst = runs + b * out.position_stride + static_cast<int64_t>(tw) * channels;
         if (cb == CB) {
-          for (int k = 0; k < CB; ++k) dst[k] = acc[k];
+          for (int k = 0; k < CB; ++k) dst[k] = tile[b][k];
         } else {
-          std::memcpy(dst, acc, cb * sizeof(T));
+          std::memcpy(dst, tile[b], cb * sizeof(T));
         }
       }
     }
@@ -259,47 +305,51 @@ void LoadTiles(const T* __restrict__ z, int p, int n_w, int64_t first, int64_t t
 }
 
 // zp[a][j] = sum_b Z[a][b] P[b][j] for one tile (Z: p*p*CB, zp: p*q*CB).
-template <typename T, int CB>
-inline void TimesMat(const T* __restrict__ zt, const T* __restrict__ mat, int p, int q,
+template <typename T, int CB, typename PS, typename QS>
+inline void TimesMat(const T* __restrict__ zt, const T* __restrict__ mat, PS p, QS q,
                      T* __restrict__ zp) {
+  constexpr int L = Lanes<T>();
   for (int a = 0; a < p; ++a) {
-    for (int j = 0; j < q; ++j) {
-      T acc[CB] = {};
+    for (int k0 = 0; k0 < CB; k0 += L) {
+      Vec<T> acc[kMaxRowSize];
+      for (int j = 0; j < q; ++j) acc[j] = Vec<T>{};
       for (int b = 0; b < p; ++b) {
-        const T w = mat[b * q + j];
-        if (w == T(0)) continue;
-        const T* v = zt + (a * p + b) * CB;
-        for (int k = 0; k < CB; ++k) acc[k] += w * v[k];
+        const Vec<T> v = Load(zt + (a * p + b) * CB + k0);
+        for (int j = 0; j < q; ++j) acc[j] += mat[b * q + j] * v;
       }
-      for (int k = 0; k < CB; ++k) zp[(a * q + j) * CB + k] = acc[k];
+      for (int j = 0; j < q; ++j) Store(zp + (a * q + j) * CB + k0, acc[j]);
     }
   }
 }
 
 // For tile tw of the row: acc[u][v] += (Z P X^T)[u][v] + (Z^T P X)[u][v], per lane, from
 // zp = Z P (p*q), Z (p*p), the vertical pass h = P X of the image rows and the rows
-// themselves (X[v][j] = rows[v][tw*s + j]).
-template <typename T, int CB>
+// themselves (X[v][j] = rows[v][tw*s + j]).  Per vector of lanes, X's row v and (P X)'s
+// column v are loaded once for the p sums.
+template <typename T, int CB, typename PS, typename QS>
 inline void AccumulateTileMatGrad(const T* __restrict__ zp, const T* __restrict__ zt,
-                                  const T* __restrict__ h, const RowSource<T, CB>& src, int p,
-                                  int q, int wt, int col0, T* __restrict__ acc) {
+                                  const T* __restrict__ h, const RowSource<T, CB>& src, PS p,
+                                  QS q, int wt, int col0, T* __restrict__ acc) {
+  constexpr int L = Lanes<T>();
   for (int v = 0; v < q; ++v) {
     const T* x[kMaxRowSize];
-    for (int j = 0; j < q; ++j) x[j] = src.at(v, col0 + j);
-    for (int u = 0; u < p; ++u) {
-      T sum[CB] = {};
-      for (int j = 0; j < q; ++j) {  // (Z P)[u][j] X[v][j]
-        if (x[j] == nullptr) continue;
-        const T* zu = zp + (u * q + j) * CB;
-        for (int k = 0; k < CB; ++k) sum[k] += zu[k] * x[j][k];
+    for (int j = 0; j < q; ++j) {
+      x[j] = src.at(v, col0 + j);
+      if (x[j] == nullptr) x[j] = Zeros<T, CB>();
+    }
+    const T* hv = h + (static_cast<int64_t>(col0) + v) * CB;  // (P X)[a][v] at hv + a wt CB
+    for (int k0 = 0; k0 < CB; k0 += L) {
+      Vec<T> xv[kMaxRowSize], pxv[kMaxRowSize];
+      for (int j = 0; j < q; ++j) xv[j] = Load(x[j] + k0);
+      for (int a = 0; a < p; ++a) pxv[a] = Load(hv + static_cast<int64_t>(a) * wt * CB + k0);
+      for (int u = 0; u < p; ++u) {
+        // Two sums: independent chains of fused multiply-adds.
+        Vec<T> left{}, right{};
+        for (int j = 0; j < q; ++j) left += Load(zp + (u * q + j) * CB + k0) * xv[j];
+        for (int a = 0; a < p; ++a) right += Load(zt + (a * p + u) * CB + k0) * pxv[a];
+        T* o = acc + (u * q + v) * CB + k0;
+        Store(o, Load(o) + (left + right));
       }
-      for (int a = 0; a < p; ++a) {  // Z[a][u] (P X)[a][v]
-        const T* zv = zt + (a * p + u) * CB;
-        const T* hv = h + (static_cast<int64_t>(a) * wt + col0 + v) * CB;
-        for (int k = 0; k < CB; ++k) sum[k] += zv[k] * hv[k];
-      }
-      T* o = acc + (u * q + v) * CB;
-      for (int k = 0; k < CB; ++k) o[k] += sum[k];
     }
   }
 }
@@ -311,10 +361,11 @@ inline int64_t TransformRowBuffer(int p, int q, int wt, int n_w, bool grad) {
   return static_cast<int64_t>(q + p) * wt +
          (grad ? static_cast<int64_t>(n_w) * p * p + p * q : 0);
 }
-// AdjointTileRow: h (p wt) and one tile (1); with the gradient the rows' copy (q wt), P X
-// (p wt), the row's tiles of z (n_w p p) and Z P of one tile (p q).
+// AdjointTileRow: h (p wt) and the p values Z[a][.] of a tile (p, for partial blocks);
+// with the gradient the rows' copy (q wt), P X (p wt), the row's tiles of z (n_w p p) and
+// Z P of one tile (p q).
 inline int64_t AdjointRowBuffer(int p, int q, int wt, int n_w, bool grad) {
-  return static_cast<int64_t>(p) * wt + 1 +
+  return static_cast<int64_t>(p) * wt + p +
          (grad ? static_cast<int64_t>(q + p) * wt + static_cast<int64_t>(n_w) * p * p + p * q
                : 0);
 }
@@ -322,9 +373,9 @@ inline int64_t AdjointRowBuffer(int p, int q, int wt, int n_w, bool grad) {
 // The tile transform of one row of tiles (image img, tile row th), channels [c0, c0 + cb),
 // written to z; with `acc` (kGrad) also the transform's gradient against zin, the incoming
 // gradient of the adjoint in z's layout.  buf: TransformRowBuffer * CB values.
-template <typename T, int CB>
+template <typename T, int CB, typename PS, typename QS>
 void TransformTileRow(const T* x, int height, int width, int channels, const Geometry& g,
-                      const T* mat, int p, int q, int img, int th, int c0, int cb,
+                      const T* mat, PS p, QS q, int img, int th, int c0, int cb,
                       int64_t tiles, T* z, const T* zin, T* acc, T* buf) {
   const int wt = RowWidth(g, q);
   const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
@@ -349,40 +400,50 @@ void TransformTileRow(const T* x, int height, int width, int channels, const Geo
 // tiles overlap, then P^T (the vertical pass) once per column, written (`store`) or added
 // into x; with `acc` (kGrad) also the transform's gradient against xin, the image whose
 // tiles the adjoint's input is the gradient of.  buf: AdjointRowBuffer * CB values.
-template <typename T, int CB>
-void AdjointTileRow(const T* z, const T* mat, int p, int q, const Geometry& g, int img,
+template <typename T, int CB, typename PS, typename QS>
+void AdjointTileRow(const T* z, const T* mat, PS p, QS q, const Geometry& g, int img,
                     int th, int c0, int cb, int channels, int64_t tiles, int height, int width,
                     bool store, T* x, const T* xin, T* acc, T* buf) {
+  constexpr int L = Lanes<T>();
   const int wt = RowWidth(g, q);
   const bool direct = cb == CB;
   const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
   T* h = buf;
-  T* zt = h + static_cast<int64_t>(p) * wt * CB;  // one tile (partial blocks)
+  T* zt = h + static_cast<int64_t>(p) * wt * CB;  // Z[a][.] of a tile (partial blocks)
   std::fill(h, h + static_cast<int64_t>(p) * wt * CB, T(0));
   if (acc == nullptr) {
-    // Position (a, b) of the row's tiles is one run of z: read run by run, each Z[a][b]
-    // spread over the q columns it reaches.
+    // For each a, the runs (a, 0..p-1) of z advance together, tile by tile: the tile's
+    // row Z[a][.] P is summed into h (q columns; tiles overlap where stride < q).
     for (int a = 0; a < p; ++a) {
-      for (int b = 0; b < p; ++b) {
-        const T* run = z + ((a * p + b) * tiles + first) * channels + c0;
-        for (int tw = 0; tw < g.n_w; ++tw) {
-          const T* v = run + static_cast<int64_t>(tw) * channels;
-          if (!direct) {
-            std::memcpy(zt, v, cb * sizeof(T));
-            std::fill(zt + cb, zt + CB, T(0));
-            v = zt;
+      const T* runs = z + (static_cast<int64_t>(a) * p * tiles + first) * channels + c0;
+      for (int tw = 0; tw < g.n_w; ++tw) {
+        const T* v[kMaxRowSize];
+        for (int b = 0; b < p; ++b) {
+          v[b] = runs + (b * tiles + tw) * channels;
+          if (!direct) {  // a partial block: zero-padded copies
+            T* copy = zt + b * CB;
+            std::memcpy(copy, v[b], cb * sizeof(T));
+            std::fill(copy + cb, copy + CB, T(0));
+            v[b] = copy;
           }
-          T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+        }
+        T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
+        for (int k0 = 0; k0 < CB; k0 += L) {
+          Vec<T> sum[kMaxRowSize];
+          for (int j = 0; j < q; ++j) sum[j] = Vec<T>{};
+          for (int b = 0; b < p; ++b) {
+            const Vec<T> z_ab = Load(v[b] + k0);
+            for (int j = 0; j < q; ++j) sum[j] += mat[b * q + j] * z_ab;
+          }
           for (int j = 0; j < q; ++j) {
-            const T w = mat[b * q + j];
-            if (w == T(0)) continue;
-            for (int k = 0; k < CB; ++k) hr[j * CB + k] += w * v[k];
+            T* dst = hr + j * CB + k0;
+            Store(dst, Load(dst) + sum[j]);
           }
         }
       }
     }
   } else {
-    T* copy = zt + CB;
+    T* copy = zt + static_cast<int64_t>(p) * CB;
     T* hx = copy + static_cast<int64_t>(q) * wt * CB;  // P X of xin's rows
     T* tiles_buf = hx + static_cast<int64_t>(p) * wt * CB;
     T* zp = tiles_buf + static_cast<int64_t>(g.n_w) * p * p * CB;  // Z P of one tile
@@ -400,24 +461,29 @@ void AdjointTileRow(const T* z, const T* mat, int p, int q, const Geometry& g, i
       AccumulateTileMatGrad<T, CB>(zp, ztile, hx, src, p, q, wt, tw * g.stride, acc);
     }
   }
+  // The vertical pass P^T once per column, the q rows' sums of a vector in registers.
   for (int col = 0; col < wt; ++col) {
     const int xx = col - g.pad_left;
     if (xx < 0 || xx >= width) continue;
-    for (int i = 0; i < q; ++i) {
-      const int y = th * g.stride + i - g.pad_top;
-      if (y < 0 || y >= height) continue;
-      T sum[CB] = {};
+    T* dst0 = x + ((static_cast<int64_t>(img) * height) * width + xx) * channels + c0;
+    for (int k0 = 0; k0 < CB; k0 += L) {
+      Vec<T> sum[kMaxRowSize];
+      for (int i = 0; i < q; ++i) sum[i] = Vec<T>{};
       for (int a = 0; a < p; ++a) {
-        const T w = mat[a * q + i];
-        if (w == T(0)) continue;
-        const T* v = h + (static_cast<int64_t>(a) * wt + col) * CB;
-        for (int k = 0; k < CB; ++k) sum[k] += w * v[k];
+        const Vec<T> v = Load(h + (static_cast<int64_t>(a) * wt + col) * CB + k0);
+        for (int i = 0; i < q; ++i) sum[i] += mat[a * q + i] * v;
       }
-      T* dst = x + ((static_cast<int64_t>(img) * height + y) * width + xx) * channels + c0;
-      if (store) {
-        for (int k = 0; k < cb; ++k) dst[k] = sum[k];
-      } else {
-        for (int k = 0; k < cb; ++k) dst[k] += sum[k];
+      const int lanes = std::min(L, cb - k0);
+      if (lanes <= 0) break;
+      for (int i = 0; i < q; ++i) {
+        const int y = th * g.stride + i - g.pad_top;
+        if (y < 0 || y >= height) continue;
+        T* dst = dst0 + static_cast<int64_t>(y) * width * channels + k0;
+        if (lanes == L) {
+          Store(dst, store ? sum[i] : Load(dst) + sum[i]);
+        } else {
+          for (int k = 0; k < lanes; ++k) dst[k] = (store ? T(0) : dst[k]) + sum[i][k];
+        }
       }
     }
   }
@@ -475,7 +541,8 @@ class TileTransformOp : public OpKernel {
     if (tiles > 0 && channels > 0) {
       WithShape<T>(channels, p, q, [&](auto block, auto p_size, auto q_size) {
         constexpr int CB = decltype(block)::value;
-        const int p = p_size, q = q_size;
+        const auto p = p_size;
+        const auto q = q_size;
         const int wt = RowWidth(geo, q);
         auto rows_work = [&](int64_t begin, int64_t end) {
           std::vector<T> buf(TransformRowBuffer(p, q, wt, geo.n_w, kGrad) * CB);
@@ -565,7 +632,8 @@ class TileTransformAdjointOp : public OpKernel {
     if (tiles > 0 && channels > 0) {
       WithShape<T>(channels, p, q, [&](auto block, auto p_size, auto q_size) {
         constexpr int CB = decltype(block)::value;
-        const int p = p_size, q = q_size;
+        const auto p = p_size;
+        const auto q = q_size;
         for (int phase = 0; phase < period; ++phase) {
           const int rows = geo.n_h > phase ? (geo.n_h - phase + period - 1) / period : 0;
           const int wt = RowWidth(geo, q);
@@ -672,11 +740,12 @@ class TileTransformWeightGradOp : public OpKernel {
               const int cb = std::min(CB, channels - c0);
               const RowSource<T, CB> src(xp, height, width, channels, geo, q, unit / geo.n_h,
                                          unit % geo.n_h, c0, cb, rows.data());
-              VerticalPass<T, CB>(src, mp, p, q, wt, h.data(), a_begin, a_end);
+              VerticalPass<T, CB>(src, mp, p_size, q_size, wt, h.data(), a_begin, a_end);
               RowOut<T> out{v.data() + (unit - u0) * geo.n_w * channels,
                             block_tiles * channels, static_cast<int>(a_begin),
                             static_cast<int>(a_end), sp, scales, lo, hi};
-              HorizontalPass<T, CB>(h.data(), mp, p, q, geo, wt, channels, c0, cb, out);
+              HorizontalPass<T, CB>(h.data(), mp, p_size, q_size, geo, wt, channels, c0, cb,
+                                    out);
             }
           }
           for (int a = a_begin; a < a_end; ++a) {
