@@ -339,16 +339,20 @@ inline void AccumulateTileMatGrad(const T* __restrict__ zp, const T* __restrict_
     }
     const T* hv = h + (static_cast<int64_t>(col0) + v) * CB;  // (P X)[a][v] at hv + a wt CB
     for (int k0 = 0; k0 < CB; k0 += L) {
-      Vec<T> xv[kMaxRowSize], pxv[kMaxRowSize];
-      for (int j = 0; j < q; ++j) xv[j] = Load(x[j] + k0);
-      for (int a = 0; a < p; ++a) pxv[a] = Load(hv + static_cast<int64_t>(a) * wt * CB + k0);
+      // The p sums of column v side by side: p independent chains of multiply-adds.
+      Vec<T> sum[kMaxRowSize];
+      for (int u = 0; u < p; ++u) sum[u] = Vec<T>{};
+      for (int j = 0; j < q; ++j) {  // (Z P)[u][j] X[v][j]
+        const Vec<T> xj = Load(x[j] + k0);
+        for (int u = 0; u < p; ++u) sum[u] += Load(zp + (u * q + j) * CB + k0) * xj;
+      }
+      for (int a = 0; a < p; ++a) {  // Z[a][u] (P X)[a][v]
+        const Vec<T> pxa = Load(hv + static_cast<int64_t>(a) * wt * CB + k0);
+        for (int u = 0; u < p; ++u) sum[u] += Load(zt + (a * p + u) * CB + k0) * pxa;
+      }
       for (int u = 0; u < p; ++u) {
-        // Two sums: independent chains of fused multiply-adds.
-        Vec<T> left{}, right{};
-        for (int j = 0; j < q; ++j) left += Load(zp + (u * q + j) * CB + k0) * xv[j];
-        for (int a = 0; a < p; ++a) right += Load(zt + (a * p + u) * CB + k0) * pxv[a];
         T* o = acc + (u * q + v) * CB + k0;
-        Store(o, Load(o) + (left + right));
+        Store(o, Load(o) + sum[u]);
       }
     }
   }
