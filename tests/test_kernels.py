@@ -181,6 +181,20 @@ def test_fake_quant_keeps_nan_and_checks_the_scale():
         kernels.fake_quant(x, tf.constant([0.5, 0.5, 0.5]), -128, 127)
 
 
+@pytest.mark.parametrize("code_dtype", [tf.int8, tf.int16])
+def test_fake_quant_codes_nan_as_zero(code_dtype):
+    # 37 values: the vectorized conversion (16 at a time) and its remainder.
+    x = np.linspace(-3.0, 3.0, 37).astype(np.float32)
+    x[[2, 20, 36]] = np.nan
+    y, c = kernels.fake_quant(tf.constant(x), tf.constant(0.5), -128, 127, code_dtype)
+    expected = np.where(np.isnan(x), 0, np.round(x / 0.5)).astype(code_dtype.as_numpy_dtype)
+    np.testing.assert_array_equal(c.numpy(), expected)
+    assert np.isnan(y.numpy()[[2, 20, 36]]).all()
+    _, c = kernels.fake_quant(tf.constant(x), tf.constant(np.nan, tf.float32), -128, 127,
+                              code_dtype)
+    np.testing.assert_array_equal(c.numpy(), np.zeros(37))
+
+
 def test_quantizers_use_the_fused_fake_quant_with_the_same_values():
     from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
     x = tf.random.stateless_normal((9, 40, 16), seed=(2, 9)) * 3

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "common.h"
 
@@ -16,6 +17,25 @@ namespace wa_tf {
 namespace {
 
 constexpr int64_t kChunk = 512;
+
+// codes[k] = q[k] (integers within the code type's range after clipping; NaN, from a NaN
+// range, codes as 0), converted 16 at a time: written as a plain loop, the narrowing
+// conversion ran at a third of the speed of the quantization itself.
+template <typename T, typename C>
+void StoreCodes(const T* __restrict__ q, int64_t n, C* __restrict__ codes) {
+  typedef T VT __attribute__((vector_size(16 * sizeof(T))));
+  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef C VC __attribute__((vector_size(16 * sizeof(C))));
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    VT v;
+    std::memcpy(&v, q + k, sizeof(v));
+    const VI i = __builtin_convertvector(v == v ? v : VT{}, VI);
+    const VC c = __builtin_convertvector(i, VC);
+    std::memcpy(codes + k, &c, sizeof(c));
+  }
+  for (; k < n; ++k) codes[k] = static_cast<C>(static_cast<int32_t>(q[k] == q[k] ? q[k] : T(0)));
+}
 
 template <typename T, typename C, bool kCodes>
 class FakeQuantOp : public OpKernel {
@@ -44,7 +64,9 @@ class FakeQuantOp : public OpKernel {
     C* cp = kCodes ? codes->flat<C>().data() : nullptr;
     const int64_t inner = scales == 1 ? size : size / scales;
     const T lo = static_cast<T>(qmin_), hi = static_cast<T>(qmax_);
-    auto work = [&](int64_t begin, int64_t end) {
+    // Work is split in whole chunks of kChunk values.
+    auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
+      const int64_t begin = chunk_begin * kChunk, end = std::min(size, chunk_end * kChunk);
       for (int64_t e = begin; e < end;) {
         const T s = sp[scales == 1 ? 0 : e / inner];
         const int64_t stop = std::min(end, (e / inner + 1) * inner);
@@ -58,18 +80,14 @@ class FakeQuantOp : public OpKernel {
             q[k] = v;
             yp[e + k] = v * s;
           }
-          if (kCodes) {
-            // Within [qmin, qmax] after clipping; NaN (a NaN range) codes as 0.
-            for (int64_t k = 0; k < n; ++k) {
-              cp[e + k] = static_cast<C>(static_cast<int32_t>(q[k] == q[k] ? q[k] : T(0)));
-            }
-          }
+          if (kCodes) StoreCodes(q, n, cp + e);
           e += n;
         }
       }
     };
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, size, 8, work);
+    tensorflow::Shard(workers->num_threads, workers->workers, (size + kChunk - 1) / kChunk,
+                      8 * kChunk, work);
   }
 
  private:
