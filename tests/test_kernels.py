@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from wa_tf import kernels, transforms
 
@@ -193,6 +194,57 @@ def test_fake_quant_codes_nan_as_zero(code_dtype):
     _, c = kernels.fake_quant(tf.constant(x), tf.constant(np.nan, tf.float32), -128, 127,
                               code_dtype)
     np.testing.assert_array_equal(c.numpy(), np.zeros(37))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(36, 700, 3), (5, 20000), (3, 0)])
+def test_min_max_matches_numpy(dtype, shape):
+    # (5, 20000): runs of 16384 values and a remainder per index; (3, 0): empty.
+    x = np.random.default_rng(len(shape)).normal(size=shape).astype(dtype) * 3
+    for per_axis in (False, True):
+        lo, hi = kernels.min_max(tf.constant(x), per_axis=per_axis)
+        axes = tuple(range(1, x.ndim)) if per_axis else None
+        expected_lo = np.min(x, axis=axes, initial=np.inf)
+        expected_hi = np.max(x, axis=axes, initial=-np.inf)
+        np.testing.assert_array_equal(lo.numpy(), expected_lo)
+        np.testing.assert_array_equal(hi.numpy(), expected_hi)
+        assert lo.dtype == dtype and lo.shape == np.shape(expected_lo)
+
+
+def test_min_max_nan_as_tensorflow():
+    x = np.arange(60.0, dtype=np.float32).reshape(3, 20)
+    x[1, 17] = np.nan  # in the remainder after 16 lanes
+    x[2, 3] = np.nan   # in the vector part
+    lo, hi = kernels.min_max(tf.constant(x), per_axis=True)
+    np.testing.assert_array_equal(lo.numpy(), tf.reduce_min(x, axis=1).numpy())
+    np.testing.assert_array_equal(hi.numpy(), tf.reduce_max(x, axis=1).numpy())
+    assert np.isnan(lo.numpy()[1:]).all() and lo.numpy()[0] == 0.0 and hi.numpy()[0] == 19.0
+    lo, hi = kernels.min_max(tf.constant(x))
+    assert np.isnan(lo.numpy()) and np.isnan(hi.numpy())
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_ema_quantizer_uses_the_fused_min_max_with_the_same_state(axis):
+    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    x = tf.random.stateless_normal((9, 300, 16), seed=(4, 2)) * 3
+
+    def run():
+        layer = tf_keras.layers.Layer()
+        quantizer = quantizers.EMAQuantizer(8, axis=axis)
+        weights = quantizer.build(x.shape, "v", layer)
+        step = tf.function(lambda v: quantizer.update_range(v, True, weights))
+        ops = {op.type for op in step.get_concrete_function(x).graph.get_operations()}
+        ranges = [step(x * (i + 1)).numpy() for i in range(2)]
+        return ops, ranges, weights["min_var"].numpy(), weights["max_var"].numpy()
+
+    ops, ranges, lo, hi = run()
+    assert "WaMinMax" in ops and "Min" not in ops
+    with kernels.disabled():
+        plain_ops, plain_ranges, plain_lo, plain_hi = run()
+    assert "WaMinMax" not in plain_ops
+    np.testing.assert_array_equal(np.array(ranges), np.array(plain_ranges))
+    np.testing.assert_array_equal(lo, plain_lo)
+    np.testing.assert_array_equal(hi, plain_hi)
 
 
 def test_quantizers_use_the_fused_fake_quant_with_the_same_values():

@@ -238,7 +238,10 @@ class EMAQuantizer(_Quantizer):
 
     def _batch_min_max(self, x):
         x = tf.stop_gradient(tf.cast(x, tf.float32))
-        if self.axis is None:
+        leading = self.axis is None or (x.shape.rank and self.axis % x.shape.rank == 0)
+        if leading and kernels.usable(x.dtype):  # both in one pass, the same values
+            batch_min, batch_max = kernels.min_max(x, per_axis=self.axis is not None)
+        elif self.axis is None:
             batch_min, batch_max = tf.reduce_min(x), tf.reduce_max(x)
         else:
             axis = self.axis % x.shape.rank

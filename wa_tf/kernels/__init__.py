@@ -232,6 +232,21 @@ def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
                                           Tcodes=codes_dtype)
 
 
+@_plain
+def min_max(x, per_axis=False):
+    """``(reduce_min(x), reduce_max(x))`` in one pass, as TensorFlow computes them.
+
+    Args:
+      x: Float tensor.
+      per_axis: One (min, max) per index of `x`'s first axis rather than one in all.
+
+    Returns:
+      (min, max), scalars or vectors of `x`'s first dimension; NaN both where
+      a NaN was reduced, (+inf, -inf) for an empty reduction.  No gradient.
+    """
+    return _ops().wa_min_max(x, per_axis=bool(per_axis))
+
+
 def _geometry(stride, pad_top, pad_left, n_h, n_w):
     return {"stride": int(stride), "pad_top": int(pad_top), "pad_left": int(pad_left),
             "n_h": int(n_h), "n_w": int(n_w)}
@@ -344,4 +359,5 @@ tf.no_gradient("WaTileTransformGrad")
 tf.no_gradient("WaTileTransformWeightGrad")
 tf.no_gradient("WaFakeQuant")
 tf.no_gradient("WaFakeQuantCodes")
+tf.no_gradient("WaMinMax")
 tf.no_gradient("WaTileTransformAdjointGrad")

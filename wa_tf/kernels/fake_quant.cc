@@ -1,6 +1,7 @@
 // Fused symmetric fake quantization (CPU): y = clip(round(x / s), qmin, qmax) * s in one
 // pass, optionally with the integer codes, where TensorFlow runs five elementwise passes
-// (divide, round, maximum, minimum, multiply) and a cast.
+// (divide, round, maximum, minimum, multiply) and a cast; and the min and max a
+// quantizer's range comes from, in one pass rather than two.
 //
 // The arithmetic is TensorFlow's, operation for operation: a true division, rounding half
 // to even (tf.round), clipping that keeps NaN, one multiplication; the results are
@@ -10,6 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "common.h"
 
@@ -94,6 +97,96 @@ class FakeQuantOp : public OpKernel {
   float qmin_, qmax_;
 };
 
+// The min and max of x, or of each index of its first axis (per_axis), in one pass: the
+// batch statistics of wa_tf.quantizers.EMAQuantizer, where TensorFlow reads the tensor
+// twice (reduce_min, reduce_max).  As TensorFlow's reductions: a NaN makes both NaN, an
+// empty reduction gives (+inf, -inf).  Work units are runs of kRun values of one index.
+constexpr int64_t kRun = 16384;
+
+template <typename T>
+struct MinMaxPart {
+  T min, max;
+  bool nan;
+};
+
+template <typename T>
+MinMaxPart<T> RunMinMax(const T* __restrict__ x, int64_t n) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int L = 64 / sizeof(T);
+  const T inf = std::numeric_limits<T>::infinity();
+  V lo = V{} + inf, hi = V{} - inf;
+  V bad = V{};  // nonzero lanes where a NaN was seen (NaN != NaN)
+  int64_t k = 0;
+  for (; k + L <= n; k += L) {
+    V v;
+    std::memcpy(&v, x + k, sizeof(v));
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    bad = v != v ? v : bad;
+  }
+  MinMaxPart<T> part{inf, -inf, false};
+  for (int i = 0; i < L; ++i) {
+    part.min = std::min(part.min, lo[i]);
+    part.max = std::max(part.max, hi[i]);
+    part.nan = part.nan || bad[i] != T(0);
+  }
+  for (; k < n; ++k) {
+    part.nan = part.nan || x[k] != x[k];
+    part.min = x[k] < part.min ? x[k] : part.min;
+    part.max = x[k] > part.max ? x[k] : part.max;
+  }
+  return part;
+}
+
+template <typename T>
+class MinMaxOp : public OpKernel {
+ public:
+  explicit MinMaxOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("per_axis", &per_axis_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    OP_REQUIRES(ctx, !per_axis_ || x.dims() >= 1,
+                InvalidArgument("per_axis needs x of rank >= 1, got a scalar"));
+    const int64_t groups = per_axis_ ? x.dim_size(0) : 1;
+    const int64_t inner = groups == 0 ? 0 : x.NumElements() / groups;
+    const TensorShape shape = per_axis_ ? TensorShape({groups}) : TensorShape({});
+    Tensor *out_min = nullptr, *out_max = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &out_min));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, shape, &out_max));
+    const int64_t runs = std::max<int64_t>(1, (inner + kRun - 1) / kRun);
+    std::vector<MinMaxPart<T>> parts(groups * runs);
+    const T* xp = x.flat<T>().data();
+    auto work = [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t group = unit / runs, first = (unit % runs) * kRun;
+        parts[unit] = RunMinMax(xp + group * inner + first, std::min(kRun, inner - first));
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    tensorflow::Shard(workers->num_threads, workers->workers, groups * runs, kRun, work);
+    T* mins = out_min->flat<T>().data();
+    T* maxs = out_max->flat<T>().data();
+    for (int64_t group = 0; group < groups; ++group) {
+      MinMaxPart<T> total{std::numeric_limits<T>::infinity(),
+                          -std::numeric_limits<T>::infinity(), false};
+      for (int64_t run = 0; run < runs; ++run) {
+        const MinMaxPart<T>& part = parts[group * runs + run];
+        total.min = std::min(total.min, part.min);
+        total.max = std::max(total.max, part.max);
+        total.nan = total.nan || part.nan;
+      }
+      const T nan = std::numeric_limits<T>::quiet_NaN();
+      mins[group] = total.nan ? nan : total.min;
+      maxs[group] = total.nan ? nan : total.max;
+    }
+  }
+
+ private:
+  bool per_axis_;
+};
+
 Status SameShape(InferenceContext* c) {
   c->set_output(0, c->input(0));
   return Status();
@@ -125,6 +218,26 @@ REGISTER_OP("WaFakeQuantCodes")
       return Status();
     });
 
+REGISTER_OP("WaMinMax")
+    .Input("x: T")
+    .Output("min: T")
+    .Output("max: T")
+    .Attr("per_axis: bool = false")
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      bool per_axis;
+      TF_RETURN_IF_ERROR(c->GetAttr("per_axis", &per_axis));
+      ShapeHandle out = c->Scalar();
+      if (per_axis) {
+        ShapeHandle x;
+        TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &x));
+        out = c->Vector(c->Dim(x, 0));
+      }
+      c->set_output(0, out);
+      c->set_output(1, out);
+      return Status();
+    });
+
 #define WA_REGISTER_FAKE_QUANT(type)                                                      \
   REGISTER_KERNEL_BUILDER(                                                                \
       Name("WaFakeQuant").Device(::tensorflow::DEVICE_CPU).TypeConstraint<type>("T"),     \
@@ -139,6 +252,13 @@ REGISTER_OP("WaFakeQuantCodes")
                               .TypeConstraint<type>("T")                                  \
                               .TypeConstraint<int16_t>("Tcodes"),                         \
                           FakeQuantOp<type, int16_t, true>);
+
+REGISTER_KERNEL_BUILDER(
+    Name("WaMinMax").Device(::tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
+    MinMaxOp<float>);
+REGISTER_KERNEL_BUILDER(
+    Name("WaMinMax").Device(::tensorflow::DEVICE_CPU).TypeConstraint<double>("T"),
+    MinMaxOp<double>);
 
 WA_REGISTER_FAKE_QUANT(float)
 WA_REGISTER_FAKE_QUANT(double)
