@@ -744,7 +744,23 @@ class TileTransformWeightGradOp : public OpKernel {
               const int cb = std::min(CB, channels - c0);
               const RowSource<T, CB> src(xp, height, width, channels, geo, q, unit / geo.n_h,
                                          unit % geo.n_h, c0, cb, rows.data());
-              VerticalPass<T, CB>(src, mp, p_size, q_size, wt, h.data(), a_begin, a_end);
+              // Only this shard's rows a of the vertical pass, their count a
+              // compile-time size where it is a usual one (so the sums stay in registers).
+              auto rows_pass = [&](auto rows) {
+                VerticalPass<T, CB>(src, mp + a_begin * q, rows, q_size, wt,
+                                    h.data() + static_cast<int64_t>(a_begin) * wt * CB);
+              };
+              if (rows_a == p) {
+                rows_pass(p_size);
+              } else if (rows_a == 2) {
+                rows_pass(Size<2>());
+              } else if (rows_a == 3) {
+                rows_pass(Size<3>());
+              } else if (rows_a == 4) {
+                rows_pass(Size<4>());
+              } else {
+                rows_pass(rows_a);
+              }
               RowOut<T> out{v.data() + (unit - u0) * geo.n_w * channels,
                             block_tiles * channels, static_cast<int>(a_begin),
                             static_cast<int>(a_end), sp, scales, lo, hi};
