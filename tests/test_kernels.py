@@ -197,6 +197,21 @@ def test_fake_quant_codes_nan_as_zero(code_dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code_dtype", [np.int8, np.int16])
+def test_from_codes_matches_numpy(dtype, code_dtype):
+    rng = np.random.default_rng(7)
+    info = np.iinfo(code_dtype)
+    codes = rng.integers(info.min, info.max, size=(6, 5, 7), endpoint=True).astype(code_dtype)
+    for scale in (np.array(0.037, dtype), rng.uniform(0.01, 0.2, size=(6, 1, 1)).astype(dtype)):
+        y = kernels.from_codes(tf.constant(codes), tf.constant(scale))
+        assert y.dtype == dtype
+        # 35 codes per scale: 16 at a time and a remainder.
+        np.testing.assert_array_equal(y.numpy(), codes.astype(dtype) * scale)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one per index"):
+        kernels.from_codes(tf.constant(codes), tf.constant([0.5, 0.5], dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(36, 700, 3), (5, 20000), (3, 0)])
 def test_min_max_matches_numpy(dtype, shape):
     # (5, 20000): runs of 16384 values and a remainder per index; (3, 0): empty.

@@ -137,6 +137,8 @@ def quant_scale(range_, num_bits, dtype=tf.float32):
 
 def from_codes(codes, scale):
     """``codes * scale`` in `scale`'s dtype: the values :func:`fake_quant_codes` coded."""
+    if _leading_axis_scale(scale, codes) and kernels.usable(scale.dtype):
+        return kernels.from_codes(codes, scale)  # one pass, the same values
     return tf.cast(codes, scale.dtype) * scale
 
 

@@ -233,6 +233,21 @@ def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
 
 
 @_plain
+def from_codes(codes, scale):
+    """``cast(codes) * scale`` in one pass (the values :func:`fake_quant` coded).
+
+    Args:
+      codes: int8 or int16 tensor.
+      scale: float32/float64 step: one value, or one per index of the codes' first
+        axis (any shape with that many elements).
+
+    Returns:
+      A tensor of the codes' shape and the scale's dtype.  No gradient.
+    """
+    return _ops().wa_from_codes(codes, tf.reshape(scale, [-1]))
+
+
+@_plain
 def min_max(x, per_axis=False):
     """``(reduce_min(x), reduce_max(x))`` in one pass, as TensorFlow computes them.
 
@@ -360,4 +375,5 @@ tf.no_gradient("WaTileTransformWeightGrad")
 tf.no_gradient("WaFakeQuant")
 tf.no_gradient("WaFakeQuantCodes")
 tf.no_gradient("WaMinMax")
+tf.no_gradient("WaFromCodes")
 tf.no_gradient("WaTileTransformAdjointGrad")

@@ -1,7 +1,7 @@
 // Fused symmetric fake quantization (CPU): y = clip(round(x / s), qmin, qmax) * s in one
 // pass, optionally with the integer codes, where TensorFlow runs five elementwise passes
-// (divide, round, maximum, minimum, multiply) and a cast; and the min and max a
-// quantizer's range comes from, in one pass rather than two.
+// (divide, round, maximum, minimum, multiply) and a cast; the min and max a
+// quantizer's range comes from, in one pass rather than two; the codes decoded.
 //
 // The arithmetic is TensorFlow's, operation for operation: a true division, rounding half
 // to even (tf.round), clipping that keeps NaN, one multiplication; the results are
@@ -187,6 +187,51 @@ class MinMaxOp : public OpKernel {
   bool per_axis_;
 };
 
+// y = codes * scale, the values fake_quant_codes coded (a cast and a multiplication in
+// TensorFlow, two passes): the scale a scalar or one per index of the first axis.
+template <typename T, typename C>
+class FromCodesOp : public OpKernel {
+ public:
+  explicit FromCodesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& codes = ctx->input(0);
+    const Tensor& scale = ctx->input(1);
+    const int64_t size = codes.NumElements();
+    const int64_t scales = scale.NumElements();
+    OP_REQUIRES(ctx, scales == 1 || (codes.dims() >= 1 && scales == codes.dim_size(0)),
+                InvalidArgument("scale must have 1 value or one per index of the codes' first "
+                                "axis (", codes.dims() >= 1 ? codes.dim_size(0) : 0, "), got ",
+                                scales));
+    Tensor* y = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, codes.shape(), &y));
+    if (size == 0) return;
+    const C* cp = codes.flat<C>().data();
+    const T* sp = scale.flat<T>().data();
+    T* yp = y->flat<T>().data();
+    const int64_t inner = scales == 1 ? size : size / scales;
+    typedef C VC __attribute__((vector_size(16 * sizeof(C))));
+    typedef T VT __attribute__((vector_size(16 * sizeof(T))));
+    auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
+      const int64_t begin = chunk_begin * kChunk, end = std::min(size, chunk_end * kChunk);
+      for (int64_t e = begin; e < end;) {
+        const T s = sp[scales == 1 ? 0 : e / inner];
+        const int64_t stop = std::min(end, (e / inner + 1) * inner);
+        for (; e + 16 <= stop; e += 16) {
+          VC c;
+          std::memcpy(&c, cp + e, sizeof(c));
+          const VT v = __builtin_convertvector(c, VT) * s;
+          std::memcpy(yp + e, &v, sizeof(v));
+        }
+        for (; e < stop; ++e) yp[e] = static_cast<T>(cp[e]) * s;
+      }
+    };
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+    tensorflow::Shard(workers->num_threads, workers->workers, (size + kChunk - 1) / kChunk,
+                      2 * kChunk, work);
+  }
+};
+
 Status SameShape(InferenceContext* c) {
   c->set_output(0, c->input(0));
   return Status();
@@ -252,6 +297,26 @@ REGISTER_OP("WaMinMax")
                               .TypeConstraint<type>("T")                                  \
                               .TypeConstraint<int16_t>("Tcodes"),                         \
                           FakeQuantOp<type, int16_t, true>);
+
+REGISTER_OP("WaFromCodes")
+    .Input("codes: Tcodes")
+    .Input("scale: T")
+    .Output("y: T")
+    .Attr("T: {float, double}")
+    .Attr("Tcodes: {int8, int16}")
+    .SetShapeFn(SameShape);
+
+#define WA_REGISTER_FROM_CODES(type, codes_type)                                          \
+  REGISTER_KERNEL_BUILDER(Name("WaFromCodes")                                             \
+                              .Device(::tensorflow::DEVICE_CPU)                           \
+                              .TypeConstraint<type>("T")                                  \
+                              .TypeConstraint<codes_type>("Tcodes"),                      \
+                          FromCodesOp<type, codes_type>);
+
+WA_REGISTER_FROM_CODES(float, int8_t)
+WA_REGISTER_FROM_CODES(float, int16_t)
+WA_REGISTER_FROM_CODES(double, int8_t)
+WA_REGISTER_FROM_CODES(double, int16_t)
 
 REGISTER_KERNEL_BUILDER(
     Name("WaMinMax").Device(::tensorflow::DEVICE_CPU).TypeConstraint<float>("T"),
