@@ -210,20 +210,16 @@ class FromCodesOp : public OpKernel {
     const T* sp = scale.flat<T>().data();
     T* yp = y->flat<T>().data();
     const int64_t inner = scales == 1 ? size : size / scales;
-    typedef C VC __attribute__((vector_size(16 * sizeof(C))));
-    typedef T VT __attribute__((vector_size(16 * sizeof(T))));
     auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
       const int64_t begin = chunk_begin * kChunk, end = std::min(size, chunk_end * kChunk);
       for (int64_t e = begin; e < end;) {
         const T s = sp[scales == 1 ? 0 : e / inner];
         const int64_t stop = std::min(end, (e / inner + 1) * inner);
-        for (; e + 16 <= stop; e += 16) {
-          VC c;
-          std::memcpy(&c, cp + e, sizeof(c));
-          const VT v = __builtin_convertvector(c, VT) * s;
-          std::memcpy(yp + e, &v, sizeof(v));
-        }
-        for (; e < stop; ++e) yp[e] = static_cast<T>(cp[e]) * s;
+        const C* __restrict__ in = cp + e;
+        T* __restrict__ out = yp + e;
+        const int64_t n = stop - e;
+        for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(in[k]) * s;
+        e = stop;
       }
     };
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
