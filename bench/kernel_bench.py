@@ -73,16 +73,26 @@ def _time(rows):
 def _quantization_rows(shape):
     x = tf.random.stateless_normal(shape, seed=(0, 1))
     range_ = tf.constant(3.0)
+    codes = quantizers.fake_quant_codes(x, range_, FLAGS.bits)[1]
+    scale = quantizers.quant_scale(range_, FLAGS.bits)
+
+    def min_max():
+        return tf.stack([tf.reduce_min(x), tf.reduce_max(x)])
+
     fused = {
         "x * s (one TF pass)": _synced(lambda: x * range_),
         "fake_quant, fused": _synced(lambda: quantizers.fake_quant(x, range_, FLAGS.bits)),
         "fake_quant_codes, fused": _synced(
             lambda: quantizers.fake_quant_codes(x, range_, FLAGS.bits)[:2]),
+        "min and max, fused": _synced(lambda: tf.stack(kernels.min_max(x))),
+        "from_codes, fused": _synced(lambda: quantizers.from_codes(codes, scale)),
     }
     plain = {
         "fake_quant, TF ops": _synced(lambda: quantizers.fake_quant(x, range_, FLAGS.bits)),
         "fake_quant_codes, TF ops": _synced(
             lambda: quantizers.fake_quant_codes(x, range_, FLAGS.bits)[:2]),
+        "min and max, TF ops": _synced(min_max),
+        "from_codes, TF ops": _synced(lambda: quantizers.from_codes(codes, scale)),
     }
     # Traced in their first call: the TF rows with the kernels off.
     for fn in fused.values():
