@@ -21,6 +21,14 @@ namespace {
 
 constexpr int64_t kChunk = 512;
 
+// A step for `x`: one value, or one per index of its first axis (`what` names x).
+Status CheckScale(const Tensor& x, int64_t scales, const char* what) {
+  if (scales == 1 || (x.dims() >= 1 && scales == x.dim_size(0))) return Status();
+  return InvalidArgument("scale must have 1 value or one per index of ", what,
+                         "'s first axis (", x.dims() >= 1 ? x.dim_size(0) : 0, "), got ",
+                         scales);
+}
+
 // codes[k] = q[k] (integers within the code type's range after clipping; NaN, from a NaN
 // range, codes as 0), converted 16 at a time: written as a plain loop, the narrowing
 // conversion ran at a third of the speed of the quantization itself.
@@ -53,9 +61,7 @@ class FakeQuantOp : public OpKernel {
     const Tensor& scale = ctx->input(1);
     const int64_t size = x.NumElements();
     const int64_t scales = scale.NumElements();
-    OP_REQUIRES(ctx, scales == 1 || (x.dims() >= 1 && scales == x.dim_size(0)),
-                InvalidArgument("scale must have 1 value or one per index of x's first axis (",
-                                x.dims() >= 1 ? x.dim_size(0) : 0, "), got ", scales));
+    OP_REQUIRES_OK(ctx, CheckScale(x, scales, "x"));
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     Tensor* codes = nullptr;
@@ -199,10 +205,7 @@ class FromCodesOp : public OpKernel {
     const Tensor& scale = ctx->input(1);
     const int64_t size = codes.NumElements();
     const int64_t scales = scale.NumElements();
-    OP_REQUIRES(ctx, scales == 1 || (codes.dims() >= 1 && scales == codes.dim_size(0)),
-                InvalidArgument("scale must have 1 value or one per index of the codes' first "
-                                "axis (", codes.dims() >= 1 ? codes.dim_size(0) : 0, "), got ",
-                                scales));
+    OP_REQUIRES_OK(ctx, CheckScale(codes, scales, "codes"));
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, codes.shape(), &y));
     if (size == 0) return;
