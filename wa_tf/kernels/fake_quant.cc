@@ -29,6 +29,28 @@ Status CheckScale(const Tensor& x, int64_t scales, const char* what) {
                          scales);
 }
 
+// Calls piece(first, n, s) over the `size` values of a tensor whose step is one value of
+// `steps` (`scales` of them: one in all, or one per size / scales consecutive values), in
+// pieces of at most kChunk values that share one step, split across the CPU's threads in
+// whole chunks of kChunk values (`cost`: per value).
+template <typename T, typename F>
+void ForEachStepPiece(OpKernelContext* ctx, int64_t size, const T* steps, int64_t scales,
+                      int64_t cost, F piece) {
+  const int64_t inner = scales == 1 ? size : size / scales;
+  auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
+    const int64_t end = std::min(size, chunk_end * kChunk);
+    for (int64_t e = chunk_begin * kChunk; e < end;) {
+      const int64_t index = e / inner;
+      const int64_t n = std::min({kChunk, end - e, (index + 1) * inner - e});
+      piece(e, n, steps[scales == 1 ? 0 : index]);
+      e += n;
+    }
+  };
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  tensorflow::Shard(workers->num_threads, workers->workers, (size + kChunk - 1) / kChunk,
+                    cost * kChunk, work);
+}
+
 // codes[k] = q[k] (integers within the code type's range after clipping; NaN, from a NaN
 // range, codes as 0), converted 16 at a time: written as a plain loop, the narrowing
 // conversion ran at a third of the speed of the quantization itself.
@@ -68,35 +90,21 @@ class FakeQuantOp : public OpKernel {
     if (kCodes) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, x.shape(), &codes));
     if (size == 0) return;
     const T* xp = x.flat<T>().data();
-    const T* sp = scale.flat<T>().data();
     T* yp = y->flat<T>().data();
     C* cp = kCodes ? codes->flat<C>().data() : nullptr;
-    const int64_t inner = scales == 1 ? size : size / scales;
     const T lo = static_cast<T>(qmin_), hi = static_cast<T>(qmax_);
-    // Work is split in whole chunks of kChunk values.
-    auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
-      const int64_t begin = chunk_begin * kChunk, end = std::min(size, chunk_end * kChunk);
-      for (int64_t e = begin; e < end;) {
-        const T s = sp[scales == 1 ? 0 : e / inner];
-        const int64_t stop = std::min(end, (e / inner + 1) * inner);
-        // Loops over chunks, so that they vectorize; the codes from a second loop over
-        // the chunk's q.
-        while (e < stop) {
-          const int64_t n = std::min<int64_t>(kChunk, stop - e);
-          T q[kChunk];
-          for (int64_t k = 0; k < n; ++k) {
-            const T v = QuantCode(xp[e + k], s, lo, hi);
-            q[k] = v;
-            yp[e + k] = v * s;
-          }
-          if (kCodes) StoreCodes(q, n, cp + e);
-          e += n;
-        }
-      }
-    };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, (size + kChunk - 1) / kChunk,
-                      8 * kChunk, work);
+    // Pieces of at most kChunk values, so that the loops vectorize; the codes from a
+    // second loop over the piece's q.
+    ForEachStepPiece(ctx, size, scale.flat<T>().data(), scales, 8,
+                     [&](int64_t first, int64_t n, T s) {
+                       T q[kChunk];
+                       for (int64_t k = 0; k < n; ++k) {
+                         const T v = QuantCode(xp[first + k], s, lo, hi);
+                         q[k] = v;
+                         yp[first + k] = v * s;
+                       }
+                       if (kCodes) StoreCodes(q, n, cp + first);
+                     });
   }
 
  private:
@@ -210,24 +218,13 @@ class FromCodesOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, codes.shape(), &y));
     if (size == 0) return;
     const C* cp = codes.flat<C>().data();
-    const T* sp = scale.flat<T>().data();
     T* yp = y->flat<T>().data();
-    const int64_t inner = scales == 1 ? size : size / scales;
-    auto work = [&](int64_t chunk_begin, int64_t chunk_end) {
-      const int64_t begin = chunk_begin * kChunk, end = std::min(size, chunk_end * kChunk);
-      for (int64_t e = begin; e < end;) {
-        const T s = sp[scales == 1 ? 0 : e / inner];
-        const int64_t stop = std::min(end, (e / inner + 1) * inner);
-        const C* __restrict__ in = cp + e;
-        T* __restrict__ out = yp + e;
-        const int64_t n = stop - e;
-        for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(in[k]) * s;
-        e = stop;
-      }
-    };
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, (size + kChunk - 1) / kChunk,
-                      2 * kChunk, work);
+    ForEachStepPiece(ctx, size, scale.flat<T>().data(), scales, 2,
+                     [&](int64_t first, int64_t n, T s) {
+                       const C* __restrict__ in = cp + first;
+                       T* __restrict__ out = yp + first;
+                       for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(in[k]) * s;
+                     });
   }
 };
 

@@ -122,8 +122,6 @@ class MatGradTotal {
 // The row kernels below keep pointers on the stack: for transforms up to this size.
 constexpr int kMaxRowSize = 16;
 
-// The lane block a missing row or column (outside the image) reads: the loops below
-// multiply it like any other rather than branch.
 // The vectors the row kernels' loops are written in: 64 bytes (one AVX-512 register, two
 // AVX2 ones), GCC vector types, so that a tile's sums stay in registers whatever the
 // compiler's heuristics; every block width CB is a multiple of their lanes.
@@ -149,6 +147,8 @@ inline void Store(T* dst, const Vec<T>& v) {
   std::memcpy(dst, &v, sizeof(v));
 }
 
+// The lane block a missing row or column (outside the image) reads: the loops below
+// multiply it like any other rather than branch.
 template <typename T, int CB>
 const T* Zeros() {
   alignas(64) static const T zeros[CB] = {};
@@ -201,16 +201,15 @@ struct RowSource {
 };
 
 // h[a][col] = sum_i P[a][i] rows[i][col] for every column: the vertical pass, once per
-// column, shared by the horizontally overlapping tiles.  h: p * wt * CB.  Only rows
-// [a_begin, a_end) are stored when given.  The loops run over vectors of kLanes lanes,
-// the p sums of a vector in registers (p and q compile-time sizes, Size<N>, unroll them);
-// they carry no branches: a zero weight or a missing row costs a multiplication (0 * x
-// adds nothing, so the values are those of a loop that skips them).
+// column, shared by the horizontally overlapping tiles.  h: p * wt * CB.  The loops run
+// over vectors (Vec<T>), the p sums of a vector in registers (p and q compile-time
+// sizes, Size<N>, unroll them); they carry no branches: a zero weight or a missing row
+// costs a multiplication (0 * x adds nothing, so the values are those of a loop that
+// skips them).
 template <typename T, int CB, typename PS, typename QS>
 void VerticalPass(const RowSource<T, CB>& src, const T* __restrict__ mat, PS p, QS q, int wt,
-                  T* __restrict__ h, int a_begin = 0, int a_end = -1) {
+                  T* __restrict__ h) {
   constexpr int L = Lanes<T>();
-  if (a_end < 0) a_end = p;
   for (int col = 0; col < wt; ++col) {
     const T* v[kMaxRowSize];
     for (int i = 0; i < q; ++i) {
@@ -224,7 +223,7 @@ void VerticalPass(const RowSource<T, CB>& src, const T* __restrict__ mat, PS p, 
         const Vec<T> x = Load(v[i] + k0);
         for (int a = 0; a < p; ++a) acc[a] += mat[a * q + i] * x;
       }
-      for (int a = a_begin; a < a_end; ++a) {
+      for (int a = 0; a < p; ++a) {
         Store(h + (static_cast<int64_t>(a) * wt + col) * CB + k0, acc[a]);
       }
     }
@@ -271,7 +270,9 @@ void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, PS p, QS
       for (int b = 0; b < p; ++b) {
         if (out.scale != nullptr) {  // wa_tf.quantizers.fake_quant, value for value
           const T s = out.scale[out.scales == 1 ? 0 : a * p + b];
-          for (int k = 0; k < CB; ++k) tile[b][k] = QuantCode(tile[b][k], s, out.qmin, out.qmax) * s;
+          for (int k = 0; k < CB; ++k) {
+            tile[b][k] = QuantCode(tile[b][k], s, out.qmin, out.qmax) * s;
+          }
         }
         T* dst = runs + b * out.position_stride + static_cast<int64_t>(tw) * channels;
         if (cb == CB) {
