@@ -43,8 +43,9 @@ flags.DEFINE_list("shape", ["36", "4096", "32"],
                   "Shape of the fake-quantized tensor (positions, tiles, C).")
 flags.DEFINE_string("layer", "32x32x32", "HxWxC input of the layer whose ops are timed.")
 flags.DEFINE_integer("tile_size", 4, "Output tile size m of F(m x m, 3 x 3).")
-flags.DEFINE_integer("batch_size", 64, "Batch size of the layer.")
-flags.DEFINE_integer("repeats", 40, "Timed calls per row (after 3 warm-up calls).")
+flags.DEFINE_integer("batch_size", 64, "Batch size of the layer.", lower_bound=1)
+flags.DEFINE_integer("repeats", 40, "Timed calls per row (after 3 warm-up calls).",
+                     lower_bound=1)
 flags.DEFINE_integer("bits", 8, "Quantization bits.")
 
 
@@ -156,12 +157,16 @@ def main(argv):
     try:
         shape = [int(v) for v in FLAGS.shape]
     except ValueError:
-        raise app.UsageError(f"--shape must be integers, got {FLAGS.shape}") from None
+        shape = []
+    if not shape or min(shape) < 1:
+        raise app.UsageError(f"--shape must be positive integers, got {FLAGS.shape}")
     try:
         h, w, c = (int(v) for v in FLAGS.layer.split("x"))
     except ValueError:
-        raise app.UsageError(f"--layer must be HxWxC, e.g. 32x32x32, got {FLAGS.layer!r}") \
-            from None
+        h = w = c = 0
+    if min(h, w, c) < 1:
+        raise app.UsageError(f"--layer must be HxWxC, positive integers, e.g. 32x32x32, got "
+                             f"{FLAGS.layer!r}")
     if FLAGS.tile_size not in (2, 4, 6):
         raise app.UsageError(f"--tile_size must be 2, 4 or 6, got {FLAGS.tile_size}")
     reason = kernels.unavailable_reason()
