@@ -62,7 +62,18 @@ def machine_lines():
         f"(OMP_NUM_THREADS={env('OMP_NUM_THREADS')}), "
         f"XLA auto-jit {tf.config.optimizer.get_jit() or 'off'} "
         f"(TF_XLA_FLAGS={env('TF_XLA_FLAGS')})",
+        # Both can make an AVX-512 CPU run AVX2 code, to measure what such a CPU runs.
+        f"instruction sets used: oneDNN up to ONEDNN_MAX_CPU_ISA={env('ONEDNN_MAX_CPU_ISA')}, "
+        f"wa_tf.kernels compiled for -march={_kernels_target()}",
     ]
+
+
+def _kernels_target():
+    from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+    try:
+        return kernels.target()
+    except ValueError as e:
+        return f"? ({e})"
 
 
 def print_machine():

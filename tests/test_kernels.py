@@ -9,6 +9,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import kernels, transforms
+from wa_tf.machine import cpu_flags
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason=f"fused kernels unavailable: {kernels.unavailable_reason()}")
@@ -150,6 +151,53 @@ def test_without_a_compiler_the_layer_falls_back(tmp_path):
     assert "fallback ok" in result.stdout
     assert "fused Winograd kernels unavailable" in result.stderr
     assert not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.skipif("avx2" not in cpu_flags() or "fma" not in cpu_flags(),
+                    reason="an x86-64-v3 (AVX2 + FMA) build needs such a CPU to run")
+def test_a_build_for_another_target_computes_the_same(tmp_path):
+    # WA_TF_KERNELS_MARCH=x86-64-v3: another library (AVX2 vectors where the CPU at
+    # hand may have AVX-512), whose layer gradients match the pure-TF pipeline's.
+    code = (
+        "import numpy as np, tensorflow as tf\n"
+        "from wa_tf import kernels\n"
+        "from wa_tf.layers import WinogradConv2D\n"
+        "assert kernels.available(), kernels.build_error()\n"
+        "assert kernels.target() == 'x86-64-v3'\n"
+        "print(kernels.library_path())\n"
+        "layer = WinogradConv2D(24, tile_size=4, flex=True)\n"
+        "x = tf.random.stateless_normal((2, 12, 10, 20), seed=(5, 6))\n"
+        "def grads():\n"
+        "    with tf.GradientTape() as tape:\n"
+        "        tape.watch(x)\n"
+        "        y = layer(x)\n"
+        "        loss = tf.reduce_sum(y * tf.sin(y))\n"
+        "    return [y] + tape.gradient(loss, [x] + layer.trainable_weights)\n"
+        "fused = grads()\n"
+        "with kernels.disabled():\n"
+        "    plain = grads()\n"
+        "for a, b in zip(fused, plain):\n"
+        "    scale = float(tf.reduce_max(tf.abs(b)))\n"
+        "    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * scale)\n"
+        "print('target ok')\n")
+    env = dict(os.environ, WA_TF_CACHE=str(tmp_path), WA_TF_KERNELS_MARCH="x86-64-v3")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "target ok" in result.stdout
+    built = result.stdout.split()[0]
+    assert os.path.dirname(built) == str(tmp_path)
+    assert os.path.basename(built) != os.path.basename(kernels.library_path())
+
+
+def test_a_malformed_target_is_one_clear_line(tmp_path):
+    env = dict(os.environ, WA_TF_CACHE=str(tmp_path), WA_TF_KERNELS_MARCH="x86 -O0")
+    result = subprocess.run([sys.executable, "-m", "wa_tf.kernels"], env=env,
+                            capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 1
+    assert ("WA_TF_KERNELS_MARCH='x86 -O0' is not a compiler target: give a -march value"
+            in result.stderr.splitlines()[-1])
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

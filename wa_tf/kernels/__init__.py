@@ -12,7 +12,9 @@ with respect to the transform (docs/kernels.md).  ``fake_quant.cc`` is
 The library is compiled on first use with the C++ compiler and TensorFlow's
 headers (``tf.sysconfig``) into a cache folder (``$WA_TF_CACHE``, else
 ``~/.cache/wa_tf``), one build per source, TensorFlow version and CPU
-instruction set, since it is compiled for the CPU at hand.  Without a
+instruction set, since it is compiled for the CPU at hand (``-march=native``;
+``WA_TF_KERNELS_MARCH`` names another target, e.g. ``x86-64-v3`` for AVX2 and
+FMA only: a library a cluster's older CPUs can run too).  Without a
 compiler, or where the build fails, :func:`available` is False (with one
 warning) and :mod:`wa_tf.layers` runs its pure-TF pipeline, which computes the
 same values.  The kernels run on CPUs only: where TensorFlow sees a GPU they
@@ -46,8 +48,8 @@ _DTYPES = (tf.float32, tf.float64)
 MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m + r - 1 <= 16
 
 # -fno-trapping-math / -fno-math-errno let rounding vectorize; they change no value.
-_EXTRA_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native", "-fno-trapping-math",
-                "-fno-math-errno", "-w")
+_EXTRA_FLAGS = ("-shared", "-fPIC", "-O3", "-fno-trapping-math", "-fno-math-errno", "-w")
+_MARCH_ENV = "WA_TF_KERNELS_MARCH"
 
 # Called from code that AutoGraph converts (TF-MOT's quantize wrappers): these are plain
 # Python around ops, which AutoGraph must leave as they are.
@@ -64,6 +66,19 @@ def cache_dir():
         os.path.expanduser("~"), ".cache", "wa_tf")
 
 
+def target():
+    """The CPU the library is compiled for: ``$WA_TF_KERNELS_MARCH``, else ``native``.
+
+    Raises:
+      ValueError: if the variable is set to something that cannot be a ``-march`` value.
+    """
+    march = os.environ.get(_MARCH_ENV, "").strip() or "native"
+    if not all(ch.isalnum() or ch in "-_.+" for ch in march):
+        raise ValueError(f"{_MARCH_ENV}={march!r} is not a compiler target: give a -march "
+                         "value such as native, x86-64-v3 or skylake-avx512")
+    return march
+
+
 def _build_key(compile_flags, link_flags):
     digest = hashlib.sha256()
     for source in _SOURCES + _HEADERS:
@@ -71,7 +86,7 @@ def _build_key(compile_flags, link_flags):
             digest.update(f.read())
     # -march=native: a library built on another CPU may use instructions this one lacks.
     for part in (tf.__version__, sys.version, " ".join(compile_flags), " ".join(link_flags),
-                 " ".join(cpu_flags()), " ".join(_EXTRA_FLAGS)):
+                 " ".join(cpu_flags()), " ".join(_EXTRA_FLAGS), target()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -87,6 +102,7 @@ def build(verbose=False):
 
     Raises:
       RuntimeError: no C++ compiler, or the compilation failed (with its output).
+      ValueError: ``$WA_TF_KERNELS_MARCH`` is malformed (:func:`target`).
     """
     path = library_path()
     if os.path.exists(path):
@@ -98,7 +114,7 @@ def build(verbose=False):
     # Build under a temporary name, then rename: concurrent builds never read half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
-    cmd = [compiler, *_EXTRA_FLAGS,
+    cmd = [compiler, *_EXTRA_FLAGS, f"-march={target()}",
            *tf.sysconfig.get_compile_flags(), *_SOURCES, "-o", tmp,
            *tf.sysconfig.get_link_flags()]
     if verbose:
@@ -122,7 +138,7 @@ def _library():
         if not _state["tried"]:
             try:
                 _state["library"] = tf.load_op_library(build())
-            except (RuntimeError, OSError, tf.errors.OpError) as e:
+            except (RuntimeError, ValueError, OSError, tf.errors.OpError) as e:
                 _state["error"] = str(e)
                 logging.getLogger("wa_tf").warning(
                     "wa_tf: fused Winograd kernels unavailable, using the pure-TF pipeline (%s)",
@@ -153,7 +169,7 @@ def load_if_built():
         try:
             if os.path.exists(library_path()):
                 _library()
-        except OSError:
+        except (OSError, ValueError):  # a malformed target: the first use warns
             pass
 
 
