@@ -14,7 +14,7 @@ so each transform is two small GEMMs (:func:`apply_transform`) and the
 element-wise stage is ``t^2`` batched GEMMs ``[N*tiles, C_in] x [C_in, C_out]``:
 
     x (N, H, W, C) --tiles--> D (t^2, N*P*C) --B_t . B_t^T--> V (t^2, N*P, C)
-    g (r, r, C, K) --G . G^T--> U (t^2, C, K)
+    g (r, r, C, K) --kron(G, G) @ g--> U (t^2, C, K)
     M = V @ U (t^2, N*P, K) --A_t . A_t^T--> (m^2, N*P*K) --untile--> y
 
 On CPUs the tile stages run as :mod:`wa_tf.kernels`' fused kernels: tiles and
@@ -220,9 +220,11 @@ def winograd_weights(kernel, g):
     """
     r, _, c, k = kernel.shape
     t = g.shape[0]
-    # The kernel's (i, j) axes swapped: apply_transform takes column-major tiles.
-    g_cm = tf.reshape(tf.transpose(kernel, [1, 0, 2, 3]), [r * r, c * k])
-    return tf.reshape(apply_transform(g, g_cm), [t * t, c, k])
+    # One GEMM with kron(G, G), row a*t + b, column i*r + j: the kernel's
+    # (r*r, C*K) view is free, where apply_transform's two GEMMs needed two
+    # transposes of the whole kernel (and two more in the gradient).
+    kron = tf.reshape(g[:, None, :, None] * g[None, :, None, :], [t * t, r * r])
+    return tf.reshape(tf.matmul(kron, tf.reshape(kernel, [r * r, c * k])), [t * t, c, k])
 
 
 def _kept(tensor, coded=None):
