@@ -9,6 +9,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import kernels, transforms
+from wa_tf.layers import WinogradConv2D, WinogradQuantization
 from wa_tf.machine import cpu_flags
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -71,6 +72,41 @@ def test_adjoint_identity(shape, mat_shape, stride, pad_top, pad_left, n_h, n_w)
     np.testing.assert_allclose(np.sum(tx.numpy() * z), np.sum(x * tz.numpy()), rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code_dtype", [np.int8, np.int16])
+@pytest.mark.parametrize("steps", [1, "per position"])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[1], GEOMETRIES[2]])
+def test_adjoint_backprop_decodes_codes_as_from_codes(dtype, code_dtype, steps, geometry):
+    # Codes decoded tile by tile inside the kernel: the adjoint's registered gradient at
+    # z = from_codes(codes, scale), dz bit for bit (dmat's per-thread partial sums are
+    # added in whichever order the threads finish, so it may differ in the last bit).
+    shape, mat_shape, stride, pad_top, pad_left, n_h, n_w = geometry
+    p = mat_shape[0]
+    rng = np.random.default_rng(p + stride)
+    info = np.iinfo(code_dtype)
+    codes = rng.integers(info.min, info.max, size=(p * p, shape[0] * n_h * n_w, shape[3]),
+                         endpoint=True).astype(code_dtype)
+    scale = rng.uniform(0.01, 0.1, size=1 if steps == 1 else p * p).astype(dtype)
+    mat = tf.constant(rng.normal(size=mat_shape).astype(dtype))
+    dx = tf.constant(rng.normal(size=shape).astype(dtype))
+    geo = (stride, pad_top, pad_left, n_h, n_w)
+    z = kernels.from_codes(tf.constant(codes), tf.constant(scale.reshape(-1, 1, 1)))
+    with tf.GradientTape() as tape:
+        tape.watch([z, mat])
+        x = kernels.tile_transform_adjoint(z, mat, *geo, shape[1], shape[2])
+    want = tape.gradient(x, [z, mat], output_gradients=dx)
+    got = kernels.tile_transform_adjoint_backprop(dx, tf.constant(codes), tf.constant(scale),
+                                                  mat, *geo)
+    assert got[0].dtype == dtype and got[0].shape == z.shape and got[1].shape == mat.shape
+    np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(),
+                               rtol=1e-6 if dtype == np.float32 else 1e-13)
+    assert np.abs(got[1].numpy()).max() > 0
+    with pytest.raises(tf.errors.InvalidArgumentError, match="scale must have 1 or"):
+        kernels.tile_transform_adjoint_backprop(dx, tf.constant(codes),
+                                                tf.constant(scale[:1].repeat(2)), mat, *geo)
+
+
 @pytest.mark.parametrize("adjoint", [False, True])
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]])
 def test_gradients_match_finite_differences(adjoint, geometry):
@@ -124,6 +160,25 @@ def test_layer_uses_the_kernels_and_xla_does_not():
     with kernels.disabled():
         assert not kernels.available()
         assert "WaTileTransform" not in op_types(False)
+
+
+@pytest.mark.parametrize("flex", [True, False])
+def test_a_quantized_flex_layer_decodes_m_inside_the_kernel(flex):
+    # The A_t gradient reads M's int8 codes directly (tests/test_quantization.py's
+    # recompute test checks its values against the recomputed pipeline's).
+    x = tf.random.stateless_normal((2, 9, 9, 3), seed=(8, 1))
+    layer = WinogradConv2D(4, tile_size=4, flex=flex, quantization=WinogradQuantization(8))
+    layer(x)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        return tape.gradient(loss, layer.trainable_weights)
+    ops = {op.type for op in step.get_concrete_function().graph.get_operations()}
+    assert ("WaTileTransformAdjointGradCodes" in ops) == flex
+    assert "WaTileTransformAdjointGrad" not in ops
+    assert all(g is not None for g in step())
 
 
 def test_without_a_compiler_the_layer_falls_back(tmp_path):

@@ -725,15 +725,26 @@ class WinogradConv2D(tf_keras.layers.Layer):
 
         Only flex layers need it: the gradient with respect to M alone keeps
         nothing but A_t.  A quantized M is kept as its integer codes (int8 up
-        to 8 bits), a quarter of its float32 size, and decoded exactly.
+        to 8 bits), a quarter of its float32 size, and decoded exactly: tile by
+        tile inside the fused kernel where it runs, else whole.
         """
         if not self.flex:
             return winograd_output(mm, a_t, x, self.tile_size, self.padding)
-        kept_mm = _kept(mm, codes.get("hadamard"))
+        coded = codes.get("hadamard")
+        kept_mm = _kept(mm, coded)
+        m, t = self.tile_size, a_t.shape[1]
+        # The fused kernel decodes M's codes tile by tile: M is never decoded whole.
+        decode_in_kernel = (coded is not None and _fused(x, t)
+                            and coded[1].shape.num_elements() in (1, t * t))
 
         @tf.custom_gradient
         def run(mm, a_t):
             def grad(dy):
+                if decode_in_kernel:
+                    geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, self.padding)
+                    dmm, dmat = kernels.tile_transform_adjoint_backprop(
+                        dy, *coded, tf.transpose(a_t), m, 0, 0, geo.n_h, geo.n_w)
+                    return dmm, tf.transpose(dmat)
                 with tf.control_dependencies([dy]):
                     mm2 = kept_mm()
                     a_t2 = tf.identity(a_t)

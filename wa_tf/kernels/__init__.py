@@ -360,6 +360,30 @@ def tile_transform_backprop(dz, x, mat, stride, pad_top, pad_left, n_h, n_w, mat
     return _ops().wa_tile_transform_adjoint(dz, mat, **geo), None
 
 
+@_plain
+def tile_transform_adjoint_backprop(dx, codes, scale, mat, stride, pad_top, pad_left, n_h,
+                                    n_w):
+    """The gradients of :func:`tile_transform_adjoint` (z, mat) with z kept as integer codes.
+
+    Equals the registered gradient of :func:`tile_transform_adjoint` at
+    ``z = from_codes(codes, scale)`` (:func:`from_codes`), but decodes z tile
+    by tile inside the kernel: the decoded z is never in memory.
+
+    Args:
+      dx: (N, height, width, C) incoming gradient.
+      codes: int8 or int16 (p*p, N*n_h*n_w, C) codes of z.
+      scale: Their step: one value, or one per position (p*p).
+      mat: (p, q) transform P.
+      stride, pad_top, pad_left, n_h, n_w: Tile geometry as :func:`tile_transform`.
+
+    Returns:
+      (dz, dmat): dz in z's layout, dmat of `mat`'s shape.
+    """
+    return tuple(_ops().wa_tile_transform_adjoint_grad_codes(
+        dx, codes, tf.reshape(scale, [-1]), mat, **_geometry(stride, pad_top, pad_left, n_h,
+                                                              n_w)))
+
+
 def _geometry_of(op):
     return {name: op.get_attr(name) for name in ("stride", "pad_top", "pad_left", "n_h", "n_w")}
 
@@ -393,3 +417,4 @@ tf.no_gradient("WaFakeQuantCodes")
 tf.no_gradient("WaMinMax")
 tf.no_gradient("WaFromCodes")
 tf.no_gradient("WaTileTransformAdjointGrad")
+tf.no_gradient("WaTileTransformAdjointGradCodes")

@@ -285,17 +285,31 @@ void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, PS p, QS
   }
 }
 
+// A (p*p, tiles, C) tensor in z's layout as the row kernels read it: values of type T, or
+// integer codes Z decoded as wa_tf.quantizers.from_codes decodes them, code * step with
+// the step of the position (`steps` of them: 1, or p*p).
+template <typename T, typename Z = T>
+struct TileInput {
+  const Z* data;
+  const T* step = nullptr;
+  int64_t steps = 0;
+};
+
 // Copies the row's tiles of z (p*p, tiles, C), channels [c0, c0 + cb), to buf[tw][a*p + b]
-// (zero-padded to CB lanes), reading z run by run.
-template <typename T, int CB>
-void LoadTiles(const T* __restrict__ z, int p, int n_w, int64_t first, int64_t tiles,
+// (zero-padded to CB lanes), reading z run by run (decoding codes).
+template <typename T, int CB, typename Z>
+void LoadTiles(const TileInput<T, Z>& z, int p, int n_w, int64_t first, int64_t tiles,
                int channels, int c0, int cb, T* __restrict__ buf) {
   for (int ab = 0; ab < p * p; ++ab) {
-    const T* run = z + (ab * tiles + first) * channels + c0;
+    const Z* run = z.data + (ab * tiles + first) * channels + c0;
+    const T s = z.step == nullptr ? T(1) : z.step[z.steps == 1 ? 0 : ab];
     for (int tw = 0; tw < n_w; ++tw) {
       T* dst = buf + (static_cast<int64_t>(tw) * p * p + ab) * CB;
-      const T* src = run + static_cast<int64_t>(tw) * channels;
-      if (cb == CB) {
+      const Z* src = run + static_cast<int64_t>(tw) * channels;
+      if (!std::is_same<Z, T>::value) {
+        for (int k = 0; k < cb; ++k) dst[k] = static_cast<T>(src[k]) * s;
+        std::fill(dst + cb, dst + CB, T(0));
+      } else if (cb == CB) {
         for (int k = 0; k < CB; ++k) dst[k] = src[k];
       } else {
         std::memcpy(dst, src, cb * sizeof(T));
@@ -376,12 +390,12 @@ inline int64_t AdjointRowBuffer(int p, int q, int wt, int n_w, bool grad) {
 }
 
 // The tile transform of one row of tiles (image img, tile row th), channels [c0, c0 + cb),
-// written to z; with `acc` (kGrad) also the transform's gradient against zin, the incoming
-// gradient of the adjoint in z's layout.  buf: TransformRowBuffer * CB values.
-template <typename T, int CB, typename PS, typename QS>
+// written to z; with `acc` (kGrad) also the transform's gradient against zin, the adjoint's
+// input in z's layout (values or codes).  buf: TransformRowBuffer * CB values.
+template <typename T, int CB, typename PS, typename QS, typename Z>
 void TransformTileRow(const T* x, int height, int width, int channels, const Geometry& g,
                       const T* mat, PS p, QS q, int img, int th, int c0, int cb,
-                      int64_t tiles, T* z, const T* zin, T* acc, T* buf) {
+                      int64_t tiles, T* z, const TileInput<T, Z>& zin, T* acc, T* buf) {
   const int wt = RowWidth(g, q);
   const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
   T* copy = buf;
@@ -454,7 +468,7 @@ void AdjointTileRow(const T* z, const T* mat, PS p, QS q, const Geometry& g, int
     T* zp = tiles_buf + static_cast<int64_t>(g.n_w) * p * p * CB;  // Z P of one tile
     const RowSource<T, CB> src(xin, height, width, channels, g, q, img, th, c0, cb, copy);
     VerticalPass<T, CB>(src, mat, p, q, wt, hx);
-    LoadTiles<T, CB>(z, p, g.n_w, first, tiles, channels, c0, cb, tiles_buf);
+    LoadTiles<T, CB>(TileInput<T>{z}, p, g.n_w, first, tiles, channels, c0, cb, tiles_buf);
     for (int tw = 0; tw < g.n_w; ++tw) {
       const T* ztile = tiles_buf + static_cast<int64_t>(tw) * p * p * CB;
       TimesMat<T, CB>(ztile, mat, p, q, zp);
@@ -508,8 +522,9 @@ int64_t RowCost(const Geometry& g, int channels, int p, int q, bool grad) {
 }
 
 // z = tiles of x transformed (P X P^T); with kGrad also the gradient with respect to P of
-// <zin, P X P^T> (zin: the incoming gradient, in z's layout).  Inputs: x, [zin,] mat.
-template <typename T, bool kGrad>
+// <zin, P X P^T> (zin: the incoming gradient, in z's layout).  Inputs: x, [zin,] mat; with
+// integer Z (zin as codes): x, codes, step, mat.
+template <typename T, bool kGrad, typename Z = T>
 class TileTransformOp : public OpKernel {
  public:
   explicit TileTransformOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -517,8 +532,9 @@ class TileTransformOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    constexpr bool kCodes = !std::is_same<Z, T>::value;
     const Tensor& x = ctx->input(0);
-    const Tensor& mat = ctx->input(kGrad ? 2 : 1);
+    const Tensor& mat = ctx->input(kGrad ? (kCodes ? 3 : 2) : 1);
     OP_REQUIRES(ctx, x.dims() == 4, InvalidArgument("x must be 4-D, got ", x.shape().DebugString()));
     OP_REQUIRES(ctx, mat.dims() == 2, InvalidArgument("mat must be 2-D"));
     const int n = x.dim_size(0), height = x.dim_size(1), width = x.dim_size(2),
@@ -526,14 +542,22 @@ class TileTransformOp : public OpKernel {
     const int p = mat.dim_size(0), q = mat.dim_size(1);
     OP_REQUIRES_OK(ctx, CheckMatSize(p, q));
     const int64_t tiles = static_cast<int64_t>(n) * geo_.n_h * geo_.n_w;
-    const T* zin = nullptr;
+    TileInput<T, Z> zin{nullptr};
     if (kGrad) {
       const Tensor& z = ctx->input(1);
       OP_REQUIRES(ctx, z.dims() == 3 && z.dim_size(0) == p * p && z.dim_size(1) == tiles &&
                            z.dim_size(2) == channels,
                   InvalidArgument("z has shape ", z.shape().DebugString(), ", expected [",
                                   p * p, ", ", tiles, ", ", channels, "]"));
-      zin = z.flat<T>().data();
+      zin.data = z.flat<Z>().data();
+      if (kCodes) {
+        const Tensor& step = ctx->input(2);
+        zin.steps = step.NumElements();
+        OP_REQUIRES(ctx, zin.steps == 1 || zin.steps == p * p,
+                    InvalidArgument("scale must have 1 or ", p * p, " values (one per ",
+                                    "position), got ", zin.steps));
+        zin.step = step.flat<T>().data();
+      }
     }
     Tensor* z = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p * p, tiles, channels}), &z));
@@ -858,6 +882,23 @@ REGISTER_OP("WaTileTransformAdjointGrad")
       return Status();
     });
 
+// WaTileTransformAdjointGrad with z given as its integer codes and their step (one, or
+// one per position), decoded as wa_tf.quantizers.from_codes decodes them, tile by tile.
+REGISTER_OP("WaTileTransformAdjointGradCodes")
+    .Input("dx: T")
+    .Input("codes: Tcodes")
+    .Input("scale: T")
+    .Input("mat: T")
+    .Output("dz: T")
+    .Output("dmat: T")
+    .Attr("Tcodes: {int8, int16}")
+    .WA_GEOMETRY_ATTRS
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(TileTransformShape(c, 3, 0));
+      c->set_output(1, c->input(3));
+      return Status();
+    });
+
 REGISTER_OP("WaTileTransformAdjoint")
     .Input("z: T")
     .Input("mat: T")
@@ -907,7 +948,15 @@ REGISTER_OP("WaTileTransformWeightGrad")
   REGISTER_KERNEL_BUILDER(                                                                  \
       Name(name).Device(::tensorflow::DEVICE_CPU).TypeConstraint<type>("T"), __VA_ARGS__);
 
+#define WA_REGISTER_CODES(type, codes)                                                      \
+  REGISTER_KERNEL_BUILDER(Name("WaTileTransformAdjointGradCodes")                           \
+                              .Device(::tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<type>("T")                                    \
+                              .TypeConstraint<codes>("Tcodes"),                             \
+                          TileTransformOp<type, true, codes>);
 #define WA_REGISTER(type)                                                                   \
+  WA_REGISTER_CODES(type, int8_t)                                                           \
+  WA_REGISTER_CODES(type, int16_t)                                                          \
   WA_REGISTER_KERNEL("WaTileTransform", type, TileTransformOp<type, false>)                 \
   WA_REGISTER_KERNEL("WaTileTransformAdjointGrad", type, TileTransformOp<type, true>)       \
   WA_REGISTER_KERNEL("WaTileTransformAdjoint", type, TileTransformAdjointOp<type, false>)   \
