@@ -19,6 +19,7 @@ Usage:
   python bench/layer_bench.py --recompute --jit_compile
   python bench/layer_bench.py --memory=rss       # peak RSS growth even where stats exist
   python bench/layer_bench.py --compare_tf       # also the pure-TF pipeline (no wa_tf.kernels)
+  python bench/layer_bench.py --interleave       # a shape's rows timed round-robin
 
 Winograd rows use wa_tf.kernels' fused tile kernels where they are available
 (the header says); ``tf`` rows run the pure-TF pipeline in the same process.
@@ -55,6 +56,9 @@ flags.DEFINE_bool("compare_tf", False, "Also time each Winograd row with the pur
 flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
                   "Peak memory measure: TensorFlow's allocator statistics, the peak RSS growth "
                   "of a fresh process per configuration, or auto (allocator where it works).")
+flags.DEFINE_bool("interleave", False, "Time a shape's rows round-robin, one step of each in "
+                  "turn, so that a drift in the machine's speed hits conv2d and the Winograd "
+                  "rows alike (allocator memory only).")
 flags.DEFINE_string("worker", None, "Internal: measure one configuration (JSON) in this "
                     "process and print the result as JSON.")
 
@@ -92,7 +96,36 @@ def measure(spec, memory):
         return _measure(spec, memory)
 
 
-def _measure(spec, memory):
+def _prepare(spec):
+    """The step of one configuration, traced (and warmed up) by its first calls."""
+    # The step is traced in its first call: with the kernels off, it is pure TF.
+    with kernels.disabled() if spec.get("tf") else contextlib.nullcontext():
+        step = _build_step(spec)
+        for _ in range(_WARMUP):
+            out = step()
+        _ = [o.numpy() for o in out]
+    return step
+
+
+def measure_interleaved(specs):
+    """(median seconds, allocator peak bytes) of each of `specs`, steps timed round-robin."""
+    steps = [_prepare(spec) for spec in specs]
+    peaks = []
+    for step in steps:  # one configuration at a time: its own peak above the level before
+        tf.config.experimental.reset_memory_stats(_DEVICE)
+        base = tf.config.experimental.get_memory_info(_DEVICE)["current"]
+        _ = step()[0].numpy()
+        peaks.append(tf.config.experimental.get_memory_info(_DEVICE)["peak"] - base)
+    times = [[] for _ in steps]
+    for _ in range(FLAGS.repeats):
+        for i, step in enumerate(steps):
+            t0 = time.perf_counter()
+            _ = step()[0].numpy()  # synchronise
+            times[i].append(time.perf_counter() - t0)
+    return [(float(np.median(t)), peak) for t, peak in zip(times, peaks)]
+
+
+def _build_step(spec):
     h, w, c = (int(v) for v in spec["shape"].split("x"))
     x = tf.random.stateless_normal((FLAGS.batch_size, h, w, c), (0, 1))
     if spec["m"] is None:
@@ -103,8 +136,12 @@ def _measure(spec, memory):
                                   recompute=spec["recompute"])
         layer_fn.build(x.shape)
         variables = layer_fn.trainable_variables
-    step = (_forward_fn(layer_fn, x, spec["jit"]) if spec.get("forward")
+    return (_forward_fn(layer_fn, x, spec["jit"]) if spec.get("forward")
             else _step_fn(layer_fn, variables, x, spec["jit"]))
+
+
+def _measure(spec, memory):
+    step = _build_step(spec)
     rss_before = common.rss_bytes()
     for _ in range(_WARMUP):
         out = step()
@@ -144,6 +181,9 @@ def main(argv):
         memory = common.memory_measure(FLAGS.memory, _DEVICE)
     except ValueError as e:
         raise app.UsageError(f"--memory: {e}") from None
+    if FLAGS.interleave and memory != "allocator":
+        raise app.UsageError("--interleave needs allocator memory statistics (one process), "
+                             f"which {_DEVICE} does not keep here or --memory excludes")
     run = (lambda spec: measure(spec, memory)) if memory == "allocator" \
         else _measure_in_fresh_process
     common.print_machine()
@@ -151,8 +191,8 @@ def main(argv):
           f"{'on' if kernels.available() else 'off: ' + kernels.unavailable_reason()}")
     mem_label = ("allocator peak above the pre-step level, timed steps" if memory == "allocator"
                  else "peak RSS growth of a fresh process per row, from before its first step")
-    print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps; "
-          f"memory: {mem_label}")
+    print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps"
+          f"{' (each shape round-robin)' if FLAGS.interleave else ''}; memory: {mem_label}")
     mem_column = "alloc MiB" if memory == "allocator" else "RSS+ MiB"
     header = f"{'input':>14} {'layer':>18} {'ms':>8} {'x conv':>7} {mem_column:>9} {'x conv':>7}"
     print(header)
@@ -169,23 +209,25 @@ def main(argv):
     for shape in FLAGS.shapes:
         base = {"shape": shape, "m": None, "flex": False, "jit": False, "recompute": False,
                 "forward": False}
-        conv = {False: run(base)}
-        if FLAGS.forward:
-            conv[True] = run(dict(base, forward=True))
-        for forward, (conv_t, conv_m) in conv.items():
-            name = "tf.nn.conv2d" + (" fwd" if forward else "")
-            print(f"{shape:>14} {name:>18} {conv_t * 1e3:8.2f} {1.0:7.2f} "
-                  f"{conv_m / 2**20:9.1f} {1.0:7.2f}")
+        rows = [("tf.nn.conv2d", base)] + [("tf.nn.conv2d fwd", dict(base, forward=True))] * (
+            FLAGS.forward)
         for m in (int(v) for v in FLAGS.tiles):
             for flex in (False, True):
                 for suffix, jit, recompute, forward in variants + tf_variants:
-                    t, mem = run(dict(base, m=m, flex=flex, jit=jit, recompute=recompute,
-                                      forward=forward, tf=suffix.endswith(" tf")))
-                    conv_t, conv_m = conv[forward]
-                    name = f"F{m} {'flex' if flex else 'static'}{suffix}"
-                    print(f"{shape:>14} {name:>18} {t * 1e3:8.2f} {t / conv_t:7.2f} "
-                          f"{mem / 2**20:9.1f} {mem / max(conv_m, 1):7.2f}")
-                    sys.stdout.flush()
+                    rows.append((f"F{m} {'flex' if flex else 'static'}{suffix}",
+                                 dict(base, m=m, flex=flex, jit=jit, recompute=recompute,
+                                      forward=forward, tf=suffix.endswith(" tf"))))
+        # Printed as measured, unless the rows run round-robin (all measured at once).
+        results = (measure_interleaved([spec for _, spec in rows]) if FLAGS.interleave
+                   else (run(spec) for _, spec in rows))
+        conv = {}
+        for (name, spec), (t, mem) in zip(rows, results):
+            if spec["m"] is None:
+                conv[spec["forward"]] = (t, mem)
+            conv_t, conv_m = conv[spec["forward"]]
+            print(f"{shape:>14} {name:>18} {t * 1e3:8.2f} {t / conv_t:7.2f} "
+                  f"{mem / 2**20:9.1f} {mem / max(conv_m, 1):7.2f}")
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

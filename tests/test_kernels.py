@@ -181,6 +181,14 @@ def test_a_quantized_flex_layer_decodes_m_inside_the_kernel(flex):
     assert all(g is not None for g in step())
 
 
+def _run_python(code, timeout, **env):
+    """Runs `code` in a fresh interpreter, `env` added to the environment; it must succeed."""
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                            capture_output=True, text=True, check=False, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 def test_without_a_compiler_the_layer_falls_back(tmp_path):
     # A fresh cache and a compiler that fails: one warning, the pure-TF pipeline, same values.
     code = (
@@ -199,10 +207,7 @@ def test_without_a_compiler_the_layer_falls_back(tmp_path):
         "else:\n"
         "    raise SystemExit('a direct call did not raise')\n"
         "print('fallback ok')\n")
-    env = dict(os.environ, WA_TF_CACHE=str(tmp_path), CXX="false")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, check=False, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run_python(code, 300, WA_TF_CACHE=str(tmp_path), CXX="false")
     assert "fallback ok" in result.stdout
     assert "fused Winograd kernels unavailable" in result.stderr
     assert not list(tmp_path.glob("*.so"))
@@ -235,10 +240,7 @@ def test_a_build_for_another_target_computes_the_same(tmp_path):
         "    scale = float(tf.reduce_max(tf.abs(b)))\n"
         "    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * scale)\n"
         "print('target ok')\n")
-    env = dict(os.environ, WA_TF_CACHE=str(tmp_path), WA_TF_KERNELS_MARCH="x86-64-v3")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, check=False, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _run_python(code, 600, WA_TF_CACHE=str(tmp_path), WA_TF_KERNELS_MARCH="x86-64-v3")
     assert "target ok" in result.stdout
     built = result.stdout.split()[0]
     assert os.path.dirname(built) == str(tmp_path)
