@@ -102,7 +102,8 @@ def test_adjoint_backprop_decodes_codes_as_from_codes(dtype, code_dtype, steps, 
     np.testing.assert_allclose(got[1].numpy(), want[1].numpy(),
                                rtol=1e-6 if dtype == np.float32 else 1e-13)
     assert np.abs(got[1].numpy()).max() > 0
-    with pytest.raises(tf.errors.InvalidArgumentError, match="scale must have 1 or"):
+    message = rf"scale must have 1 value or one per index of codes's first axis \({p * p}\), got 2"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         kernels.tile_transform_adjoint_backprop(dx, tf.constant(codes),
                                                 tf.constant(scale[:1].repeat(2)), mat, *geo)
 

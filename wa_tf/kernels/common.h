@@ -1,5 +1,6 @@
-// What the two kernel files share: TensorFlow's names, and the one fake-quantization
-// rounding that must equal wa_tf.quantizers.fake_quant (TensorFlow's ops) bit for bit.
+// What the two kernel files share: TensorFlow's names, the one fake-quantization
+// rounding that must equal wa_tf.quantizers.fake_quant (TensorFlow's ops) bit for bit,
+// and the check of a quantization step's shape.
 
 #ifndef WA_TF_KERNELS_COMMON_H_
 #define WA_TF_KERNELS_COMMON_H_
@@ -33,6 +34,14 @@ inline T QuantCode(T x, T s, T lo, T hi) {
   T q = std::nearbyint(x / s);
   q = q < lo ? lo : q;
   return q > hi ? hi : q;
+}
+
+// A step for `x`: one value, or one per index of its first axis (`what` names x).
+inline Status CheckScale(const Tensor& x, int64_t scales, const char* what) {
+  if (scales == 1 || (x.dims() >= 1 && scales == x.dim_size(0))) return Status();
+  return InvalidArgument("scale must have 1 value or one per index of ", what,
+                         "'s first axis (", x.dims() >= 1 ? x.dim_size(0) : 0, "), got ",
+                         scales);
 }
 
 }  // namespace wa_tf

@@ -21,14 +21,6 @@ namespace {
 
 constexpr int64_t kChunk = 512;
 
-// A step for `x`: one value, or one per index of its first axis (`what` names x).
-Status CheckScale(const Tensor& x, int64_t scales, const char* what) {
-  if (scales == 1 || (x.dims() >= 1 && scales == x.dim_size(0))) return Status();
-  return InvalidArgument("scale must have 1 value or one per index of ", what,
-                         "'s first axis (", x.dims() >= 1 ? x.dim_size(0) : 0, "), got ",
-                         scales);
-}
-
 // Calls piece(first, n, s) over the `size` values of a tensor whose step is one value of
 // `steps` (`scales` of them: one in all, or one per size / scales consecutive values), in
 // pieces of at most kChunk values that share one step, split across the CPU's threads in

@@ -553,9 +553,7 @@ class TileTransformOp : public OpKernel {
       if (kCodes) {
         const Tensor& step = ctx->input(2);
         zin.steps = step.NumElements();
-        OP_REQUIRES(ctx, zin.steps == 1 || zin.steps == p * p,
-                    InvalidArgument("scale must have 1 or ", p * p, " values (one per ",
-                                    "position), got ", zin.steps));
+        OP_REQUIRES_OK(ctx, CheckScale(z, zin.steps, "codes"));  // z's first axis: p*p
         zin.step = step.flat<T>().data();
       }
     }
