@@ -13,7 +13,10 @@ that a load change hits them alike), median of ``--repeats`` calls:
    C filters): ``tf.nn.conv2d`` forward, the input transform, the batched GEMM
    ``V U``, the output transform, and the backward pass's ops (the output
    transform's gradient with and without the transform's own, the input
-   transform's, the weights' gradient ``dU``, the GEMM ``dM U^T``).
+   transform's, the weights' gradient ``dU``, the GEMM ``dM U^T``, and the
+   gradient of ``U = G g G^T`` for the kernel and a flex layer's G, as
+   TensorFlow's matmul gradient and as :func:`wa_tf.layers.winograd_weights`
+   computes it; ``--layer=4x4x256`` gives the last stage's weights).
 
 A call's time ends when a one-element slice of its result is on the host: the
 result itself stays in TensorFlow's memory (``.numpy()`` would copy it, which for
@@ -119,6 +122,19 @@ def _layer_rows(h, w, c):
     mm = tf.matmul(v, u)
     dy = tf.random.stateless_normal((n, geo.out_h, geo.out_w, c), seed=(0, 4))
 
+    du = tf.random.stateless_normal(u.shape, seed=(0, 5))
+
+    def weights_grad(transform):
+        with tf.GradientTape() as tape:
+            tape.watch([kernel, g])
+            u = transform(kernel, g)
+        return tape.gradient(u, [kernel, g], output_gradients=du)
+
+    def tf_matmul_weights(kernel, g):  # winograd_weights with TensorFlow's matmul gradient
+        t = g.shape[0]
+        kron = tf.reshape(g[:, None, :, None] * g[None, :, None, :], [t * t, 9])
+        return tf.reshape(tf.matmul(kron, tf.reshape(kernel, [9, -1])), u.shape)
+
     def output_grad():
         with tf.GradientTape() as tape:
             tape.watch([mm, at_t])
@@ -137,6 +153,10 @@ def _layer_rows(h, w, c):
         "GEMMs dV = dM U^T": _synced(lambda: tf.matmul(mm, u, transpose_b=True)),
         "weights' gradient dU (V recomputed)": _synced(
             lambda: kernels.tile_transform_weight_grad(x, b_t, mm, *tiles)),
+        "weights' transform gradient (kernel, G), TF's matmul gradient": _synced(
+            lambda: weights_grad(tf_matmul_weights)),
+        "  as layers.winograd_weights computes it": _synced(
+            lambda: weights_grad(layers.winograd_weights)),
         "input transform gradient dx": _synced(lambda: kernels.tile_transform_backprop(
             v, x, b_t, *tiles, mat_grad=False)[0]),
         "  with dB_t (flex)": _synced(lambda: kernels.tile_transform_backprop(

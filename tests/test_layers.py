@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from wa_tf.layers import WinogradConv2D
+from wa_tf import transforms
+from wa_tf.layers import WinogradConv2D, winograd_weights
 
 TOL = {2: 1e-5, 4: 1e-4, 6: 1e-3}
 
@@ -84,6 +85,25 @@ def test_bad_arguments(kwargs, match):
     args = {"filters": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         WinogradConv2D(**args)
+
+
+@pytest.mark.parametrize("m", [2, 4, 6])
+def test_winograd_weights_and_gradients_match_einsum(m):
+    # U[a, b] = sum_ij G[a, i] G[b, j] g[i, j], and its gradients for the kernel g
+    # and G, against the same product written as one einsum (TensorFlow's gradient).
+    _, _, g_mat = transforms.winograd_matrices(m, 3)
+    g = tf.constant(np.asarray(g_mat, np.float64) + 0.1)  # no zeros: every entry counts
+    kernel = tf.random.stateless_normal((3, 3, 5, 7), seed=(1, 2), dtype=tf.float64)
+    du = tf.random.stateless_normal(((m + 2) ** 2, 5, 7), seed=(3, 4), dtype=tf.float64)
+    results = []
+    for fn in (winograd_weights,
+               lambda k, g: tf.reshape(tf.einsum("ai,bj,ijck->abck", g, g, k), du.shape)):
+        with tf.GradientTape() as tape:
+            tape.watch([kernel, g])
+            u = fn(kernel, g)
+        results.append([u, *tape.gradient(u, [kernel, g], output_gradients=du)])
+    for name, got, want in zip(["U", "kernel", "G"], *results):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 @pytest.mark.parametrize("flex", [False, True])
