@@ -13,7 +13,9 @@ that a load change hits them alike), median of ``--repeats`` calls:
    C filters): ``tf.nn.conv2d`` forward, the input transform, the batched GEMM
    ``V U``, the output transform, and the backward pass's ops (the output
    transform's gradient with and without the transform's own, the input
-   transform's, the weights' gradient ``dU``, the GEMM ``dM U^T``, and the
+   transform's, the weights' gradient ``dU``, the GEMM ``dM U^T``), the output
+   stage of a quantized layer (M fake-quantized to floats then transformed,
+   against M quantized to codes that the output transform decodes), and the
    gradient of ``U = G g G^T`` for the kernel and a flex layer's G, as
    TensorFlow's matmul gradient and as :func:`wa_tf.layers.winograd_weights`
    computes it; ``--layer=4x4x256`` gives the last stage's weights).
@@ -123,6 +125,9 @@ def _layer_rows(h, w, c):
     dy = tf.random.stateless_normal((n, geo.out_h, geo.out_w, c), seed=(0, 4))
 
     du = tf.random.stateless_normal(u.shape, seed=(0, 5))
+    qmin, qmax = quantizers.code_limits(FLAGS.bits)
+    code_dtype = tf.int8 if FLAGS.bits <= 8 else tf.int16
+    m_scale = tf.reduce_max(tf.abs(mm)) / ((qmax - qmin) / 2)
 
     def weights_grad(transform):
         with tf.GradientTape() as tape:
@@ -147,6 +152,14 @@ def _layer_rows(h, w, c):
         "GEMMs M = V U": _synced(lambda: tf.matmul(v, u)),
         "output transform": _synced(lambda: kernels.tile_transform_adjoint(
             mm, at_t, *out_tiles, geo.out_h, geo.out_w)),
+        "quantized M, then the output transform": _synced(
+            lambda: kernels.tile_transform_adjoint(
+                kernels.fake_quant(mm, m_scale, qmin, qmax), at_t, *out_tiles, geo.out_h,
+                geo.out_w)),
+        "  M's codes alone, read by the output transform": _synced(
+            lambda: kernels.tile_transform_adjoint_codes(
+                kernels.quantize(mm, m_scale, qmin, qmax, code_dtype), m_scale, at_t,
+                *out_tiles, geo.out_h, geo.out_w)),
         "output transform gradient dM": _synced(
             lambda: kernels.tile_transform(dy, at_t, *out_tiles)),
         "  with dA_t (flex)": _synced(output_grad),

@@ -1,4 +1,5 @@
 """wa_tf.kernels: the fused tile kernels against numpy, their adjoint identity and gradients."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -108,6 +109,35 @@ def test_adjoint_backprop_decodes_codes_as_from_codes(dtype, code_dtype, steps, 
                                                 tf.constant(scale[:1].repeat(2)), mat, *geo)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code_dtype", [np.int8, np.int16])
+@pytest.mark.parametrize("steps", [1, "per position"])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_adjoint_of_codes_equals_the_adjoint_of_the_decoded_values(dtype, code_dtype, steps,
+                                                                   geometry):
+    # Every geometry: overlapping, disjoint and cropped tiles, partial channel blocks.
+    shape, mat_shape, stride, pad_top, pad_left, n_h, n_w = geometry
+    p = mat_shape[0]
+    rng = np.random.default_rng(p * stride + shape[3])
+    info = np.iinfo(code_dtype)
+    codes = rng.integers(info.min, info.max, size=(p * p, shape[0] * n_h * n_w, shape[3]),
+                         endpoint=True).astype(code_dtype)
+    scale = rng.uniform(0.01, 0.1, size=1 if steps == 1 else p * p).astype(dtype)
+    mat = tf.constant(rng.normal(size=mat_shape).astype(dtype))
+    geo = (stride, pad_top, pad_left, n_h, n_w, shape[1], shape[2])
+    # Decoded with numpy, independently of the kernels' own decoding.
+    z = codes.astype(dtype) * scale.reshape(-1, 1, 1)
+    want = kernels.tile_transform_adjoint(tf.constant(z), mat, *geo)
+    got = kernels.tile_transform_adjoint_codes(tf.constant(codes), tf.constant(scale), mat, *geo)
+    assert got.dtype == dtype and got.shape == shape
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert np.abs(got.numpy()).max() > 0
+    message = rf"scale must have 1 value or one per index of codes's first axis \({p * p}\), got 2"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        kernels.tile_transform_adjoint_codes(tf.constant(codes), tf.constant(scale[:1].repeat(2)),
+                                             mat, *geo)
+
+
 @pytest.mark.parametrize("adjoint", [False, True])
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4]])
 def test_gradients_match_finite_differences(adjoint, geometry):
@@ -164,9 +194,10 @@ def test_layer_uses_the_kernels_and_xla_does_not():
 
 
 @pytest.mark.parametrize("flex", [True, False])
-def test_a_quantized_flex_layer_decodes_m_inside_the_kernel(flex):
-    # The A_t gradient reads M's int8 codes directly (tests/test_quantization.py's
-    # recompute test checks its values against the recomputed pipeline's).
+def test_a_quantized_layer_reads_m_as_codes_inside_the_kernels(flex):
+    # The output transform, and a flex layer's A_t gradient, read M's int8 codes
+    # directly: M is quantized to codes alone, never to float values
+    # (tests/test_quantization.py compares the values with the pure-TF pipeline's).
     x = tf.random.stateless_normal((2, 9, 9, 3), seed=(8, 1))
     layer = WinogradConv2D(4, tile_size=4, flex=flex, quantization=WinogradQuantization(8))
     layer(x)
@@ -176,10 +207,40 @@ def test_a_quantized_flex_layer_decodes_m_inside_the_kernel(flex):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(x, training=True) ** 2)
         return tape.gradient(loss, layer.trainable_weights)
-    ops = {op.type for op in step.get_concrete_function().graph.get_operations()}
+    ops = [op.type for op in step.get_concrete_function().graph.get_operations()]
     assert ("WaTileTransformAdjointGradCodes" in ops) == flex
     assert "WaTileTransformAdjointGrad" not in ops
+    assert ops.count("WaTileTransformAdjointCodes") == 1 and ops.count("WaQuantize") == 1
+    assert ops.count("WaFakeQuantCodes") == 1  # U's, kept for dV = dM U^T
     assert all(g is not None for g in step())
+
+
+@pytest.mark.parametrize("flex", [True, False])
+@pytest.mark.parametrize("per_tap", [False, True])
+def test_a_quantized_layer_matches_the_pure_tf_pipeline(flex, per_tap):
+    # Two training steps (tiles past the image, a partial channel block): output, every
+    # gradient and the quantizers' state as the pure-TF pipeline computes them.
+    batches = [tf.random.stateless_normal((2, 10, 9, 5), seed=(5, i)) * (i + 1)
+               for i in range(2)]
+    results, initial = [], None
+    for context in (contextlib.nullcontext, kernels.disabled):
+        layer = WinogradConv2D(6, tile_size=4, flex=flex,
+                               quantization=WinogradQuantization(8, per_tap=per_tap))
+        layer(batches[0])
+        initial = initial or layer.get_weights()
+        layer.set_weights(initial)
+        with context():
+            for x in batches:
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = layer(x, training=True)
+                    loss = tf.reduce_sum(y ** 2)
+                grads = tape.gradient(loss, [x] + layer.trainable_weights)
+        results.append([y] + grads + layer.non_trainable_weights)
+    for got, want in zip(*results):
+        want = np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert not np.array_equal(results[0][-1], initial[-1])  # the ranges moved
 
 
 def _run_python(code, timeout, **env):
@@ -277,6 +338,9 @@ def test_fake_quant_matches_numpy_bit_for_bit(dtype, per_axis, bits):
     np.testing.assert_array_equal(y2.numpy(), expected)
     assert c.dtype == code_dtype
     np.testing.assert_array_equal(c.numpy(), expected_codes.astype(code_dtype.as_numpy_dtype))
+    c2 = kernels.quantize(tf.constant(x), tf.constant(scale), qmin, qmax, code_dtype)
+    assert c2.dtype == code_dtype
+    np.testing.assert_array_equal(c2.numpy(), expected_codes.astype(code_dtype.as_numpy_dtype))
 
 
 def test_fake_quant_keeps_nan_and_checks_the_scale():
@@ -300,6 +364,8 @@ def test_fake_quant_codes_nan_as_zero(code_dtype):
     _, c = kernels.fake_quant(tf.constant(x), tf.constant(np.nan, tf.float32), -128, 127,
                               code_dtype)
     np.testing.assert_array_equal(c.numpy(), np.zeros(37))
+    c = kernels.quantize(tf.constant(x), tf.constant(0.5), -128, 127, code_dtype)
+    np.testing.assert_array_equal(c.numpy(), expected)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -727,41 +727,66 @@ class WinogradConv2D(tf_keras.layers.Layer):
             return self._recomputed(x, weights, training)
         kernel, a_t, b_t, g = weights
         ranges = {}
+        fused = _fused(x, self.tile_input_size)
         # The tensors the backward pass keeps, as integer codes where quantized:
-        # U always, M only for a flex layer's A_t gradient.
-        codes = dict.fromkeys(("weights_winograd", "hadamard") if self.flex
+        # U always, M only for a flex layer's A_t gradient (the fused pipeline
+        # codes M in any case, below).
+        codes = dict.fromkeys(("weights_winograd", "hadamard") if self.flex and not fused
                               else ("weights_winograd",))
         quantize = self._stage_ranges(training, ranges, codes)
         u = quantize("weights_winograd", winograd_weights(kernel, g))
-        mm = quantize("hadamard", self._input_recomputed(x, b_t, u, quantize, ranges,
-                                                          codes))
-        return self._output_recomputed(mm, a_t, x, codes)
+        mm = self._input_recomputed(x, b_t, u, quantize, ranges, codes)
+        if fused and "hadamard" in self.stage_quantizers:
+            quantizer, variables = self.stage_quantizers["hadamard"]
+            ranges["hadamard"] = quantizer.update_range(mm, training, variables)
+            return self._output_from_codes(mm, ranges["hadamard"], quantizer.num_bits, a_t, x)
+        return self._output_recomputed(quantize("hadamard", mm), a_t, x, codes)
+
+    def _output_from_codes(self, mm, range_, num_bits, a_t, x):
+        """The fused output transform of M quantized with `range_`, read as integer codes.
+
+        M's fake-quantized float values are never written: the kernel decodes
+        the codes (int8 up to 8 bits, a quarter of float32) tile by tile, to the
+        very values :func:`wa_tf.quantizers.fake_quant` gives.  The gradient
+        with respect to M is the straight-through one (the output transform's
+        gradient); a flex layer's A_t gradient reads the same codes.
+        """
+        from wa_tf.quantizers import quantize_codes  # pylint: disable=import-outside-toplevel
+        m, t = self.tile_size, a_t.shape[1]
+        geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, self.padding)
+        tiles = (m, 0, 0, geo.n_h, geo.n_w)
+
+        @tf.custom_gradient
+        def run(mm, a_t):
+            codes, scale = quantize_codes(mm, range_, num_bits)
+            at_t = tf.transpose(a_t)
+            y = kernels.tile_transform_adjoint_codes(codes, scale, at_t, *tiles, geo.out_h,
+                                                     geo.out_w)
+
+            def grad(dy):
+                if not self.flex:
+                    return kernels.tile_transform(dy, at_t, *tiles), None
+                dmm, dmat = kernels.tile_transform_adjoint_backprop(dy, codes, scale, at_t,
+                                                                    *tiles)
+                return dmm, tf.transpose(dmat)
+            return y, grad
+        return run(mm, a_t)
 
     def _output_recomputed(self, mm, a_t, x, codes):
         """:func:`winograd_output` whose A_t gradient recomputes the transform's intermediate.
 
         Only flex layers need it: the gradient with respect to M alone keeps
         nothing but A_t.  A quantized M is kept as its integer codes (int8 up
-        to 8 bits), a quarter of its float32 size, and decoded exactly: tile by
-        tile inside the fused kernel where it runs, else whole.
+        to 8 bits), a quarter of its float32 size, and decoded whole (the fused
+        pipeline reads them in its kernels instead, :meth:`_output_from_codes`).
         """
         if not self.flex:
             return winograd_output(mm, a_t, x, self.tile_size, self.padding)
-        coded = codes.get("hadamard")
-        kept_mm = _kept(mm, coded)
-        m, t = self.tile_size, a_t.shape[1]
-        # The fused kernel decodes M's codes tile by tile: M is never decoded whole.
-        decode_in_kernel = (coded is not None and _fused(x, t)
-                            and coded[1].shape.num_elements() in (1, t * t))
+        kept_mm = _kept(mm, codes.get("hadamard"))
 
         @tf.custom_gradient
         def run(mm, a_t):
             def grad(dy):
-                if decode_in_kernel:
-                    geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, self.padding)
-                    dmm, dmat = kernels.tile_transform_adjoint_backprop(
-                        dy, *coded, tf.transpose(a_t), m, 0, 0, geo.n_h, geo.n_w)
-                    return dmm, tf.transpose(dmat)
                 with tf.control_dependencies([dy]):
                     mm2 = kept_mm()
                     a_t2 = tf.identity(a_t)

@@ -66,6 +66,27 @@ def fake_quant_codes(x, range_, num_bits):
     return _fake_quant(x, range_, num_bits, with_codes=True)
 
 
+def quantize_codes(x, range_, num_bits):
+    """The codes and scale of :func:`fake_quant_codes`, without the fake-quantized values.
+
+    For a consumer that decodes the codes itself (the Winograd layer's output
+    transform, :func:`wa_tf.kernels.tile_transform_adjoint_codes`): the float
+    values are never written.  ``from_codes(codes, scale)`` equals
+    ``fake_quant(x, range_, num_bits)`` value for value.  No gradient.
+
+    Returns:
+      (codes, scale): int8 up to 8 bits, else int16; the step as :func:`quant_scale`.
+    """
+    num_bits = check_bits(num_bits)
+    qmin, qmax = code_limits(num_bits)
+    x = tf.stop_gradient(tf.convert_to_tensor(x))
+    scale = quant_scale(range_, num_bits, x.dtype)
+    if _leading_axis_scale(scale, x) and kernels.usable(x.dtype):
+        return kernels.quantize(x, scale, qmin, qmax, _code_dtype(num_bits)), scale
+    q = tf.clip_by_value(tf.round(x / scale), qmin, qmax)
+    return tf.cast(q, _code_dtype(num_bits)), scale
+
+
 def _fake_quant(x, range_, num_bits, with_codes):
     num_bits = check_bits(num_bits)
     qmin, qmax = code_limits(num_bits)

@@ -249,6 +249,23 @@ def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
 
 
 @_plain
+def quantize(x, scale, qmin, qmax, codes_dtype):
+    """The codes of :func:`fake_quant` (``clip(round(x / scale), qmin, qmax)``) alone.
+
+    Args:
+      x: Float tensor.
+      scale: Its step: one value, or one per index of `x`'s first axis.
+      qmin, qmax: The code limits.
+      codes_dtype: tf.int8 or tf.int16.
+
+    Returns:
+      The codes, of `x`'s shape (NaN codes as 0).  No gradient.
+    """
+    return _ops().wa_quantize(x, tf.reshape(scale, [-1]), qmin=float(qmin), qmax=float(qmax),
+                              Tcodes=codes_dtype)
+
+
+@_plain
 def from_codes(codes, scale):
     """``cast(codes) * scale`` in one pass (the values :func:`fake_quant` coded).
 
@@ -316,6 +333,29 @@ def tile_transform_adjoint(z, mat, stride, pad_top, pad_left, n_h, n_w, height, 
     """
     return _ops().wa_tile_transform_adjoint(
         z, mat, height=int(height), width=int(width),
+        **_geometry(stride, pad_top, pad_left, n_h, n_w))
+
+
+@_plain
+def tile_transform_adjoint_codes(codes, scale, mat, stride, pad_top, pad_left, n_h, n_w,
+                                 height, width):
+    """:func:`tile_transform_adjoint` of ``z = from_codes(codes, scale)``, decoded tile by tile.
+
+    The same values as decoding first (:func:`from_codes`), without the decoded
+    z in memory.
+
+    Args:
+      codes: int8 or int16 (p*p, N*n_h*n_w, C) codes of z.
+      scale: Their step: one value, or one per position (p*p).
+      mat: (p, q) transform P.
+      stride, pad_top, pad_left, n_h, n_w: Tile geometry as :func:`tile_transform`.
+      height, width: Size of the result, as :func:`tile_transform_adjoint`.
+
+    Returns:
+      (N, height, width, C) tensor.  No gradient.
+    """
+    return _ops().wa_tile_transform_adjoint_codes(
+        codes, tf.reshape(scale, [-1]), mat, height=int(height), width=int(width),
         **_geometry(stride, pad_top, pad_left, n_h, n_w))
 
 
@@ -418,3 +458,5 @@ tf.no_gradient("WaMinMax")
 tf.no_gradient("WaFromCodes")
 tf.no_gradient("WaTileTransformAdjointGrad")
 tf.no_gradient("WaTileTransformAdjointGradCodes")
+tf.no_gradient("WaTileTransformAdjointCodes")
+tf.no_gradient("WaQuantize")

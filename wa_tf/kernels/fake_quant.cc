@@ -1,5 +1,5 @@
 // Fused symmetric fake quantization (CPU): y = clip(round(x / s), qmin, qmax) * s in one
-// pass, optionally with the integer codes, where TensorFlow runs five elementwise passes
+// pass, optionally with the integer codes, or the codes alone, where TensorFlow runs five elementwise passes
 // (divide, round, maximum, minimum, multiply) and a cast; the min and max a
 // quantizer's range comes from, in one pass rather than two; the codes decoded.
 //
@@ -62,7 +62,8 @@ void StoreCodes(const T* __restrict__ q, int64_t n, C* __restrict__ codes) {
   for (; k < n; ++k) codes[k] = static_cast<C>(static_cast<int32_t>(q[k] == q[k] ? q[k] : T(0)));
 }
 
-template <typename T, typename C, bool kCodes>
+// Outputs y (kValues) and the codes (kCodes), in that order.
+template <typename T, typename C, bool kValues, bool kCodes>
 class FakeQuantOp : public OpKernel {
  public:
   explicit FakeQuantOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -77,12 +78,12 @@ class FakeQuantOp : public OpKernel {
     const int64_t scales = scale.NumElements();
     OP_REQUIRES_OK(ctx, CheckScale(x, scales, "x"));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    if (kValues) OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     Tensor* codes = nullptr;
-    if (kCodes) OP_REQUIRES_OK(ctx, ctx->allocate_output(1, x.shape(), &codes));
+    if (kCodes) OP_REQUIRES_OK(ctx, ctx->allocate_output(kValues ? 1 : 0, x.shape(), &codes));
     if (size == 0) return;
     const T* xp = x.flat<T>().data();
-    T* yp = y->flat<T>().data();
+    T* yp = kValues ? y->flat<T>().data() : nullptr;
     C* cp = kCodes ? codes->flat<C>().data() : nullptr;
     const T lo = static_cast<T>(qmin_), hi = static_cast<T>(qmax_);
     // Pieces of at most kChunk values, so that the loops vectorize; the codes from a
@@ -93,7 +94,7 @@ class FakeQuantOp : public OpKernel {
                        for (int64_t k = 0; k < n; ++k) {
                          const T v = QuantCode(xp[first + k], s, lo, hi);
                          q[k] = v;
-                         yp[first + k] = v * s;
+                         if (kValues) yp[first + k] = v * s;
                        }
                        if (kCodes) StoreCodes(q, n, cp + first);
                      });
@@ -251,6 +252,18 @@ REGISTER_OP("WaFakeQuantCodes")
       return Status();
     });
 
+// The codes of WaFakeQuantCodes alone: a quarter (int8) of the values' memory to write,
+// for a consumer that decodes them itself (WaTileTransformAdjointCodes).
+REGISTER_OP("WaQuantize")
+    .Input("x: T")
+    .Input("scale: T")
+    .Output("codes: Tcodes")
+    .Attr("qmin: float")
+    .Attr("qmax: float")
+    .Attr("T: {float, double}")
+    .Attr("Tcodes: {int8, int16}")
+    .SetShapeFn(SameShape);
+
 REGISTER_OP("WaMinMax")
     .Input("x: T")
     .Output("min: T")
@@ -274,17 +287,27 @@ REGISTER_OP("WaMinMax")
 #define WA_REGISTER_FAKE_QUANT(type)                                                      \
   REGISTER_KERNEL_BUILDER(                                                                \
       Name("WaFakeQuant").Device(::tensorflow::DEVICE_CPU).TypeConstraint<type>("T"),     \
-      FakeQuantOp<type, int8_t, false>);                                                  \
+      FakeQuantOp<type, int8_t, true, false>);                                            \
   REGISTER_KERNEL_BUILDER(Name("WaFakeQuantCodes")                                        \
                               .Device(::tensorflow::DEVICE_CPU)                           \
                               .TypeConstraint<type>("T")                                  \
                               .TypeConstraint<int8_t>("Tcodes"),                          \
-                          FakeQuantOp<type, int8_t, true>);                               \
+                          FakeQuantOp<type, int8_t, true, true>);                         \
   REGISTER_KERNEL_BUILDER(Name("WaFakeQuantCodes")                                        \
                               .Device(::tensorflow::DEVICE_CPU)                           \
                               .TypeConstraint<type>("T")                                  \
                               .TypeConstraint<int16_t>("Tcodes"),                         \
-                          FakeQuantOp<type, int16_t, true>);
+                          FakeQuantOp<type, int16_t, true, true>);                        \
+  REGISTER_KERNEL_BUILDER(Name("WaQuantize")                                              \
+                              .Device(::tensorflow::DEVICE_CPU)                           \
+                              .TypeConstraint<type>("T")                                  \
+                              .TypeConstraint<int8_t>("Tcodes"),                          \
+                          FakeQuantOp<type, int8_t, false, true>);                        \
+  REGISTER_KERNEL_BUILDER(Name("WaQuantize")                                              \
+                              .Device(::tensorflow::DEVICE_CPU)                           \
+                              .TypeConstraint<type>("T")                                  \
+                              .TypeConstraint<int16_t>("Tcodes"),                         \
+                          FakeQuantOp<type, int16_t, false, true>);
 
 REGISTER_OP("WaFromCodes")
     .Input("codes: Tcodes")

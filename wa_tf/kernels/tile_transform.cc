@@ -10,7 +10,10 @@
 // The input transform of F(m, r) is one with P = B_t, q = t, s = m; the
 // gradient of the output transform is one with P = A_t^T, q = m, s = m.  Its
 // adjoint (WaTileTransformAdjoint) computes P^T Z P per tile and adds it into
-// the tensor: the output transform, and the input transform's gradient.
+// the tensor: the output transform, and the input transform's gradient.  Its codes form
+// (WaTileTransformAdjointCodes) reads Z as integer codes and their step, decoded tile by
+// tile: the output transform of a quantized element-wise stage, which is then never
+// written as float values.
 //
 // Each op's gradient is the other op; the "...Grad" ops compute it together
 // with the gradient with respect to P (trainable transforms), in the same pass
@@ -418,12 +421,14 @@ void TransformTileRow(const T* x, int height, int width, int channels, const Geo
 // The adjoint of one row of tiles: per tile Z P (the horizontal pass), summed into h where
 // tiles overlap, then P^T (the vertical pass) once per column, written (`store`) or added
 // into x; with `acc` (kGrad) also the transform's gradient against xin, the image whose
-// tiles the adjoint's input is the gradient of.  buf: AdjointRowBuffer * CB values.
-template <typename T, int CB, typename PS, typename QS>
-void AdjointTileRow(const T* z, const T* mat, PS p, QS q, const Geometry& g, int img,
-                    int th, int c0, int cb, int channels, int64_t tiles, int height, int width,
-                    bool store, T* x, const T* xin, T* acc, T* buf) {
+// tiles the adjoint's input is the gradient of.  z: values, or codes decoded as they are
+// read.  buf: AdjointRowBuffer * CB values.
+template <typename T, int CB, typename PS, typename QS, typename Z>
+void AdjointTileRow(const TileInput<T, Z>& zin, const T* mat, PS p, QS q, const Geometry& g,
+                    int img, int th, int c0, int cb, int channels, int64_t tiles, int height,
+                    int width, bool store, T* x, const T* xin, T* acc, T* buf) {
   constexpr int L = Lanes<T>();
+  constexpr bool kCodes = !std::is_same<Z, T>::value;
   const int wt = RowWidth(g, q);
   const bool direct = cb == CB;
   const int64_t first = (static_cast<int64_t>(img) * g.n_h + th) * g.n_w;
@@ -434,14 +439,25 @@ void AdjointTileRow(const T* z, const T* mat, PS p, QS q, const Geometry& g, int
     // For each a, the runs (a, 0..p-1) of z advance together, tile by tile: the tile's
     // row Z[a][.] P is summed into h (q columns; tiles overlap where stride < q).
     for (int a = 0; a < p; ++a) {
-      const T* runs = z + (static_cast<int64_t>(a) * p * tiles + first) * channels + c0;
+      const Z* runs = zin.data + (static_cast<int64_t>(a) * p * tiles + first) * channels + c0;
       for (int tw = 0; tw < g.n_w; ++tw) {
         const T* v[kMaxRowSize];
         for (int b = 0; b < p; ++b) {
-          v[b] = runs + (b * tiles + tw) * channels;
-          if (!direct) {  // a partial block: zero-padded copies
-            T* copy = zt + b * CB;
-            std::memcpy(copy, v[b], cb * sizeof(T));
+          const Z* run = runs + (b * tiles + tw) * channels;
+          T* copy = zt + b * CB;
+          if constexpr (kCodes) {  // decoded as wa_tf.quantizers.from_codes decodes them
+            const T s = zin.step[zin.steps == 1 ? 0 : a * p + b];
+            if (direct) {  // a compile-time count: no remainder loop
+              for (int k = 0; k < CB; ++k) copy[k] = static_cast<T>(run[k]) * s;
+            } else {
+              for (int k = 0; k < cb; ++k) copy[k] = static_cast<T>(run[k]) * s;
+              std::fill(copy + cb, copy + CB, T(0));
+            }
+            v[b] = copy;
+          } else if (direct) {
+            v[b] = run;
+          } else {  // a partial block: zero-padded copies
+            std::memcpy(copy, run, cb * sizeof(T));
             std::fill(copy + cb, copy + CB, T(0));
             v[b] = copy;
           }
@@ -468,7 +484,7 @@ void AdjointTileRow(const T* z, const T* mat, PS p, QS q, const Geometry& g, int
     T* zp = tiles_buf + static_cast<int64_t>(g.n_w) * p * p * CB;  // Z P of one tile
     const RowSource<T, CB> src(xin, height, width, channels, g, q, img, th, c0, cb, copy);
     VerticalPass<T, CB>(src, mat, p, q, wt, hx);
-    LoadTiles<T, CB>(TileInput<T>{z}, p, g.n_w, first, tiles, channels, c0, cb, tiles_buf);
+    LoadTiles<T, CB>(zin, p, g.n_w, first, tiles, channels, c0, cb, tiles_buf);
     for (int tw = 0; tw < g.n_w; ++tw) {
       const T* ztile = tiles_buf + static_cast<int64_t>(tw) * p * p * CB;
       TimesMat<T, CB>(ztile, mat, p, q, zp);
@@ -598,9 +614,12 @@ class TileTransformOp : public OpKernel {
 
 // x = P^T Z P per tile of z, added into an (N, height, width, C) image; with kGrad also the
 // gradient with respect to P of <X, P^T Z P> (X: the tiles of the incoming gradient xin).
-// Inputs: z, [xin,] mat.
-template <typename T, bool kGrad>
+// Inputs: z, [xin,] mat; with integer Z (z as codes, no kGrad): codes, step, mat.
+template <typename T, bool kGrad, typename Z = T>
 class TileTransformAdjointOp : public OpKernel {
+  static constexpr bool kCodes = !std::is_same<Z, T>::value;
+  static_assert(!(kGrad && kCodes), "the codes form has no transform gradient");
+
  public:
   explicit TileTransformAdjointOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadGeometry(ctx, &geo_));
@@ -610,7 +629,7 @@ class TileTransformAdjointOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& z = ctx->input(0);
-    const Tensor& mat = ctx->input(kGrad ? 2 : 1);
+    const Tensor& mat = ctx->input(kGrad || kCodes ? 2 : 1);
     OP_REQUIRES(ctx, z.dims() == 3, InvalidArgument("z must be 3-D"));
     OP_REQUIRES(ctx, mat.dims() == 2, InvalidArgument("mat must be 2-D"));
     const int p = mat.dim_size(0), q = mat.dim_size(1);
@@ -634,7 +653,13 @@ class TileTransformAdjointOp : public OpKernel {
     }
     Tensor* x = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, height, width, channels}), &x));
-    const T* zp = z.flat<T>().data();
+    TileInput<T, Z> zin{z.flat<Z>().data()};
+    if (kCodes) {
+      const Tensor& step = ctx->input(1);
+      zin.steps = step.NumElements();
+      OP_REQUIRES_OK(ctx, CheckScale(z, zin.steps, "codes"));  // z's first axis: p*p
+      zin.step = step.flat<T>().data();
+    }
     const T* mp = mat.flat<T>().data();
     T* xp = x->flat<T>().data();
     const Geometry geo = geo_;
@@ -670,7 +695,7 @@ class TileTransformAdjointOp : public OpKernel {
             for (int64_t unit = begin; unit < end; ++unit) {
               const int img = unit / rows, th = phase + (unit % rows) * period;
               for (int c0 = 0; c0 < channels; c0 += CB) {
-                AdjointTileRow<T, CB>(zp, mp, p, q, geo, img, th, c0,
+                AdjointTileRow<T, CB>(zin, mp, p, q, geo, img, th, c0,
                                       std::min(CB, channels - c0), channels, tiles, height,
                                       width, store, xp, xin, kGrad ? acc.data() : nullptr,
                                       buf.data());
@@ -906,6 +931,19 @@ REGISTER_OP("WaTileTransformAdjoint")
     .WA_GEOMETRY_ATTRS
     .SetShapeFn(AdjointShape);
 
+// WaTileTransformAdjoint with z given as its integer codes and their step (one, or one per
+// position), decoded as wa_tf.quantizers.from_codes decodes them, tile by tile.
+REGISTER_OP("WaTileTransformAdjointCodes")
+    .Input("codes: Tcodes")
+    .Input("scale: T")
+    .Input("mat: T")
+    .Output("x: T")
+    .Attr("height: int")
+    .Attr("width: int")
+    .Attr("Tcodes: {int8, int16}")
+    .WA_GEOMETRY_ATTRS
+    .SetShapeFn(AdjointShape);
+
 // The gradient of WaTileTransform: (dx, dmat) from the incoming gradient dz, its x and mat
 // (the adjoint kernel with the transform's gradient).
 REGISTER_OP("WaTileTransformGrad")
@@ -951,7 +989,12 @@ REGISTER_OP("WaTileTransformWeightGrad")
                               .Device(::tensorflow::DEVICE_CPU)                             \
                               .TypeConstraint<type>("T")                                    \
                               .TypeConstraint<codes>("Tcodes"),                             \
-                          TileTransformOp<type, true, codes>);
+                          TileTransformOp<type, true, codes>);                              \
+  REGISTER_KERNEL_BUILDER(Name("WaTileTransformAdjointCodes")                               \
+                              .Device(::tensorflow::DEVICE_CPU)                             \
+                              .TypeConstraint<type>("T")                                    \
+                              .TypeConstraint<codes>("Tcodes"),                             \
+                          TileTransformAdjointOp<type, false, codes>);
 #define WA_REGISTER(type)                                                                   \
   WA_REGISTER_CODES(type, int8_t)                                                           \
   WA_REGISTER_CODES(type, int16_t)                                                          \
