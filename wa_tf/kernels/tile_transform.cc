@@ -289,17 +289,18 @@ void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, PS p, QS
 }
 
 // Prefetches the (p*p, tiles, C) tensor z's runs of the row of tiles that starts at tile
-// `first` (all channels): the row a thread works on next.  The row kernels read z in p*p
-// runs (or p at a time) a few cache lines long, too many streams for the hardware
-// prefetcher, and stalled on memory without this: at 64x32x32x32 (F4) the prefetch made
-// the A_t gradient ~25 %, the B_t one ~10 % and the codes-reading output transform ~15 %
-// faster (a one-off in-process A/B on a 2-core AVX-512 EPYC).
-template <typename Z>
+// `first` (all channels): the row a thread works on next, for reading or (kWrite) writing.
+// The row kernels read or write z in p*p runs (or p at a time) a few cache lines long, too
+// many streams for the hardware prefetcher, and stalled on memory without this: at
+// 64x32x32x32 (F4) the prefetch made the A_t gradient ~25 %, the B_t one ~10 %, the
+// codes-reading output transform ~15 % and the input transform ~8 % faster (a one-off
+// in-process A/B on a 2-core AVX-512 EPYC).
+template <bool kWrite = false, typename Z>
 void PrefetchRuns(const Z* z, int pp, int n_w, int channels, int64_t tiles, int64_t first) {
   const int64_t bytes = static_cast<int64_t>(n_w) * channels * sizeof(Z);
   for (int ab = 0; ab < pp; ++ab) {
     const char* run = reinterpret_cast<const char*>(z + (ab * tiles + first) * channels);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(run + off, 0, 3);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(run + off, kWrite, 3);
   }
 }
 
@@ -467,6 +468,10 @@ void TransformTileRow(const T* x, int height, int width, int channels, const Geo
   T* copy = buf;
   T* h = copy + static_cast<int64_t>(q) * wt * CB;
   const RowSource<T, CB> src(x, height, width, channels, g, q, img, th, c0, cb, copy);
+  // The runs of z the next row writes, fetched for writing (~8 % faster forward).
+  if (c0 == 0 && next_first >= 0) {
+    PrefetchRuns<true>(z, p * p, g.n_w, channels, tiles, next_first);
+  }
   VerticalPass<T, CB>(src, mat, p, q, wt, h);
   HorizontalPass<T, CB>(h, mat, p, q, g, wt, channels, c0, cb,
                         RowOut<T>{z + first * channels, tiles * channels});
