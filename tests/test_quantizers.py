@@ -1,10 +1,14 @@
 """Tests of wa_tf.quantizers against the reference quantizer's formula and hand-worked values."""
+import contextlib
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, fake_quant
+from wa_tf import kernels
+from wa_tf.quantizers import (EMAQuantizer, MaxAbsQuantizer, fake_quant, fake_quant_codes,
+                              from_codes, quantize_codes)
 
 
 def reference_quantize(x, range_, bits):
@@ -300,3 +304,23 @@ def test_codes_round_trip_bit_exact(bits):
     expected = np.round(y.numpy() / scale.numpy())
     np.testing.assert_array_equal(codes.numpy(), expected)
     assert codes.numpy().min() >= -2 ** (bits - 1) and codes.numpy().max() <= 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+@pytest.mark.parametrize("range_shape", [(), (3, 1, 1)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_quantize_codes_are_those_of_fake_quant_codes(bits, range_shape, fused):
+    # The codes alone, with the fused kernel and with TensorFlow's ops: fake_quant_codes'
+    # codes and step, and decoded, fake_quant's values.
+    x = tf.random.stateless_normal((3, 40, 7), seed=(2, bits)) * 3.0
+    range_ = tf.reshape(tf.constant([2.0, 4.0, 6.0][:max(1, int(np.prod(range_shape)))]),
+                        range_shape)
+    with kernels.disabled() if not fused else contextlib.nullcontext():
+        codes, scale = quantize_codes(x, range_, bits)
+    _, want_codes, want_scale = fake_quant_codes(x, range_, bits)
+    assert codes.dtype == (tf.int8 if bits <= 8 else tf.int16)
+    np.testing.assert_array_equal(codes.numpy(), want_codes.numpy())
+    np.testing.assert_array_equal(scale.numpy(), want_scale.numpy())
+    np.testing.assert_array_equal(from_codes(codes, scale).numpy(),
+                                  fake_quant(x, range_, bits).numpy())
+    assert len(np.unique(codes.numpy())) > 4
