@@ -1,6 +1,6 @@
 // Fused symmetric fake quantization (CPU): y = clip(round(x / s), qmin, qmax) * s in one
-// pass, optionally with the integer codes, or the codes alone, where TensorFlow runs five elementwise passes
-// (divide, round, maximum, minimum, multiply) and a cast; the min and max a
+// pass, optionally with the integer codes, or the codes alone, where TensorFlow runs five
+// elementwise passes (divide, round, maximum, minimum, multiply) and a cast; the min and max a
 // quantizer's range comes from, in one pass rather than two; the codes decoded.
 //
 // The arithmetic is TensorFlow's, operation for operation: a true division, rounding half
@@ -284,30 +284,22 @@ REGISTER_OP("WaMinMax")
       return Status();
     });
 
+// An op with integer codes (Tcodes) from a FakeQuantOp writing values or not.
+#define WA_REGISTER_CODED(name, type, codes_type, values)                                 \
+  REGISTER_KERNEL_BUILDER(Name(name)                                                      \
+                              .Device(::tensorflow::DEVICE_CPU)                           \
+                              .TypeConstraint<type>("T")                                  \
+                              .TypeConstraint<codes_type>("Tcodes"),                      \
+                          FakeQuantOp<type, codes_type, values, true>);
+
 #define WA_REGISTER_FAKE_QUANT(type)                                                      \
   REGISTER_KERNEL_BUILDER(                                                                \
       Name("WaFakeQuant").Device(::tensorflow::DEVICE_CPU).TypeConstraint<type>("T"),     \
       FakeQuantOp<type, int8_t, true, false>);                                            \
-  REGISTER_KERNEL_BUILDER(Name("WaFakeQuantCodes")                                        \
-                              .Device(::tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<type>("T")                                  \
-                              .TypeConstraint<int8_t>("Tcodes"),                          \
-                          FakeQuantOp<type, int8_t, true, true>);                         \
-  REGISTER_KERNEL_BUILDER(Name("WaFakeQuantCodes")                                        \
-                              .Device(::tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<type>("T")                                  \
-                              .TypeConstraint<int16_t>("Tcodes"),                         \
-                          FakeQuantOp<type, int16_t, true, true>);                        \
-  REGISTER_KERNEL_BUILDER(Name("WaQuantize")                                              \
-                              .Device(::tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<type>("T")                                  \
-                              .TypeConstraint<int8_t>("Tcodes"),                          \
-                          FakeQuantOp<type, int8_t, false, true>);                        \
-  REGISTER_KERNEL_BUILDER(Name("WaQuantize")                                              \
-                              .Device(::tensorflow::DEVICE_CPU)                           \
-                              .TypeConstraint<type>("T")                                  \
-                              .TypeConstraint<int16_t>("Tcodes"),                         \
-                          FakeQuantOp<type, int16_t, false, true>);
+  WA_REGISTER_CODED("WaFakeQuantCodes", type, int8_t, true)                               \
+  WA_REGISTER_CODED("WaFakeQuantCodes", type, int16_t, true)                              \
+  WA_REGISTER_CODED("WaQuantize", type, int8_t, false)                                    \
+  WA_REGISTER_CODED("WaQuantize", type, int16_t, false)
 
 REGISTER_OP("WaFromCodes")
     .Input("codes: Tcodes")

@@ -312,7 +312,37 @@ struct TileInput {
   const Z* data;
   const T* step = nullptr;
   int64_t steps = 0;
+
+  // The step of position ab (1 for values).
+  T Step(int ab) const { return step == nullptr ? T(1) : step[steps == 1 ? 0 : ab]; }
+
+  // Takes the codes' step from `step_tensor`: one value, or one per position of `codes`.
+  Status SetStep(const Tensor& codes, const Tensor& step_tensor) {
+    steps = step_tensor.NumElements();
+    TF_RETURN_IF_ERROR(CheckScale(codes, steps, "codes"));  // codes' first axis: p*p
+    step = step_tensor.flat<T>().data();
+    return Status();
+  }
 };
+
+// Copies one tile's run of z (cb of CB lanes) to dst, zero-padded to CB lanes, decoding
+// codes with their step s as wa_tf.quantizers.from_codes does.
+template <typename T, int CB, typename Z>
+inline void LoadRun(const Z* src, T s, int cb, T* __restrict__ dst) {
+  if constexpr (!std::is_same<Z, T>::value) {
+    if (cb == CB) {  // a compile-time count: no remainder loop
+      for (int k = 0; k < CB; ++k) dst[k] = static_cast<T>(src[k]) * s;
+      return;
+    }
+    for (int k = 0; k < cb; ++k) dst[k] = static_cast<T>(src[k]) * s;
+  } else if (cb == CB) {
+    for (int k = 0; k < CB; ++k) dst[k] = src[k];
+    return;
+  } else {
+    std::memcpy(dst, src, cb * sizeof(T));
+  }
+  std::fill(dst + cb, dst + CB, T(0));
+}
 
 // Copies the row's tiles of z (p*p, tiles, C), channels [c0, c0 + cb), to buf[tw][a*p + b]
 // (zero-padded to CB lanes), reading z run by run (decoding codes); with the first block of
@@ -323,19 +353,10 @@ void LoadTiles(const TileInput<T, Z>& z, int p, int n_w, int64_t first, int64_t 
   if (c0 == 0 && next_first >= 0) PrefetchRuns(z.data, p * p, n_w, channels, tiles, next_first);
   for (int ab = 0; ab < p * p; ++ab) {
     const Z* run = z.data + (ab * tiles + first) * channels + c0;
-    const T s = z.step == nullptr ? T(1) : z.step[z.steps == 1 ? 0 : ab];
+    const T s = z.Step(ab);
     for (int tw = 0; tw < n_w; ++tw) {
-      T* dst = buf + (static_cast<int64_t>(tw) * p * p + ab) * CB;
-      const Z* src = run + static_cast<int64_t>(tw) * channels;
-      if (!std::is_same<Z, T>::value) {
-        for (int k = 0; k < cb; ++k) dst[k] = static_cast<T>(src[k]) * s;
-        std::fill(dst + cb, dst + CB, T(0));
-      } else if (cb == CB) {
-        for (int k = 0; k < CB; ++k) dst[k] = src[k];
-      } else {
-        std::memcpy(dst, src, cb * sizeof(T));
-        std::fill(dst + cb, dst + CB, T(0));
-      }
+      LoadRun<T, CB>(run + static_cast<int64_t>(tw) * channels, s, cb,
+                     buf + (static_cast<int64_t>(tw) * p * p + ab) * CB);
     }
   }
 }
@@ -516,23 +537,15 @@ void AdjointTileRow(const TileInput<T, Z>& zin, const T* mat, PS p, QS q, const 
         const T* v[kMaxRowSize];
         for (int b = 0; b < p; ++b) {
           const Z* run = runs + (b * tiles + tw) * channels;
-          T* copy = zt + b * CB;
-          if constexpr (kCodes) {  // decoded as wa_tf.quantizers.from_codes decodes them
-            const T s = zin.step[zin.steps == 1 ? 0 : a * p + b];
-            if (direct) {  // a compile-time count: no remainder loop
-              for (int k = 0; k < CB; ++k) copy[k] = static_cast<T>(run[k]) * s;
-            } else {
-              for (int k = 0; k < cb; ++k) copy[k] = static_cast<T>(run[k]) * s;
-              std::fill(copy + cb, copy + CB, T(0));
+          if constexpr (!kCodes) {
+            if (direct) {  // values read in place
+              v[b] = run;
+              continue;
             }
-            v[b] = copy;
-          } else if (direct) {
-            v[b] = run;
-          } else {  // a partial block: zero-padded copies
-            std::memcpy(copy, run, cb * sizeof(T));
-            std::fill(copy + cb, copy + CB, T(0));
-            v[b] = copy;
           }
+          // Codes decoded, or a partial block zero-padded, into a copy.
+          LoadRun<T, CB>(run, zin.Step(a * p + b), cb, zt + b * CB);
+          v[b] = zt + b * CB;
         }
         T* __restrict__ hr = h + (static_cast<int64_t>(a) * wt + tw * g.stride) * CB;
         for (int k0 = 0; k0 < CB; k0 += L) {
@@ -638,12 +651,7 @@ class TileTransformOp : public OpKernel {
                   InvalidArgument("z has shape ", z.shape().DebugString(), ", expected [",
                                   p * p, ", ", tiles, ", ", channels, "]"));
       zin.data = z.flat<Z>().data();
-      if (kCodes) {
-        const Tensor& step = ctx->input(2);
-        zin.steps = step.NumElements();
-        OP_REQUIRES_OK(ctx, CheckScale(z, zin.steps, "codes"));  // z's first axis: p*p
-        zin.step = step.flat<T>().data();
-      }
+      if (kCodes) OP_REQUIRES_OK(ctx, zin.SetStep(z, ctx->input(2)));
     }
     Tensor* z = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p * p, tiles, channels}), &z));
@@ -728,12 +736,7 @@ class TileTransformAdjointOp : public OpKernel {
     Tensor* x = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, height, width, channels}), &x));
     TileInput<T, Z> zin{z.flat<Z>().data()};
-    if (kCodes) {
-      const Tensor& step = ctx->input(1);
-      zin.steps = step.NumElements();
-      OP_REQUIRES_OK(ctx, CheckScale(z, zin.steps, "codes"));  // z's first axis: p*p
-      zin.step = step.flat<T>().data();
-    }
+    if (kCodes) OP_REQUIRES_OK(ctx, zin.SetStep(z, ctx->input(1)));
     const T* mp = mat.flat<T>().data();
     T* xp = x->flat<T>().data();
     const Geometry geo = geo_;
