@@ -9,6 +9,7 @@
 // Winograd layer's per-tap ranges).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -69,6 +70,12 @@ class FakeQuantOp : public OpKernel {
   explicit FakeQuantOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("qmin", &qmin_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("qmax", &qmax_));
+    // The codes are stored as C: limits outside its range would not convert.
+    const double lo = kCodes ? std::numeric_limits<C>::min() : -HUGE_VAL;
+    const double hi = kCodes ? std::numeric_limits<C>::max() : HUGE_VAL;
+    OP_REQUIRES(ctx, lo <= qmin_ && qmin_ <= qmax_ && qmax_ <= hi,
+                InvalidArgument("need qmin <= qmax", kCodes ? " within the codes' type" : "",
+                                ", got qmin ", qmin_, ", qmax ", qmax_));
   }
 
   void Compute(OpKernelContext* ctx) override {

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -80,45 +81,80 @@ struct Geometry {
   int stride, pad_top, pad_left, n_h, n_w;
 };
 
+// The largest span of pixels the tiles (or an attribute's height or width) may cover.
+constexpr int64_t kMaxExtent = int64_t{1} << 24;
+
 Status ReadGeometry(OpKernelConstruction* ctx, Geometry* g) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("stride", &g->stride));
   TF_RETURN_IF_ERROR(ctx->GetAttr("pad_top", &g->pad_top));
   TF_RETURN_IF_ERROR(ctx->GetAttr("pad_left", &g->pad_left));
   TF_RETURN_IF_ERROR(ctx->GetAttr("n_h", &g->n_h));
   TF_RETURN_IF_ERROR(ctx->GetAttr("n_w", &g->n_w));
-  if (g->stride < 1 || g->n_h < 0 || g->n_w < 0) {
-    return InvalidArgument("stride must be >= 1 and n_h, n_w >= 0");
+  if (g->stride < 1 || g->n_h < 0 || g->n_w < 0 || g->pad_top < 0 || g->pad_left < 0) {
+    return InvalidArgument("stride must be >= 1 and n_h, n_w, pad_top, pad_left >= 0, got "
+                           "stride ", g->stride, ", n_h ", g->n_h, ", n_w ", g->n_w,
+                           ", pad_top ", g->pad_top, ", pad_left ", g->pad_left);
+  }
+  // Tile origins (th * stride - pad_top, ...) are ints: keep the span they cover far
+  // from overflowing.
+  for (int64_t extent : {static_cast<int64_t>(g->n_h) * g->stride + g->pad_top,
+                         static_cast<int64_t>(g->n_w) * g->stride + g->pad_left}) {
+    if (extent > kMaxExtent) {
+      return InvalidArgument("the tiles span more than ", kMaxExtent, " pixels (n_h or n_w ",
+                             "times stride, plus padding)");
+    }
   }
   return Status();
 }
 
-// Sums per-shard transform gradients (in double: many tiles and channels add up).
+// An image side (height, width) an attribute gives: from 0 to kMaxExtent.
+Status CheckSide(const char* name, int value) {
+  if (value < 0 || value > kMaxExtent) {
+    return InvalidArgument(name, " must be between 0 and ", kMaxExtent, ", got ", value);
+  }
+  return Status();
+}
+
+// A shape built without TensorShape's CHECK on overflowing sizes.
+Status MakeShape(std::initializer_list<int64_t> dims, TensorShape* shape) {
+  return TensorShape::BuildTensorShape(dims, shape);
+}
+
+// Sums per-shard transform gradients (in double: many tiles and channels add up).  Each
+// shard's part is kept under the first unit it worked on and the parts are added in that
+// order, not in the order the threads finish: for a given thread count (which fixes how
+// Shard splits the units) the sum is the same, bit for bit, on every run.
 class MatGradTotal {
  public:
-  explicit MatGradTotal(int size) : total_(size, 0.0) {}
+  explicit MatGradTotal(int size) : size_(size) {}
 
   template <typename T, int CB>
-  void Add(const T* acc) {
-    std::vector<double> part(total_.size(), 0.0);
-    for (size_t e = 0; e < part.size(); ++e) {
+  void Add(int64_t first_unit, const T* acc) {
+    std::vector<double> part(size_, 0.0);
+    for (int e = 0; e < size_; ++e) {
       for (int k = 0; k < CB; ++k) part[e] += acc[e * CB + k];
     }
     std::lock_guard<std::mutex> guard(lock_);
-    for (size_t e = 0; e < part.size(); ++e) total_[e] += part[e];
+    parts_.emplace(first_unit, std::move(part));
   }
 
   // Writes the total as output `index` of `ctx`, of `shape` (the transform's).
   template <typename T>
   Status Output(OpKernelContext* ctx, int index, const TensorShape& shape) const {
+    std::vector<double> total(size_, 0.0);
+    for (const auto& part : parts_) {  // ordered by first unit
+      for (int e = 0; e < size_; ++e) total[e] += part.second[e];
+    }
     Tensor* out = nullptr;
     TF_RETURN_IF_ERROR(ctx->allocate_output(index, shape, &out));
     T* data = out->flat<T>().data();
-    for (size_t e = 0; e < total_.size(); ++e) data[e] = static_cast<T>(total_[e]);
+    for (int e = 0; e < size_; ++e) data[e] = static_cast<T>(total[e]);
     return Status();
   }
 
  private:
-  std::vector<double> total_;
+  const int size_;
+  std::map<int64_t, std::vector<double>> parts_;
   std::mutex lock_;
 };
 
@@ -654,7 +690,9 @@ class TileTransformOp : public OpKernel {
       if (kCodes) OP_REQUIRES_OK(ctx, zin.SetStep(z, ctx->input(2)));
     }
     Tensor* z = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p * p, tiles, channels}), &z));
+    TensorShape z_shape;
+    OP_REQUIRES_OK(ctx, MakeShape({p * p, tiles, channels}, &z_shape));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, z_shape, &z));
     MatGradTotal total(p * q);
     const T* xp = x.flat<T>().data();
     const T* mp = mat.flat<T>().data();
@@ -680,7 +718,7 @@ class TileTransformOp : public OpKernel {
                                       kGrad ? acc.data() : nullptr, next_first, buf.data());
             }
           }
-          if (kGrad) total.Add<T, CB>(acc.data());
+          if (kGrad) total.Add<T, CB>(begin, acc.data());
         };
         tensorflow::Shard(workers->num_threads, workers->workers,
                           static_cast<int64_t>(n) * geo.n_h,
@@ -707,6 +745,8 @@ class TileTransformAdjointOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ReadGeometry(ctx, &geo_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("height", &height_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("width", &width_));
+    OP_REQUIRES_OK(ctx, CheckSide("height", height_));
+    OP_REQUIRES_OK(ctx, CheckSide("width", width_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -728,13 +768,16 @@ class TileTransformAdjointOp : public OpKernel {
     const T* xin = nullptr;
     if (kGrad) {
       const Tensor& xg = ctx->input(1);
-      OP_REQUIRES(ctx, xg.shape() == TensorShape({n, height, width, channels}),
+      OP_REQUIRES(ctx, xg.dims() == 4 && xg.dim_size(0) == n && xg.dim_size(1) == height &&
+                           xg.dim_size(2) == width && xg.dim_size(3) == channels,
                   InvalidArgument("x has shape ", xg.shape().DebugString(), ", expected [", n,
                                   ", ", height, ", ", width, ", ", channels, "]"));
       xin = xg.flat<T>().data();
     }
     Tensor* x = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({n, height, width, channels}), &x));
+    TensorShape x_shape;
+    OP_REQUIRES_OK(ctx, MakeShape({n, height, width, channels}, &x_shape));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape, &x));
     TileInput<T, Z> zin{z.flat<Z>().data()};
     if (kCodes) OP_REQUIRES_OK(ctx, zin.SetStep(z, ctx->input(1)));
     const T* mp = mat.flat<T>().data();
@@ -763,6 +806,7 @@ class TileTransformAdjointOp : public OpKernel {
         constexpr int CB = decltype(block)::value;
         const auto p = p_size;
         const auto q = q_size;
+        int64_t phase_first = 0;  // the units of earlier phases, for MatGradTotal's order
         for (int phase = 0; phase < period; ++phase) {
           const int rows = geo.n_h > phase ? (geo.n_h - phase + period - 1) / period : 0;
           const int wt = RowWidth(geo, q);
@@ -784,11 +828,12 @@ class TileTransformAdjointOp : public OpKernel {
                                       next_first, buf.data());
               }
             }
-            if (kGrad) total.Add<T, CB>(acc.data());
+            if (kGrad) total.Add<T, CB>(phase_first + begin, acc.data());
           };
           tensorflow::Shard(workers->num_threads, workers->workers,
                             static_cast<int64_t>(n) * rows,
                             RowCost(geo, channels, p, q, kGrad), rows_work);
+          phase_first += static_cast<int64_t>(n) * rows;
         }
       });
     }
@@ -838,7 +883,9 @@ class TileTransformWeightGradOp : public OpKernel {
                 InvalidArgument("scale must have 0, 1 or p*p values, got ", scales));
     const int k_out = dm.dim_size(2);
     Tensor* du = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p * p, channels, k_out}), &du));
+    TensorShape du_shape;
+    OP_REQUIRES_OK(ctx, MakeShape({p * p, channels, k_out}, &du_shape));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, du_shape, &du));
     T* dup = du->flat<T>().data();
     std::fill(dup, dup + du->NumElements(), T(0));
     if (tiles == 0 || channels == 0 || k_out == 0) return;
@@ -938,6 +985,8 @@ Status TileTransformShape(InferenceContext* c, int mat_input, int out_index) {
   int n_h, n_w;
   TF_RETURN_IF_ERROR(c->GetAttr("n_h", &n_h));
   TF_RETURN_IF_ERROR(c->GetAttr("n_w", &n_w));
+  TF_RETURN_IF_ERROR(CheckSide("n_h", n_h));
+  TF_RETURN_IF_ERROR(CheckSide("n_w", n_w));
   DimensionHandle pp, tiles;
   TF_RETURN_IF_ERROR(c->Multiply(c->Dim(mat, 0), c->Dim(mat, 0), &pp));
   TF_RETURN_IF_ERROR(c->Multiply(c->Dim(x, 0), static_cast<int64_t>(n_h) * n_w, &tiles));
@@ -953,6 +1002,13 @@ Status AdjointShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(c->GetAttr("n_w", &n_w));
   TF_RETURN_IF_ERROR(c->GetAttr("height", &height));
   TF_RETURN_IF_ERROR(c->GetAttr("width", &width));
+  for (auto [name, value] : {std::pair<const char*, int>{"n_h", n_h}, {"n_w", n_w},
+                             {"height", height}, {"width", width}}) {
+    TF_RETURN_IF_ERROR(CheckSide(name, value));
+  }
+  if (static_cast<int64_t>(n_h) * n_w == 0) {
+    return InvalidArgument("n_h and n_w must be >= 1, got ", n_h, " and ", n_w);
+  }
   DimensionHandle n;
   TF_RETURN_IF_ERROR(
       c->Divide(c->Dim(z, 1), static_cast<int64_t>(n_h) * n_w, /*evenly_divisible=*/true, &n));
