@@ -12,9 +12,13 @@ $(PY):
 $(STAMP): $(PY) setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
-	# The fused CPU kernels (else built on first use); without a compiler the
-	# pure-TF pipeline runs instead.
-	$(PY) -m wa_tf.kernels || echo "fused kernels not built: the pure-TF pipeline will run"
+	# The fused CPU kernels (else built on first use). Where a C++ compiler exists they
+	# must build: a failure stops here. Without one the pure-TF pipeline runs instead.
+	if command -v "$${CXX:-g++}" >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; then \
+	  $(PY) -m wa_tf.kernels; \
+	else \
+	  echo "no C++ compiler: the fused kernels are not built, the pure-TF pipeline runs"; \
+	fi
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -136,9 +136,11 @@ def test_non_finite_quantizer_range_stops_with_nan_loss(tmp_path, monkeypatch, c
 
 def test_deterministic_flag_enables_op_determinism(tmp_path):
     """--deterministic turns on TensorFlow's op determinism for the run and is kept in
-    FLAGS.txt (a process of its own: op determinism cannot be turned off again)."""
+    FLAGS.txt (a process of its own: op determinism cannot be turned off again); two flex
+    F4 INT8 runs with one seed end with the same weights, bit for bit (the fused kernels
+    sum their threads' parts in a fixed order)."""
     script = (
-        "import sys\n"
+        "import hashlib, sys\n"
         "import wa_tf\n"
         "from absl import flags\n"
         "from tensorflow.python.framework import config\n"
@@ -148,15 +150,22 @@ def test_deterministic_flag_enables_op_determinism(tmp_path):
         "values(sys.argv)\n"
         "runner = train_lib.Runner(wa_flags.from_flags(values))\n"
         "print('op determinism:', config.is_op_determinism_enabled())\n"
-        "runner.run()\n")
-    for flag, expected in (("--deterministic", True), ("--nodeterministic", False)):
-        out = tmp_path / flag
+        "runner.run()\n"
+        "digest = hashlib.sha256(b''.join(w.tobytes() for w in runner.model.get_weights()))\n"
+        "print('weights:', digest.hexdigest())\n")
+    digests = {}
+    for name, flag, expected, model in (("a", "--deterministic", True, "--flex"),
+                                        ("b", "--deterministic", True, "--flex"),
+                                        ("c", "--nodeterministic", False, "--use_normal_conv")):
+        out = tmp_path / name
         proc = subprocess.run(
-            [sys.executable, "-c", script, "--use_normal_conv", "--dataset=digits",
-             "--mult=0.125", "--epochs=1", "--steps_per_epoch=1", f"--outDir={out}", flag],
-            cwd=ROOT, capture_output=True, text=True, timeout=900)
+            [sys.executable, "-c", script, model, "--F=4", "--Q", "--dataset=digits",
+             "--mult=0.125", "--epochs=1", "--steps_per_epoch=2", "--seed=5", f"--outDir={out}",
+             flag], cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"op determinism: {expected}" in proc.stdout
+        digests[name] = re.search(r"weights: (\w+)", proc.stdout).group(1)
         (run,) = _runs(out)
         lines = open(os.path.join(run, "FLAGS.txt"), encoding="utf-8").read().splitlines()
         assert flag in lines
+    assert digests["a"] == digests["b"]
