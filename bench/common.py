@@ -14,6 +14,11 @@ Peak memory is measured one of two ways (:func:`memory_measure` picks one):
   ``/proc/self/status``, else ``getrusage``) of a fresh process per
   configuration, from just before the measured work; it adds what TensorFlow
   traces and caches on the way, so compare it only with the same measure.
+  Where a benchmark runs every configuration in one process (layer_bench's
+  ``--interleave``), a configuration's peak cannot be separated from the
+  ones run before it: the figure is then the growth of the process's peak
+  across that configuration's first steps, in run order, 0 where it stays
+  below an earlier configuration's peak.
 """
 import json
 import os
@@ -22,9 +27,11 @@ import resource
 import subprocess
 import sys
 
-from wa_tf.machine import cpu_info
+from wa_tf.machine import ISA_FLAGS, cpu_info
 
 MEASURES = ("auto", "allocator", "rss")
+
+
 def _onednn_enabled():
     """Whether TensorFlow runs oneDNN kernels (TF_ENABLE_ONEDNN_OPTS, else TF's default)."""
     try:
@@ -54,7 +61,7 @@ def machine_lines():
     env = lambda name: os.environ.get(name, "unset")  # noqa: E731
     return [
         f"cpu: {model}, {os.cpu_count()} cores ({usable} usable), "
-        f"ISA: {' '.join(isa) or 'none of ' + ','.join(_ISA_FLAGS[:5])}",
+        f"ISA: {' '.join(isa) or 'none of ' + ','.join(ISA_FLAGS[:5])}",
         f"gpu: {', '.join(gpus) or 'none'}",
         f"tensorflow {tf.__version__} (python {platform.python_version()}): "
         f"oneDNN {_onednn_enabled()} (TF_ENABLE_ONEDNN_OPTS={env('TF_ENABLE_ONEDNN_OPTS')}), "
