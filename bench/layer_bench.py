@@ -13,6 +13,17 @@ all configurations in one process; otherwise (or with --memory=rss) each
 configuration runs in a fresh process and the column is that process's peak
 RSS growth from just before its first step (tracing included).
 
+With --interleave every configuration runs in this one process.  With
+allocator statistics the column is still each configuration's allocator
+peak above the pre-step level (one step after warm-up).  Without them (or
+with --memory=rss) a configuration's own RSS peak cannot be separated from
+those run before it, so the column is the growth of the process's peak RSS
+across that configuration's first (warm-up) steps, tracing included, taken
+one configuration at a time in the order the rows are printed: a row whose
+peak stays below an earlier row's shows 0, and the figures depend on that
+order.  The header names the measure ("allocator peak" or "RSS growth (first
+steps, in run order)"); the timed steps then run round-robin as usual.
+
 Usage:
   python bench/layer_bench.py                    # all stages
   python bench/layer_bench.py --shapes=16x16x64  # one stage
@@ -20,6 +31,7 @@ Usage:
   python bench/layer_bench.py --memory=rss       # peak RSS growth even where stats exist
   python bench/layer_bench.py --compare_tf       # also the pure-TF pipeline (no wa_tf.kernels)
   python bench/layer_bench.py --interleave       # a shape's rows timed round-robin
+  python bench/layer_bench.py --interleave --memory=rss  # ... with RSS growth in run order
 
 Winograd rows use wa_tf.kernels' fused tile kernels where they are available
 (the header says); ``tf`` rows run the pure-TF pipeline in the same process.
@@ -55,10 +67,16 @@ flags.DEFINE_bool("compare_tf", False, "Also time each Winograd row with the pur
                   "(wa_tf.kernels turned off), in the same run.")
 flags.DEFINE_enum("memory", "auto", list(common.MEASURES),
                   "Peak memory measure: TensorFlow's allocator statistics, the peak RSS growth "
-                  "of a fresh process per configuration, or auto (allocator where it works).")
+                  "of a fresh process per configuration (with --interleave: of this process "
+                  "across each configuration's first steps, in run order), or auto (allocator "
+                  "where it works).")
 flags.DEFINE_bool("interleave", False, "Time a shape's rows round-robin, one step of each in "
                   "turn, so that a drift in the machine's speed hits conv2d and the Winograd "
-                  "rows alike (allocator memory only).")
+                  "rows alike.  All rows share one process: memory is each row's allocator "
+                  "peak where the device keeps allocator statistics, otherwise (or with "
+                  "--memory=rss) the growth of the process's peak RSS across each row's first "
+                  "steps, taken one row at a time in run order (0 where a row stays below an "
+                  "earlier row's peak).")
 flags.DEFINE_string("worker", None, "Internal: measure one configuration (JSON) in this "
                     "process and print the result as JSON.")
 
@@ -97,25 +115,45 @@ def measure(spec, memory):
 
 
 def _prepare(spec):
-    """The step of one configuration, traced (and warmed up) by its first calls."""
+    """(step, peak RSS growth) of one configuration, traced and warmed up by its first calls.
+
+    The growth is that of this process's peak RSS across the first calls
+    (tracing included), from after the step's inputs and weights exist; 0
+    where those calls stay below a peak the process reached before.
+    """
     # The step is traced in its first call: with the kernels off, it is pure TF.
     with kernels.disabled() if spec.get("tf") else contextlib.nullcontext():
         step = _build_step(spec)
+        peak_before = common.peak_rss_bytes()
         for _ in range(_WARMUP):
             out = step()
         _ = [o.numpy() for o in out]
-    return step
+        growth = common.peak_rss_bytes() - peak_before
+    return step, growth
 
 
-def measure_interleaved(specs):
-    """(median seconds, allocator peak bytes) of each of `specs`, steps timed round-robin."""
-    steps = [_prepare(spec) for spec in specs]
-    peaks = []
-    for step in steps:  # one configuration at a time: its own peak above the level before
-        tf.config.experimental.reset_memory_stats(_DEVICE)
-        base = tf.config.experimental.get_memory_info(_DEVICE)["current"]
-        _ = step()[0].numpy()
-        peaks.append(tf.config.experimental.get_memory_info(_DEVICE)["peak"] - base)
+def measure_interleaved(specs, memory="allocator"):
+    """(median seconds, peak bytes) of each of `specs`, steps timed round-robin.
+
+    With memory 'allocator' the peak is each configuration's allocator peak
+    above the pre-step level in one step after warm-up; with 'rss' it is the
+    growth of this process's peak RSS across the configuration's warm-up
+    steps, the configurations warmed up one at a time in the order of `specs`
+    (see :func:`_prepare`).
+    """
+    if memory not in ("allocator", "rss"):
+        raise ValueError(f"memory must be 'allocator' or 'rss'; got {memory!r}")
+    prepared = [_prepare(spec) for spec in specs]
+    steps = [step for step, _ in prepared]
+    if memory == "rss":
+        peaks = [growth for _, growth in prepared]
+    else:
+        peaks = []
+        for step in steps:  # one configuration at a time: its own peak above the level before
+            tf.config.experimental.reset_memory_stats(_DEVICE)
+            base = tf.config.experimental.get_memory_info(_DEVICE)["current"]
+            _ = step()[0].numpy()
+            peaks.append(tf.config.experimental.get_memory_info(_DEVICE)["peak"] - base)
     times = [[] for _ in steps]
     for _ in range(FLAGS.repeats):
         for i, step in enumerate(steps):
@@ -171,6 +209,19 @@ def _measure_in_fresh_process(spec):
     return result["seconds"], result["peak_bytes"]
 
 
+def _memory_label(memory, interleave):
+    """What the memory column holds, for the header."""
+    if memory == "allocator":
+        return ("allocator peak above the pre-step level, "
+                + ("one step after warm-up, rows one at a time" if interleave else "timed steps"))
+    if interleave:
+        return ("RSS growth (first steps, in run order): growth of this one process's peak RSS "
+                "across each row's warm-up steps (tracing included), rows warmed up one at a time "
+                "in the order printed, 0 where a row stays below an earlier row's peak (all rows "
+                "share one process, so not a per-row peak)")
+    return "peak RSS growth of a fresh process per row, from before its first step"
+
+
 def main(argv):
     del argv
     if FLAGS.worker:
@@ -181,16 +232,12 @@ def main(argv):
         memory = common.memory_measure(FLAGS.memory, _DEVICE)
     except ValueError as e:
         raise app.UsageError(f"--memory: {e}") from None
-    if FLAGS.interleave and memory != "allocator":
-        raise app.UsageError("--interleave needs allocator memory statistics (one process), "
-                             f"which {_DEVICE} does not keep here or --memory excludes")
     run = (lambda spec: measure(spec, memory)) if memory == "allocator" \
         else _measure_in_fresh_process
     common.print_machine()
     print(f"fused tile kernels (wa_tf.kernels): "
           f"{'on' if kernels.available() else 'off: ' + kernels.unavailable_reason()}")
-    mem_label = ("allocator peak above the pre-step level, timed steps" if memory == "allocator"
-                 else "peak RSS growth of a fresh process per row, from before its first step")
+    mem_label = _memory_label(memory, FLAGS.interleave)
     print(f"device {_DEVICE}, batch {FLAGS.batch_size}, median of {FLAGS.repeats} fwd+bwd steps"
           f"{' (each shape round-robin)' if FLAGS.interleave else ''}; memory: {mem_label}")
     mem_column = "alloc MiB" if memory == "allocator" else "RSS+ MiB"
@@ -218,15 +265,16 @@ def main(argv):
                                  dict(base, m=m, flex=flex, jit=jit, recompute=recompute,
                                       forward=forward, tf=suffix.endswith(" tf"))))
         # Printed as measured, unless the rows run round-robin (all measured at once).
-        results = (measure_interleaved([spec for _, spec in rows]) if FLAGS.interleave
+        results = (measure_interleaved([spec for _, spec in rows], memory) if FLAGS.interleave
                    else (run(spec) for _, spec in rows))
         conv = {}
         for (name, spec), (t, mem) in zip(rows, results):
             if spec["m"] is None:
                 conv[spec["forward"]] = (t, mem)
             conv_t, conv_m = conv[spec["forward"]]
+            mem_ratio = f"{mem / conv_m:7.2f}" if conv_m > 0 else f"{'-':>7}"
             print(f"{shape:>14} {name:>18} {t * 1e3:8.2f} {t / conv_t:7.2f} "
-                  f"{mem / 2**20:9.1f} {mem / max(conv_m, 1):7.2f}")
+                  f"{mem / 2**20:9.1f} {mem_ratio}")
             sys.stdout.flush()
 
 

@@ -1,0 +1,53 @@
+"""Checks of the benchmarks' shared helpers and of layer_bench's --interleave without
+allocator statistics (issues #22 and #23)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+from wa_tf.machine import ISA_FLAGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
+
+
+def _load_common():
+    # bench/ is no package: load bench/common.py under a name of its own.
+    spec = importlib.util.spec_from_file_location("bench_common",
+                                                  os.path.join(BENCH, "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_machine_lines_without_isa_flags(monkeypatch):
+    common = _load_common()
+    monkeypatch.setattr(common, "cpu_info", lambda: ("Test CPU 9000", []))
+    lines = common.machine_lines()
+    assert lines[0].startswith("cpu: Test CPU 9000, ")
+    assert lines[0].endswith("ISA: none of " + ",".join(ISA_FLAGS[:5]))
+
+
+def test_machine_lines_lists_the_isa_flags(monkeypatch):
+    common = _load_common()
+    monkeypatch.setattr(common, "cpu_info", lambda: ("Test CPU 9000", ["avx", "avx2"]))
+    assert common.machine_lines()[0].endswith("ISA: avx avx2")
+
+
+def test_layer_bench_interleave_measures_rss_growth():
+    # --memory=rss forces the RSS measure even where allocator statistics exist.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "layer_bench.py"), "--interleave", "--memory=rss",
+         "--repeats=1", "--shapes=4x4x8", "--batch_size=1", "--tiles=2", "--noforward"],
+        capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("device "))
+    assert "round-robin" in header
+    assert "memory: RSS growth (first steps, in run order)" in header
+    rows = [line.split() for line in lines if line.strip().startswith("4x4x8")]
+    assert [" ".join(row[1:-4]) for row in rows] == ["tf.nn.conv2d", "F2 static", "F2 flex"]
+    for row in rows:
+        assert float(row[-4]) > 0  # ms
+        assert float(row[-2]) >= 0  # RSS growth, MiB
+    assert float(rows[0][-3]) == 1.0  # conv2d's time ratio to itself
