@@ -185,8 +185,9 @@ def read_config(model_dir: str) -> RunConfig:
     try:
         return RunConfig.from_flag_dict(flag_values)
     except ArgumentError as e:
-        raise ArgumentError("model_dir", lambda n: f"{n('model_dir')}: {model_dir}/"
-                            f"{FLAGS_FILE}: {e}") from None
+        # `e` is bound as a default: the message is composed again after this block.
+        raise ArgumentError("model_dir", lambda n, inner=e: f"{n('model_dir')}: {model_dir}/"
+                            f"{FLAGS_FILE}: {inner.message(n)}") from None
 
 
 def same_command(a: Union[RunConfig, Mapping], b: Union[RunConfig, Mapping]) -> bool:
