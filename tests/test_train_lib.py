@@ -10,9 +10,8 @@ import tf_keras
 from absl import flags as absl_flags
 
 from wa_tf import models, quantization
-from wa_tf.training import experiment
+from wa_tf.training import experiment, train_lib
 from wa_tf.training import flags as wa_flags
-from wa_tf.training import train_lib
 from wa_tf.training.config import RunConfig
 from wa_tf.training.errors import ArgumentError
 from wa_tf.training.optimizer import AdamL2
@@ -220,6 +219,16 @@ def test_old_flags_file_without_newer_flags_still_loads(tmp_path):
     config = experiment.read_config(str(tmp_path))
     assert config == RunConfig(conv="flex", tile_size=2, width_multiplier=0.25,
                                dataset="digits")
+
+
+def test_an_invalid_flags_file_is_a_flag_error_naming_the_file(tmp_path):
+    (tmp_path / "FLAGS.txt").write_text("--F=2\n--mult=0.25\n")
+    with pytest.raises(ArgumentError, match="^model_dir: .*FLAGS.txt: exactly one of "
+                                            "use_normal_conv, static, flex") as info:
+        experiment.read_config(str(tmp_path))
+    # Spelled again as the binaries' flags (composed after the handler that raised it).
+    assert re.match(r"--modelDir: .*FLAGS.txt: exactly one of --use_normal_conv, --static, "
+                    r"--flex", wa_flags.flag_message(info.value))
 
 
 def test_read_flags_errors_name_model_dir(tmp_path):
