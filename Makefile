@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo bench clean
+.PHONY: lint test test-slow demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ $(STAMP): $(PY) setup.py
 	fi
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (ruff.toml: pyflakes, import order, pycodestyle) first, then the tests.
+lint: $(STAMP)
+	$(PY) -m ruff check wa_tf bin bench tests
+
+test: lint
 	$(PY) -m pytest
 
-test-slow: $(STAMP)
+test-slow: lint
 	$(PY) -m pytest -m slow
 
 # A Winograd-aware F(4x4,3x3) INT8 model with learnable transforms on the digits bundled

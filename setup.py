@@ -24,7 +24,7 @@ setuptools.setup(
         "tensorboard",  # tf.summary: the training logs
     ],
     extras_require={
-        "test": ["pytest", "scikit-learn", "matplotlib"],
+        "test": ["pytest", "scikit-learn", "matplotlib", "ruff"],
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
     },

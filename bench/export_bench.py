@@ -34,8 +34,7 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
@@ -73,6 +72,7 @@ class _Block(importlib.abc.MetaPathFinder):
 def export_models(directory, fused):
     """Exports normal and flex models, FP32 and INT8 (and flex with fused kernels); {name: path}."""
     import numpy as np  # pylint: disable=import-outside-toplevel
+
     from wa_tf import export, models  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(0)

@@ -22,13 +22,14 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
-
-import wa_tf  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import wa_tf  # noqa: E402,F401
 from wa_tf import data, models  # noqa: E402
+
 import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS

@@ -36,11 +36,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import wa_tf  # noqa: E402,F401
-import tensorflow as tf  # noqa: E402
 from wa_tf import kernels, layers, quantizers, transforms  # noqa: E402
+
 import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS

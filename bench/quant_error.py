@@ -21,14 +21,15 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
-
-import wa_tf  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import wa_tf  # noqa: E402,F401
 from wa_tf.layers import WinogradConv2D  # noqa: E402
 from wa_tf.quantization import quantize_model  # noqa: E402
+
 import common  # noqa: E402  (bench/common.py, next to this file)
 
 FLAGS = flags.FLAGS

@@ -20,9 +20,10 @@ goal is met: a searched model at least --goal_speedup times cheaper than
 all-normal INT8 within --goal_points of its validation accuracy.
 
 Example (the shared CIFAR-10 training JPEGs; validation carved from them):
-  mkdir -p /tmp/cifar10_jpeg && tar -xzf ../shared/data/cifar10_train_jpeg.tar.gz -C /tmp/cifar10_jpeg
+  mkdir -p /tmp/cifar10_jpeg
+  tar -xzf ../shared/data/cifar10_train_jpeg.tar.gz -C /tmp/cifar10_jpeg
   python bench/search_bench.py --data_dir=/tmp/cifar10_jpeg --results_dir=/tmp/search_bench \
-      --reuse=/tmp/sweep   # optional: the proxy sweep's results folder; its finished rows are reused
+      --reuse=/tmp/sweep   # optional: the proxy sweep's results; its finished rows are reused
 
 --searches lists ``name:latency_weight:bits_candidates[:target_latency]`` entries
 (bits joined by ``/``), e.g. ``w0.5_int8:0.5:8,t0.37_int4-8:2:4/8:0.37``: a target
@@ -35,8 +36,7 @@ import shutil
 import subprocess
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

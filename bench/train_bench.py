@@ -43,8 +43,7 @@ import statistics
 import sys
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
@@ -137,9 +136,10 @@ def _train_step(spec):
 
 def measure_all(specs):
     """Runs every configuration in this process, steps round-robin; returns their results."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     import wa_tf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     from wa_tf import kernels  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     iterator = _batch_iterator()
     steps, fused = [], []
     for spec in specs:
@@ -171,9 +171,10 @@ def measure(spec, requested_memory):
     """
     if spec.get("tf"):
         os.environ["WA_TF_KERNELS"] = "0"  # read by wa_tf.kernels: the pure-TF pipeline
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     import wa_tf  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     from wa_tf import kernels  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     iterator = _batch_iterator()
     device = "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"

@@ -12,8 +12,7 @@ The error report (table, PNG plot, JSON) is explained in docs/export_evaluate.md
 """
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf import cli, error_report, evaluate

@@ -13,8 +13,7 @@ file of every quantized Winograd-aware layer (see docs/export_evaluate.md).
 """
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf import cli

@@ -18,8 +18,7 @@ measured: the table derives them from its FP32 entries (``derive_bits``).
 """
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf import cost
@@ -80,6 +79,7 @@ def main(argv):
     except ValueError as e:
         wa_flags.fail(str(e).splitlines()[0])
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     from wa_tf import latency  # pylint: disable=import-outside-toplevel
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)

@@ -12,8 +12,7 @@ Examples:
   # also search the bit-width, against a measured table, to 40% of all-normal
   bin/search.py --bits_candidates=8,16 --cost_model=latency_table.json --target_latency=0.4
 """
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf.training.flags import fail
@@ -63,6 +62,7 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from absl import logging  # pylint: disable=import-outside-toplevel
+
     from wa_tf import search  # pylint: disable=import-outside-toplevel
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)

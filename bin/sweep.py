@@ -22,8 +22,7 @@ blocked, 2 for a bad sweep file or flag.
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf import sweep as sweep_lib

@@ -19,7 +19,6 @@ tf.config.set_logical_device_configuration(
 
 import wa_tf  # noqa: E402,F401
 
-
 _strategy_ids = itertools.count(1)
 
 

@@ -1,4 +1,6 @@
-"""Calls every fused-kernel op with bad and extreme attributes and shapes: ``python kernel_fuzz.py SEED``.
+"""Calls every fused-kernel op with bad and extreme attributes and shapes.
+
+Usage: ``python kernel_fuzz.py SEED [CASES]``.
 
 Run by tests/test_kernels_fuzz.py in a process of its own, since an op that
 aborts takes its process with it.  Each case is printed before it runs; a case

@@ -55,7 +55,7 @@ def qmodel():
 
 def _layer_bits(model, name):
     """(kind, bits) of a layer read off the model: the quantizer config's bits, or None."""
-    layer = model.get_layer(name) if name in [l.name for l in model.layers] else \
+    layer = model.get_layer(name) if name in [ly.name for ly in model.layers] else \
         model.get_layer("quant_" + name)
     inner = quantization.unwrap(layer)
     config = getattr(layer, "quantize_config", None)
@@ -276,13 +276,13 @@ def _small_model():
 def test_quantize_model_layer_bits():
     qmodel = quantization.quantize_model(_small_model(), bits=8,
                                          layer_bits={"wa": 4, "conv": None, "fc": 16})
-    bits = {quantization.unwrap(l).name: l.quantize_config.num_bits
-            for l in qmodel.layers if hasattr(l, "quantize_config")}
+    bits = {quantization.unwrap(ly).name: ly.quantize_config.num_bits
+            for ly in qmodel.layers if hasattr(ly, "quantize_config")}
     assert bits == {"wa_input_quant": 4, "wa": 4, "fc_input_quant": 16, "fc": 16}
     assert quantization.unwrap(qmodel.get_layer("quant_wa")).quantization.bits == 4
     # bits=None: only the named layers.
     qmodel = quantization.quantize_model(_small_model(), bits=None, layer_bits={"conv": 6})
-    assert [l.name for l in qmodel.layers if hasattr(l, "quantize_config")] == [
+    assert [ly.name for ly in qmodel.layers if hasattr(ly, "quantize_config")] == [
         "quant_conv_input_quant", "quant_conv"]
     assert quantization.unwrap(qmodel.get_layer("wa")).quantization is None
 

@@ -91,7 +91,8 @@ def test_train_normal_then_adapt_to_flex_int8(tmp_path):
     assert "layer1.0.conv1/A_t" in adapted["not_found"]
     # Width and dataset came from --modelDir's FLAGS.txt.
     flags = experiment.read_flags(flex_dir)
-    assert flags["mult"] == 0.125 and flags["dataset"] == "digits" and flags["modelDir"] == normal_dir
+    assert flags["mult"] == 0.125 and flags["dataset"] == "digits"
+    assert flags["modelDir"] == normal_dir
     assert experiment.read_metrics(normal_dir)["status"] == experiment.FINISHED  # untouched
 
 
@@ -135,9 +136,11 @@ BAD_INPUT = [
     ("train", ["--flex", "--dataset=image_folder", "--data_dir=/no/such/dir"], "--data_dir"),
     ("train", ["--flex", "--no_such_flag"], "no_such_flag"),
     ("adapt", ["--flex"], "--modelDir is required"),
-    ("adapt", ["--flex", "--modelDir=/no/such/run"], "--modelDir: '/no/such/run' is not a directory"),
+    ("adapt", ["--flex", "--modelDir=/no/such/run"],
+     "--modelDir: '/no/such/run' is not a directory"),
     ("adapt", ["--flex", "--modelDir={empty}"], "has no FLAGS.txt"),
-    ("adapt", ["--flex", "--modelDir={wrong}", "--modelToLoad=best"], "--modelToLoad: no checkpoint"),
+    ("adapt", ["--flex", "--modelDir={wrong}", "--modelToLoad=best"],
+     "--modelToLoad: no checkpoint"),
     ("adapt", ["--flex", "--modelDir={wrong}"], "--modelToLoad: checkpoint"),
     ("adapt", ["--flex", "--modelDir={wrong}", "--mult=0.5"], "--mult is fixed by --modelDir"),
     ("train", ["--flex", "--Q", "--warmup"], "--warmup is for adapting a model (bin/adapt.py)"),
@@ -246,7 +249,7 @@ def test_adapt_takes_source_settings_and_validates_on_its_split(source_run, tmp_
         assert source_val != _image_set(data.load("digits", seed=7)[0]["validation"])
         assert _image_set(runner.splits["validation"]) == source_val
         report = open(os.path.join(runner.model_dir, "report.txt"), encoding="utf-8").read()
-        line = [l for l in report.splitlines() if l.startswith("From the source run's")]
+        line = [ln for ln in report.splitlines() if ln.startswith("From the source run's")]
         assert line == [f"From the source run's FLAGS.txt (not given on the command line): "
                         f"--lr=0.002 --nouse_cpu --outDir={out}"], report
         assert "Validation split: the source run's (seed 3)." in report
@@ -409,7 +412,7 @@ def test_train_and_adapt_with_an_architecture_file(source_run, tmp_path, capsys)
     assert model.name == "ResNet18LikeSearched"
     layer = quantization.unwrap(model.get_layer("quant_layer1.0.conv2"))
     assert (layer.tile_size, layer.flex, layer.quantization.bits) == (2, False, 16)
-    assert not any(l.name == "quant_layer1.1.conv2" for l in model.layers)  # float layer
+    assert not any(ly.name == "quant_layer1.1.conv2" for ly in model.layers)  # float layer
     reloaded = evaluate_checkpoint(run, "test", checkpoint="final")
     assert reloaded["accuracy"] == pytest.approx(
         result["metrics"]["test"]["final"]["accuracy"], abs=1e-9)

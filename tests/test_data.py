@@ -52,7 +52,8 @@ def test_cifar10_validation_is_held_out_by_seed(cifar10):
         other, _ = data.load("cifar10", seed=4)
     train, val = _images(splits["train"]), _images(splits["validation"])
     # Train and validation partition the TFDS train split.
-    rows = lambda a: {x.tobytes() for x in a}
+    def rows(a):
+        return {x.tobytes() for x in a}
     assert rows(train) | rows(val) == rows(all_train) and not rows(train) & rows(val)
     np.testing.assert_array_equal(_images(same["validation"]), val)
     assert rows(_images(other["validation"])) != rows(val)
@@ -220,7 +221,8 @@ def test_distribute_datasets_from_function(distribute_scope):
     images, labels = next(iter(dist))
     shapes = [t.shape for t in strategy.experimental_local_results(images)]
     assert shapes == [(16 // replicas, 32, 32, 3)] * replicas
-    assert [t.shape for t in strategy.experimental_local_results(labels)] == [(16 // replicas,)] * replicas
+    label_shapes = [t.shape for t in strategy.experimental_local_results(labels)]
+    assert label_shapes == [(16 // replicas,)] * replicas
 
 
 def test_pipeline_shards_between_input_pipelines():
@@ -302,7 +304,8 @@ def test_image_folder_skip_corrupt_loads_the_rest_with_a_warning(tmp_path, caplo
 
 def test_image_folder_skipping_keeps_the_validation_images(tmp_path):
     root = _write_tree(str(tmp_path), ["train"], per_class=10)
-    rows = lambda ds: {x.tobytes() for x in _images(ds)}
+    def rows(ds):
+        return {x.tobytes() for x in _images(ds)}
     clean_splits, _ = data.load("image_folder", data_dir=root, val_fraction=0.3, seed=7)
     clean = {split: rows(ds) for split, ds in clean_splits.items()}  # read before breaking
     path = os.path.join(root, "train", "dog", "4.jpg")

@@ -11,8 +11,16 @@ import tensorflow as tf
 import tf_keras
 from absl import flags as absl_flags
 
-from wa_tf import (WinogradConv2D, cli, data, error_report, evaluate, integer,
-                   integer_export, quantization)
+from wa_tf import (
+    WinogradConv2D,
+    cli,
+    data,
+    error_report,
+    evaluate,
+    integer,
+    integer_export,
+    quantization,
+)
 from wa_tf.training import experiment
 from wa_tf.training import flags as wa_flags
 
@@ -248,8 +256,8 @@ def test_export_int8_run_with_layer_files(tmp_path):
     proc = _run_bin("export.py", f"--modelDir={run}", f"--export_dir={exported}",
                     f"--npz_dir={layers}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
     from wa_tf import kernels  # pylint: disable=import-outside-toplevel
+    from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
     # The SavedModel runs TensorFlow's ops: the model's pure-TF pipeline, value for value.
     # (The fused CPU kernels round differently, and in an INT8 F4 model a code flipped near
     # a rounding tie grows through the output transform: docs/export_evaluate.md.)

@@ -10,11 +10,10 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras
 
 from wa_tf import kernels
-from wa_tf.kernels import library as kbuild
 from wa_tf.kernels import dispatch
+from wa_tf.kernels import library as kbuild
 from wa_tf.layers import WinogradConv2D
 
 
@@ -241,3 +240,18 @@ def test_fused_sums_are_the_same_bits_on_every_run():
     for series in (runs, adjoint):
         assert all(np.array_equal(series[0], r) for r in series[1:])
         assert np.abs(series[0]).max() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="no aarch64 cross compiler (Debian: apt-get install "
+                           "g++-aarch64-linux-gnu)")
+def test_the_generic_code_compiles_for_aarch64(tmp_path):
+    # The kernels' C++ is portable: without x86 instructions it compiles for Arm.
+    for i, source in enumerate(kbuild.SOURCES):
+        out = tmp_path / f"{i}.o"
+        result = subprocess.run(kbuild.compile_command("aarch64-linux-gnu-g++", "armv8-a",
+                                                       source, str(out)),
+                                capture_output=True, text=True, check=False, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert open(out, "rb").read(20)[18] == 183  # ELF e_machine: EM_AARCH64

@@ -265,7 +265,8 @@ def test_weights_copy_from_conv2d():
 
 
 @pytest.mark.parametrize("m", [2, 4, 6])
-@pytest.mark.parametrize("size,padding", [((7, 9), "same"), ((16, 15), "same"), ((11, 10), "valid")])
+@pytest.mark.parametrize("size,padding",
+                         [((7, 9), "same"), ((16, 15), "same"), ((11, 10), "valid")])
 def test_input_gradient_matches_conv2d(m, size, padding, pipeline):
     # The tile gather has a hand-written gradient: every input pixel's share
     # of each overlapping tile, edges and padding included.

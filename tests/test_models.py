@@ -126,7 +126,8 @@ def test_normal_weights_in_flex_model_give_same_output(tile_size):
     _copy_by_name(normal, flex)
     x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
     # Compare the last feature map too: global pooling would average errors away.
-    outputs = lambda m: tf_keras.Model(m.inputs, [m.get_layer("layer4.1.relu2").output, m.output])
+    def outputs(m):
+        return tf_keras.Model(m.inputs, [m.get_layer("layer4.1.relu2").output, m.output])
     expected = outputs(normal)(x, training=False)
     for got, want in zip(outputs(flex)(x, training=False), expected):
         np.testing.assert_allclose(got.numpy(), want.numpy(),
@@ -183,8 +184,8 @@ def test_layer_table_float():
     winograd_convs = direct - 32 * 32 * 27 * 32 - 256 * 10 - (16 * 16 * 32 * 64 + 8 * 8 * 64 * 128
                                                              + 4 * 4 * 128 * 256)
     expected = direct - winograd_convs + winograd_convs * 36 // (16 * 9)
-    assert f"Multiplies per image: {expected / 1e6:.2f} M (direct convolution: {direct / 1e6:.2f} M" \
-        in table
+    assert (f"Multiplies per image: {expected / 1e6:.2f} M "
+            f"(direct convolution: {direct / 1e6:.2f} M") in table
 
 
 def test_layer_table_normal_multiplies():
@@ -210,4 +211,5 @@ def test_quantized_model_and_its_table():
     # The stem and the classifier stay float, as the reference.
     assert bits.pop("conv1") == "FP" and bits.pop("linear") == "FP"
     assert len(bits) == 20 and set(bits.values()) == {"6"}  # 16 Winograd convs, 4 shortcuts
-    assert f"Params shown in table size: {_kernel_total(models.resnet18_like('normal', width_multiplier=1 / 16)) / 1e3:.3f} K" in table
+    shown = _kernel_total(models.resnet18_like("normal", width_multiplier=1 / 16))
+    assert f"Params shown in table size: {shown / 1e3:.3f} K" in table

@@ -7,8 +7,14 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import kernels
-from wa_tf.quantizers import (EMAQuantizer, MaxAbsQuantizer, fake_quant, fake_quant_codes,
-                              from_codes, quantize_codes)
+from wa_tf.quantizers import (
+    EMAQuantizer,
+    MaxAbsQuantizer,
+    fake_quant,
+    fake_quant_codes,
+    from_codes,
+    quantize_codes,
+)
 
 
 def reference_quantize(x, range_, bits):

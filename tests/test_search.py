@@ -6,8 +6,8 @@ Winograd pipeline with max-abs fake quantization), the supernet against
 resnet18_like with the same weights, and the binary end to end on digits.
 """
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys

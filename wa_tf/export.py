@@ -72,7 +72,7 @@ def _logits(model, images):
 
 
 def _winograd_layers(model) -> List[tf_keras.layers.Layer]:
-    """Every WinogradConv2D of ``model`` (nested models included), by its QuantizeWrapper if wrapped."""
+    """Every WinogradConv2D of ``model`` (nested models included), by its wrapper if quantized."""
     found, wrapped = [], set()
     for module in model.submodules:
         if is_quantize_wrapper(module) and isinstance(unwrap(module), WinogradConv2D):

@@ -17,8 +17,13 @@ import tensorflow as tf
 
 from wa_tf import integer
 from wa_tf.layers import WinogradConv2D
-from wa_tf.quantization import (INPUT_QUANT_SUFFIX, float_weight, inference_weight,
-                                input_quant_layer, weight_name)
+from wa_tf.quantization import (
+    INPUT_QUANT_SUFFIX,
+    float_weight,
+    inference_weight,
+    input_quant_layer,
+    weight_name,
+)
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
 from wa_tf.tfmot_adapter import is_quantize_wrapper, output_quantizer, weight_quantizers
 from wa_tf.transforms import STAGES

@@ -23,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 import wa_tf
-from wa_tf.machine import cpu_model
 from wa_tf import cost, transforms
 from wa_tf.layers import apply_transform, extract_tiles, untile
+from wa_tf.machine import cpu_model
 
 WARMUP_CALLS = 3
 

@@ -43,7 +43,6 @@ import tf_keras
 from wa_tf import kernels, transforms
 from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
 
-
 kernels.load_if_built()
 
 

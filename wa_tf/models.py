@@ -31,8 +31,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import tf_keras
 
-from wa_tf.architecture import (CONV_MODES, TILE_SIZES, Architecture, ArchitectureLike,
-                                LayerChoice, SearchableLayer, load_architecture)
+from wa_tf.architecture import (
+    CONV_MODES,
+    TILE_SIZES,
+    Architecture,
+    ArchitectureLike,
+    LayerChoice,
+    SearchableLayer,
+    load_architecture,
+)
 from wa_tf.layers import WinogradConv2D
 from wa_tf.transforms import is_int, tile_geometry
 
@@ -78,8 +85,8 @@ def model_name(conv: str, tile_size: int) -> str:
 
 
 def _check_width_multiplier(width_multiplier):
-    if (not isinstance(width_multiplier, (int, float, np.floating)) or isinstance(width_multiplier, bool)
-            or not 0 < width_multiplier <= 1):
+    if (not isinstance(width_multiplier, (int, float, np.floating))
+            or isinstance(width_multiplier, bool) or not 0 < width_multiplier <= 1):
         raise ValueError(f"width_multiplier must be in (0, 1]; got {width_multiplier!r}")
     if int(STAGE_CHANNELS[0] * width_multiplier) < 1:
         raise ValueError(f"width_multiplier must be at least 1/{STAGE_CHANNELS[0]} so every "
@@ -90,7 +97,8 @@ def _checked_input_shape(input_shape) -> Tuple[int, int, int]:
     try:
         input_shape = tuple(int(d) for d in input_shape)
     except (TypeError, ValueError):
-        raise ValueError(f"input_shape must be (height, width, channels); got {input_shape!r}") from None
+        raise ValueError(
+            f"input_shape must be (height, width, channels); got {input_shape!r}") from None
     if len(input_shape) != 3 or min(input_shape) < 1 or min(input_shape[:2]) < 8:
         raise ValueError("input_shape must be (height, width, channels) with height and "
                          f"width >= 8 (three 2x2 poolings); got {input_shape!r}")

@@ -39,8 +39,12 @@ import tf_keras
 
 from wa_tf.layers import WinogradConv2D, WinogradQuantization
 from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits, fake_quant
-from wa_tf.tfmot_adapter import (inbound_nodes, is_graph_network, is_quantize_wrapper,
-                                 weight_quantizers)
+from wa_tf.tfmot_adapter import (
+    inbound_nodes,
+    is_graph_network,
+    is_quantize_wrapper,
+    weight_quantizers,
+)
 
 _tfmot_q = tfmot.quantization.keras
 

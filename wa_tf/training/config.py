@@ -15,9 +15,9 @@ import dataclasses
 from typing import Dict, Mapping, Optional, Union
 
 from wa_tf.data import DATASETS
-from wa_tf.transforms import is_int
 from wa_tf.training.distribute import STRATEGIES
 from wa_tf.training.errors import ArgumentError
+from wa_tf.transforms import is_int
 
 CONV_MODES = ("normal", "static", "flex")
 # The reference's mode flags, one per conv mode, in the order they are defined.

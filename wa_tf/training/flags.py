@@ -17,13 +17,12 @@ stderr with a non-zero exit.
 import sys
 from typing import Callable, Dict, Mapping, Optional
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 from wa_tf.data import DATASETS
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, MODE_FLAGS, RunConfig
-from wa_tf.training.errors import ArgumentError
 from wa_tf.training.distribute import STRATEGIES
+from wa_tf.training.errors import ArgumentError
 
 MODES = tuple(MODE_FLAGS.values())
 # Flags that adapt.py takes from --modelDir's FLAGS.txt unless given.

@@ -42,8 +42,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import quantization
-from wa_tf.training import distribute
-from wa_tf.training import experiment
+from wa_tf.training import distribute, experiment
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, RunConfig
 from wa_tf.training.errors import ArgumentError
 from wa_tf.training.optimizer import WEIGHT_DECAY, AdamL2
@@ -539,8 +538,8 @@ class Runner:
         cross-replica context: exact over every example, and no replica ever
         gets an empty batch (which oneDNN's CPU convolution mishandles).
         """
-        from wa_tf.evaluate import evaluate  # pylint: disable=import-outside-toplevel
         from wa_tf import data  # pylint: disable=import-outside-toplevel
+        from wa_tf.evaluate import evaluate  # pylint: disable=import-outside-toplevel
         if split not in self.splits:
             return None
         dataset = data.pipeline(self.splits[split], self.config.batch_size, self.info,
