@@ -36,11 +36,9 @@ import os
 import types
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+from wa_tf.choices import CONV_MODES, MAX_BITS, MIN_BITS, TILE_SIZES, valid_bits
 from wa_tf.transforms import is_int
 
-CONV_MODES = ("normal", "static", "flex")
-TILE_SIZES = (2, 4, 6)
-MIN_BITS, MAX_BITS = 2, 16
 _KEYS = ("conv", "tile_size", "bits")
 
 
@@ -86,7 +84,7 @@ def _checked(conv, tile_size, bits, where):
                              f"{', '.join(map(str, TILE_SIZES))}"
                              f"{' (or null for normal)' if conv == 'normal' else ''}; "
                              f"got {tile_size!r}")
-    if bits is not None and (not is_int(bits) or not MIN_BITS <= bits <= MAX_BITS):
+    if bits is not None and not valid_bits(bits):
         raise ValueError(f"architecture: {where} bits must be null (float) or an integer "
                          f"from {MIN_BITS} to {MAX_BITS}; got {bits!r}")
     return (conv, None if conv == "normal" else int(tile_size),

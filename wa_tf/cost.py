@@ -96,6 +96,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from wa_tf import transforms
+from wa_tf.choices import CONV_MODES, MAX_BITS, MIN_BITS, valid_bits
 from wa_tf.transforms import is_int
 
 NORMAL = "normal"
@@ -103,7 +104,6 @@ WINOGRAD = "winograd"
 ALGORITHMS = (NORMAL, WINOGRAD)
 # The search space's candidate names: the direct convolution and F(m x m, 3 x 3).
 CANDIDATE_NAMES = ("normal", "F2", "F4", "F6")
-CONV_MODES = ("normal", "static", "flex")
 FP32_BYTES = 4
 TABLE_FORMAT = "wa_tf.latency_table"
 TABLE_VERSION = 1
@@ -113,8 +113,9 @@ _CANDIDATE_KEY = re.compile(r"^(normal|F(\d+))(?:/int(\d+))?$")
 
 
 def _check_bits(bits):
-    if bits is not None and (not is_int(bits) or not 2 <= bits <= 16):
-        raise ValueError(f"bits must be None (FP32) or an integer in 2..16; got {bits!r}")
+    if bits is not None and not valid_bits(bits):
+        raise ValueError(f"bits must be None (FP32) or an integer in {MIN_BITS}..{MAX_BITS}; "
+                         f"got {bits!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import kernels, transforms
+from wa_tf.choices import check_bits
 from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
 
 kernels.load_if_built()
@@ -391,8 +392,6 @@ class WinogradQuantization:
     warmup: bool = False
 
     def __post_init__(self):
-        # Imported here: quantizers (and TF-MOT) are not needed by float layers.
-        from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
         object.__setattr__(self, "bits", check_bits(self.bits, "quantization bits"))
         object.__setattr__(self, "per_tap", bool(self.per_tap))
         object.__setattr__(self, "warmup", bool(self.warmup))

@@ -32,14 +32,13 @@ import numpy as np
 import tf_keras
 
 from wa_tf.architecture import (
-    CONV_MODES,
-    TILE_SIZES,
     Architecture,
     ArchitectureLike,
     LayerChoice,
     SearchableLayer,
     load_architecture,
 )
+from wa_tf.choices import CONV_MODES, TILE_SIZES, check_bits
 from wa_tf.layers import WinogradConv2D
 from wa_tf.transforms import is_int, tile_geometry
 
@@ -345,8 +344,6 @@ def resnet18_like(conv: Optional[str] = None, tile_size: Optional[int] = None,
         _check_conv(conv)
         _check_tile_size(tile_size)
         if bits is not None:
-            # Imported here: the float model does not need the quantizers (nor TF-MOT).
-            from wa_tf.quantizers import check_bits  # pylint: disable=import-outside-toplevel
             check_bits(bits, "bits")
         plan = uniform_architecture(conv, tile_size, None, layers)
         name = model_name(conv, tile_size)

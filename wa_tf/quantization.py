@@ -37,8 +37,9 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras
 
+from wa_tf.choices import check_bits
 from wa_tf.layers import WinogradConv2D, WinogradQuantization
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, check_bits, fake_quant
+from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer, fake_quant
 from wa_tf.tfmot_adapter import (
     inbound_nodes,
     is_graph_network,

@@ -18,16 +18,10 @@ import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from wa_tf import kernels
+from wa_tf.choices import check_bits
 from wa_tf.transforms import is_int
 
 _Quantizer = tfmot.quantization.keras.quantizers.Quantizer
-
-
-def check_bits(num_bits, name="num_bits"):
-    """Returns `num_bits` as an int, or raises ValueError unless it is 2..16."""
-    if not is_int(num_bits) or not 2 <= num_bits <= 16:
-        raise ValueError(f"{name} must be an integer from 2 to 16, got {num_bits!r}")
-    return int(num_bits)
 
 
 def fake_quant(x, range_, num_bits):

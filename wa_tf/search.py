@@ -48,6 +48,7 @@ import tf_keras
 
 from wa_tf import cost as cost_lib
 from wa_tf import models
+from wa_tf.choices import MAX_BITS, MIN_BITS, valid_bits
 from wa_tf.layers import winograd_conv
 from wa_tf.quantizers import EMAQuantizer, fake_quant
 from wa_tf.transforms import STAGES, winograd_matrices
@@ -465,9 +466,9 @@ class SearchConfig:
         if len(set(self.bits_candidates)) != len(self.bits_candidates):
             raise ValueError("bits_candidates has duplicates")
         for bits in self.bits_candidates:
-            if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 16):
-                raise ValueError(f"bits_candidates must be integers from 2 to 16 or FP; "
-                                 f"got {bits!r}")
+            if bits is not None and not (isinstance(bits, int) and valid_bits(bits)):
+                raise ValueError(f"bits_candidates must be integers from {MIN_BITS} to "
+                                 f"{MAX_BITS} or FP; got {bits!r}")
         for name in ("epochs", "batch_size", "cost_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")

@@ -14,15 +14,14 @@ Bad values raise :class:`~wa_tf.training.errors.ArgumentError` naming the field.
 import dataclasses
 from typing import Dict, Mapping, Optional, Union
 
+from wa_tf.choices import CONV_MODES, MAX_BITS, MIN_BITS, TILE_SIZES, valid_bits
 from wa_tf.data import DATASETS
 from wa_tf.training.distribute import STRATEGIES
 from wa_tf.training.errors import ArgumentError
 from wa_tf.transforms import is_int
 
-CONV_MODES = ("normal", "static", "flex")
 # The reference's mode flags, one per conv mode, in the order they are defined.
 MODE_FLAGS = {"normal": "use_normal_conv", "static": "static", "flex": "flex"}
-TILE_SIZES = (2, 4, 6)
 # Field -> flag name, in the order the flags are defined (FLAGS.txt's line
 # order after the mode flags).  Fields absent here have the flag's name.
 FLAG_NAMES = {
@@ -135,9 +134,9 @@ class RunConfig:
         if self.tile_size not in TILE_SIZES or not is_int(self.tile_size):
             raise ArgumentError("tile_size", lambda n: f"{n('tile_size')} must be one of 2, 4, "
                                 f"6 (F(2x2,3x3), F(4x4,3x3), F(6x6,3x3)); got {self.tile_size}")
-        if not is_int(self.bits) or not 2 <= self.bits <= 16:
-            raise ArgumentError("bits", lambda n: f"{n('bits')} must be an integer from 2 to "
-                                f"16; got {self.bits}")
+        if not valid_bits(self.bits):
+            raise ArgumentError("bits", lambda n: f"{n('bits')} must be an integer from "
+                                f"{MIN_BITS} to {MAX_BITS}; got {self.bits}")
         mult = self.width_multiplier
         if mult is not None and not 1 / 64 <= mult <= 1:
             raise ArgumentError("width_multiplier", lambda n: f"{n('width_multiplier')} must "
