@@ -1,4 +1,4 @@
-// What the two kernel files share: TensorFlow's names, the one fake-quantization
+// What the kernel files share: TensorFlow's names, the one fake-quantization
 // rounding that must equal wa_tf.quantizers.fake_quant (TensorFlow's ops) bit for bit,
 // and the check of a quantization step's shape.
 

@@ -32,8 +32,10 @@ import tensorflow as tf
 from wa_tf.machine import cpu_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(os.path.join(_HERE, name) for name in ("tile_transform.cc", "fake_quant.cc"))
-HEADERS = (os.path.join(_HERE, "common.h"),)
+SOURCES = tuple(os.path.join(_HERE, name) for name in (
+    "tile_transform.cc", "tile_adjoint.cc", "tile_weight_grad.cc", "fake_quant.cc"))
+HEADERS = tuple(os.path.join(_HERE, name) for name in (
+    "common.h", "tile_common.h", "tile_rows.h"))
 
 # -fno-trapping-math / -fno-math-errno let rounding vectorize; they change no value.
 _EXTRA_FLAGS = ("-fPIC", "-O3", "-fno-trapping-math", "-fno-math-errno", "-w")
@@ -218,7 +220,7 @@ def build(verbose=False):
             raise failure
         with tempfile.TemporaryDirectory(dir=cache_dir()) as work:
             objects = [os.path.join(work, f"{i}.o") for i in range(len(SOURCES))]
-            # One process per source: the two compile at once on two cores.
+            # One process per source, all at once: they share the cores.
             message = _run([compile_command(compiler, target(), source, obj)
                             for source, obj in zip(SOURCES, objects)], deadline, verbose)
             tmp = os.path.join(work, "library.so")
