@@ -2,10 +2,12 @@
 
 TensorFlow runs the input transform (gather the overlapping tiles, then
 ``B_t d B_t^T``) and the output transform (``A_t M A_t^T``, then untile) as
-several memory-bound passes.  ``tile_transform.cc`` does each in one pass over
-the tiles, vectorized over channels: :func:`tile_transform` and its adjoint
-:func:`tile_transform_adjoint`, each the other's gradient, plus the gradient
-with respect to the transform (docs/kernels.md).  ``fake_quant.cc`` is
+several memory-bound passes.  The kernels do each in one pass over the tiles,
+vectorized over channels: :func:`tile_transform` (``tile_transform.cc``) and its
+adjoint :func:`tile_transform_adjoint` (``tile_adjoint.cc``), each the other's
+gradient, plus the gradients with respect to the transform and, without V in
+memory, to U (``tile_weight_grad.cc``; shared pieces in ``tile_common.h`` and
+``tile_rows.h``; docs/kernels.md).  ``fake_quant.cc`` is
 :func:`wa_tf.quantizers.fake_quant` in one pass instead of five
 (:func:`fake_quant`), with the same results bit for bit.
 
