@@ -47,6 +47,13 @@ from wa_tf.transforms import STAGES, check_tile_size, is_int, tile_geometry
 kernels.load_if_built()
 
 
+def _quantizers():
+    """:mod:`wa_tf.quantizers`, imported on first use: it imports TF-MOT (seconds), which
+    float layers never need."""
+    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    return quantizers
+
+
 def _fused(x, t):
     """Whether the tile stages of `x`'s pipeline (tile size t) run as :mod:`wa_tf.kernels`.
 
@@ -253,7 +260,7 @@ def _kept(tensor, coded=None):
     """
     if coded is None:
         return lambda: tf.identity(tensor)
-    from wa_tf.quantizers import from_codes  # pylint: disable=import-outside-toplevel
+    from_codes = _quantizers().from_codes
     codes, scale = coded
     return lambda: from_codes(codes, scale)
 
@@ -533,8 +540,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         super().build(input_shape)
 
     def _build_stage_quantizers(self, channels):
-        # Imported here: quantizers are optional for float layers.
-        from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer  # pylint: disable=import-outside-toplevel
+        EMAQuantizer, MaxAbsQuantizer = _quantizers().EMAQuantizer, _quantizers().MaxAbsQuantizer
         q = self.quantization
         # Static transforms are constants: the layer quantizes them from their
         # own range (as the reference's quantize-once-and-freeze).  Not in the
@@ -557,7 +563,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         For the stages named in `codes` (a dict), it also records the quantized
         tensor's integer codes and scale there, ``codes[stage] = (codes, scale)``.
         """
-        from wa_tf.quantizers import fake_quant, fake_quant_codes  # pylint: disable=import-outside-toplevel
+        fake_quant, fake_quant_codes = _quantizers().fake_quant, _quantizers().fake_quant_codes
 
         def quantize(stage, x):
             if stage not in self.stage_quantizers:
@@ -573,7 +579,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
 
     def _fixed_ranges(self, ranges):
         """A stage hook that quantizes with ranges recorded by `_stage_ranges`."""
-        from wa_tf.quantizers import fake_quant  # pylint: disable=import-outside-toplevel
+        fake_quant = _quantizers().fake_quant
 
         def quantize(stage, x):
             if stage not in ranges:
@@ -749,7 +755,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         with respect to M is the straight-through one (the output transform's
         gradient); a flex layer's A_t gradient reads the same codes.
         """
-        from wa_tf.quantizers import quantize_codes  # pylint: disable=import-outside-toplevel
+        quantize_codes = _quantizers().quantize_codes
         m, t = self.tile_size, a_t.shape[1]
         geo = tile_geometry(_dim(x, 1), _dim(x, 2), m, t - m + 1, self.padding)
         tiles = (m, 0, 0, geo.n_h, geo.n_w)
@@ -842,7 +848,7 @@ class WinogradConv2D(tf_keras.layers.Layer):
         """How the forward pass quantized V: ``{scale, qmin, qmax}``, empty when it did not."""
         if "input_winograd" not in ranges:
             return {}
-        from wa_tf.quantizers import code_limits, quant_scale  # pylint: disable=import-outside-toplevel
+        code_limits, quant_scale = _quantizers().code_limits, _quantizers().quant_scale
         bits = self.stage_quantizers["input_winograd"][0].num_bits
         qmin, qmax = code_limits(bits)
         return {"scale": quant_scale(ranges["input_winograd"], bits, dtype), "qmin": qmin,

@@ -59,6 +59,13 @@ _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 
 
+def _quantization():
+    """:mod:`wa_tf.quantization`, imported on first use: it imports TF-MOT (seconds), which
+    float models never need."""
+    from wa_tf import quantization  # pylint: disable=import-outside-toplevel
+    return quantization
+
+
 def torch_kernel_init():
     """PyTorch's default Conv2d/Linear kernel initialiser, U(+-1/sqrt(fan_in))."""
     return tf_keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform")
@@ -371,8 +378,7 @@ def resnet18_like(conv: Optional[str] = None, tile_size: Optional[int] = None,
         return model
     if architecture is not None and all(b is None for b in layer_bits.values()):
         return model
-    # Imported here: the float model does not need TF-MOT.
-    from wa_tf import quantization  # pylint: disable=import-outside-toplevel
+    quantization = _quantization()
     if architecture is None:
         return quantization.quantize_model(model, bits=bits, per_tap=per_tap, warmup=warmup)
     return quantization.quantize_model(model, bits=None, layer_bits=layer_bits,
@@ -440,8 +446,7 @@ def layer_table(model: tf_keras.Model) -> str:
     Returns:
       The table and its totals as a multi-line string.
     """
-    # Imported here: TF-MOT is slow to import and float models never need it.
-    from wa_tf.quantization import unwrap  # pylint: disable=import-outside-toplevel
+    unwrap = _quantization().unwrap
     header = ["VarName", "Type", "Param Shape", "Input Shape", "Winograd", "Flex", "bits",
               "Size(k)", "Size(%)", "Mults(M)"]
     rows, table_size, total_mults, total_direct = [], 0, 0, 0
