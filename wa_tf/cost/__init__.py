@@ -33,6 +33,7 @@ The table format is described in :class:`TableCost`.
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
+from wa_tf.architecture import load_architecture
 from wa_tf.choices import CONV_MODES
 from wa_tf.cost.analytic import (
     FP32_BYTES,
@@ -117,6 +118,7 @@ def searchable_layers(width_multiplier: float = 0.5,
     Returns:
       One :class:`LayerSpec` per layer, named, with its input shape.
     """
+    # Imported here: the model code imports TensorFlow, which costing needs nowhere else.
     from wa_tf import models  # pylint: disable=import-outside-toplevel
     return [LayerSpec(*layer.input_shape, layer.filters, 3, name=layer.name,
                       tile_sizes=tuple(layer.tile_sizes))
@@ -148,7 +150,6 @@ def uniform_architecture(layers: Sequence[LayerSpec], conv: str = "normal",
 
 
 def _read_architecture(architecture):
-    from wa_tf.architecture import load_architecture  # pylint: disable=import-outside-toplevel
     return load_architecture(architecture).to_dict()
 
 

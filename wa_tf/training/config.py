@@ -14,6 +14,7 @@ Bad values raise :class:`~wa_tf.training.errors.ArgumentError` naming the field.
 import dataclasses
 from typing import Dict, Mapping, Optional, Union
 
+from wa_tf.architecture import load_architecture
 from wa_tf.choices import CONV_MODES, MAX_BITS, MIN_BITS, TILE_SIZES, valid_bits
 from wa_tf.data import DATASETS
 from wa_tf.training.distribute import STRATEGIES
@@ -184,8 +185,6 @@ class RunConfig:
         return self
 
     def _validate_architecture(self):
-        # Imported here: the architecture module pulls in the model code.
-        from wa_tf.architecture import load_architecture  # pylint: disable=import-outside-toplevel
         if self.conv is not None:
             raise ArgumentError("architecture", lambda n: f"{n('architecture')} gives each "
                                 "layer's convolution: it cannot be combined with "
