@@ -37,7 +37,6 @@ an architecture JSON file for ``bin/train.py --architecture``.
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -51,13 +50,13 @@ from wa_tf import models
 from wa_tf.choices import MAX_BITS, MIN_BITS, valid_bits
 from wa_tf.layers import winograd_conv
 from wa_tf.quantizers import EMAQuantizer, fake_quant
+from wa_tf.training import run_folder
+from wa_tf.training.run_folder import REPORT_FILE, Lock
 from wa_tf.transforms import STAGES, winograd_matrices
 
 SEARCH_DIR = "Search"
 ARCHITECTURE_FILE = "architecture.json"
 SEARCH_FILE = "search.json"
-REPORT_FILE = "report.txt"
-FLAGS_FILE = "FLAGS.txt"
 PLOT_FILE = "choices.png"
 LOG_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
@@ -539,57 +538,20 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def _write_json(path, value):
-    # Written whole then renamed: a killed run leaves the old file or the new one.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def find_unfinished(config: SearchConfig):
+def find_unfinished(config: SearchConfig) -> Tuple[Optional[str], Optional[Lock]]:
     """The newest unfinished search folder of the same settings whose lock is free.
 
     Returns:
-      (folder, held :class:`wa_tf.training.experiment.Lock`) or (None, None).
+      (folder, held :class:`wa_tf.training.run_folder.Lock`) or (None, None).
     """
-    from wa_tf.training.experiment import Lock  # pylint: disable=import-outside-toplevel
-    parent = os.path.join(config.outDir, SEARCH_DIR)
-    if not os.path.isdir(parent):
-        return None, None
-    for name in sorted(os.listdir(parent), reverse=True):
-        path = os.path.join(parent, name)
-        state = _read_json(os.path.join(path, SEARCH_FILE))
-        if not state or state.get("status") != RUNNING or state.get("flags") != \
-                json.loads(json.dumps(config.to_flags())):
-            continue
-        lock = Lock(path)
-        if lock.acquire():
-            return path, lock
-    return None, None
+    # search.json holds the flags as JSON gives them back (tuples as lists).
+    flags = json.loads(json.dumps(config.to_flags()))
 
+    def matches(path):
+        state = run_folder.read_json(os.path.join(path, SEARCH_FILE))
+        return bool(state) and state.get("status") == RUNNING and state.get("flags") == flags
 
-def _new_run_dir(config):
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y_%m_%d_%H_%M_%S")
-    base = os.path.join(config.outDir, SEARCH_DIR, now)
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    path, suffix = base, 1
-    while True:
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            suffix += 1
-            path = f"{base}_{suffix}"
+    return run_folder.find_unfinished(os.path.join(config.outDir, SEARCH_DIR), matches)
 
 
 def _split_train(train, n, fraction, seed):
@@ -813,10 +775,9 @@ def run(config: SearchConfig, log=print) -> str:
     Raises:
       ValueError: On bad data, cost-model or warm-start settings (one line).
     """
-    from wa_tf.training.experiment import Lock, flags_to_lines  # pylint: disable=import-outside-toplevel
     searcher = _Searcher(config)
     run_dir, lock = find_unfinished(config)
-    state = _read_json(os.path.join(run_dir, SEARCH_FILE)) if run_dir else None
+    state = run_folder.read_json(os.path.join(run_dir, SEARCH_FILE)) if run_dir else None
     manager = None
     if run_dir:
         manager = tf.train.CheckpointManager(searcher.checkpoint,
@@ -829,11 +790,10 @@ def run(config: SearchConfig, log=print) -> str:
         state["history"] = state["history"][:start + 1]
         log(f"Resuming {run_dir} at epoch {start}")
     else:
-        run_dir = _new_run_dir(config)
+        run_dir = run_folder.create(os.path.join(config.outDir, SEARCH_DIR))
         lock = Lock(run_dir)
         lock.acquire()
-        with open(os.path.join(run_dir, FLAGS_FILE), "w", encoding="utf-8") as f:
-            f.write("\n".join(flags_to_lines(config.to_flags())) + "\n")
+        run_folder.write_flags(run_dir, config.to_flags())
         manager = tf.train.CheckpointManager(searcher.checkpoint,
                                              os.path.join(run_dir, CHECKPOINT_DIR), 1)
         warm = _warm_start(searcher, config) if config.modelDir else None
@@ -847,7 +807,7 @@ def run(config: SearchConfig, log=print) -> str:
                  "costs": searcher.costs.costs, "warm_start": warm,
                  "steps_per_epoch": searcher.steps,
                  "history": [_epoch_entry(searcher, 0)]}
-        _write_json(os.path.join(run_dir, SEARCH_FILE), state)
+        run_folder.write_json(os.path.join(run_dir, SEARCH_FILE), state)
         start = 0
         log(f"Searching in {run_dir}")
     writer = tf.summary.create_file_writer(os.path.join(run_dir, LOG_DIR))
@@ -862,7 +822,7 @@ def run(config: SearchConfig, log=print) -> str:
             state["history"].append(entry)
             _summaries(writer, entry)
             # search.json first: a run killed before the checkpoint redoes this epoch.
-            _write_json(os.path.join(run_dir, SEARCH_FILE), state)
+            run_folder.write_json(os.path.join(run_dir, SEARCH_FILE), state)
             searcher.epoch.assign(epoch + 1)
             manager.save()
             log(f"epoch {epoch + 1}/{config.epochs}: weight loss {weight_loss:.4f}, "
@@ -877,7 +837,7 @@ def run(config: SearchConfig, log=print) -> str:
 
 def _finish(searcher, run_dir, state):
     architecture = derive_architecture(searcher.model)
-    _write_json(os.path.join(run_dir, ARCHITECTURE_FILE), architecture)
+    run_folder.write_json(os.path.join(run_dir, ARCHITECTURE_FILE), architecture)
     layers, costs = searcher.layers, searcher.costs
     chosen = cost_lib.layer_costs(architecture, layers, searcher.cost_model)
     bits = costs.reference_bits
@@ -917,6 +877,5 @@ def _finish(searcher, run_dir, state):
                      f"({value / total:.2f}x the chosen)")
     if not plotted:
         lines.append(f"No {PLOT_FILE}: matplotlib is not installed (pip install matplotlib).")
-    with open(os.path.join(run_dir, REPORT_FILE), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    _write_json(os.path.join(run_dir, SEARCH_FILE), state)
+    run_folder.write_text(os.path.join(run_dir, REPORT_FILE), "\n".join(lines) + "\n")
+    run_folder.write_json(os.path.join(run_dir, SEARCH_FILE), state)

@@ -45,7 +45,8 @@ from collections import deque
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from wa_tf.machine import cpu_model
-from wa_tf.training import experiment
+from wa_tf.training import experiment, run_folder
+from wa_tf.training.run_folder import lock_held
 
 BINARIES = ("train", "adapt")
 RESULTS_JSONL = "results.jsonl"
@@ -273,18 +274,8 @@ def row_dir(results_dir: str, row: str) -> str:
     return os.path.join(results_dir, RUNS_DIR, row)
 
 
-def find_run(out_dir: str) -> Optional[str]:
-    """The newest experiment folder under a row's ``--outDir``, or None.
-
-    Experiment folders are those holding ``FLAGS.txt``; they are named after
-    their UTC start time, so the newest has the greatest name.
-    """
-    found = []
-    for parent, dirs, files in os.walk(out_dir):
-        if experiment.FLAGS_FILE in files:
-            found.append((os.path.basename(parent), parent))
-            dirs[:] = []  # checkpoints/ and logs/ hold no runs
-    return max(found)[1] if found else None
+# The newest experiment folder under a row's --outDir, or None (the row's run).
+find_run = run_folder.newest_run
 
 
 def run_status(model_dir: Optional[str]) -> Optional[str]:
@@ -295,20 +286,12 @@ def run_status(model_dir: Optional[str]) -> Optional[str]:
 
 def read_record(out_dir: str) -> Dict:
     """The sweep's record of a row (``runs/<row>/sweep_row.json``), {} when absent."""
-    try:
-        with open(os.path.join(out_dir, ROW_RECORD), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return run_folder.read_json(os.path.join(out_dir, ROW_RECORD)) or {}
 
 
 def _write_record(out_dir: str, record: Mapping):
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, ROW_RECORD)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    run_folder.write_json(os.path.join(out_dir, ROW_RECORD), record)
 
 
 def gpu_names() -> List[str]:
@@ -408,14 +391,6 @@ def last_error(lines: Sequence[str]) -> str:
     return "(no output)"
 
 
-def _lock_held(model_dir: str) -> bool:
-    lock = experiment.Lock(model_dir)
-    if lock.acquire():
-        lock.release()
-        return False
-    return True
-
-
 def run_sweep(sweep: Sweep, results_dir: str, bin_dir: str, extra_flags: Sequence[str] = (),
               only: Optional[Iterable[str]] = None, echo: bool = False, dry_run: bool = False,
               print_fn: Callable[[str], None] = print) -> List[Dict]:
@@ -477,7 +452,7 @@ def run_sweep(sweep: Sweep, results_dir: str, bin_dir: str, extra_flags: Sequenc
         if dry_run:
             print_fn(f"{label}: {' '.join(cmd)}")
             continue
-        if model_dir and run_status(model_dir) == experiment.RUNNING and _lock_held(model_dir):
+        if model_dir and run_status(model_dir) == experiment.RUNNING and lock_held(model_dir):
             # Starting now would train the row twice, in a new folder.
             print_fn(f"{label}: failed: another process is training in {model_dir}")
             continue

@@ -6,6 +6,8 @@ Modules:
     its arguments.
   flags: the absl flags of ``bin/train.py`` / ``bin/adapt.py``, their conversion
     into a RunConfig, and the one-line errors naming a flag.
+  run_folder: what every run folder (training, search, sweep) shares: atomic writes,
+    ``FLAGS.txt``, ``report.txt``, the lock, finding an unfinished or the newest run.
   experiment: experiment folders, ``FLAGS.txt``, ``report.txt``, ``metrics.json``, resuming,
     :func:`~wa_tf.training.experiment.read_flags` and
     :func:`~wa_tf.training.experiment.load_model`.

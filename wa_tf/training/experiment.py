@@ -19,27 +19,35 @@ while ``metrics.json`` says ``"status": "running"``; re-running the same
 command (same flags apart from :data:`RUNTIME_FLAGS`) finds the newest
 unfinished folder whose lock is free and resumes there.
 
+The files are written with :mod:`~wa_tf.training.run_folder`'s primitives
+(atomic writes, the lock, the search for an unfinished folder), which search
+and sweep share.
+
 This module also composes what goes into ``report.txt`` and ``metrics.json``
 (:func:`new_report`, :func:`initial_metrics`, :func:`add_epoch`,
 :func:`results_text`); :mod:`~wa_tf.training.train_lib` decides when.
 """
 
 import datetime
-import fcntl
-import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import flags as absl_flags
 
 from wa_tf.training import flags as wa_flags
+from wa_tf.training import run_folder
 from wa_tf.training.config import RunConfig
 from wa_tf.training.errors import ArgumentError
 
-FLAGS_FILE = "FLAGS.txt"
-REPORT_FILE = "report.txt"
+# The run-folder primitives, under the names this module has always offered.
+from wa_tf.training.run_folder import FLAGS_FILE as FLAGS_FILE
+from wa_tf.training.run_folder import LOCK_FILE as LOCK_FILE
+from wa_tf.training.run_folder import REPORT_FILE as REPORT_FILE
+from wa_tf.training.run_folder import Lock as Lock
+from wa_tf.training.run_folder import append_report as append_report
+from wa_tf.training.run_folder import flags_to_lines as flags_to_lines
+
 METRICS_FILE = "metrics.json"
-LOCK_FILE = ".lock"
 LOG_DIR = "logs"
 CHECKPOINT_DIR = "checkpoints"
 BACKUP_DIR = "backup"
@@ -108,30 +116,7 @@ def create(config: RunConfig, model_name: str, now: Optional[datetime.datetime] 
     A folder that exists already (two runs started in the same second) is
     never reused: a ``_2``, ``_3``... suffix is added instead.
     """
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    base = os.path.join(parent_dir(config, model_name), now.strftime("%Y_%m_%d_%H_%M_%S"))
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    path, suffix = base, 1
-    while True:
-        try:
-            os.mkdir(path)  # atomic: fails if the folder exists
-            return path
-        except FileExistsError:
-            suffix += 1
-            path = f"{base}_{suffix}"
-
-
-def flags_to_lines(config: Mapping) -> List[str]:
-    """absl flagfile lines for `config` (None values are left out)."""
-    lines = []
-    for name, value in config.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            lines.append(f"--{name}" if value else f"--no{name}")
-        else:
-            lines.append(f"--{name}={value}")
-    return lines
+    return run_folder.create(parent_dir(config, model_name), now)
 
 
 def _flag_dict(config: Union[RunConfig, Mapping]) -> Mapping:
@@ -145,8 +130,7 @@ def write_flags(model_dir: str, config: Union[RunConfig, Mapping]):
       model_dir: The experiment folder.
       config: The run's config, or its flag dict (flag name -> value).
     """
-    _write_atomic(os.path.join(model_dir, FLAGS_FILE),
-                  "\n".join(flags_to_lines(_flag_dict(config))) + "\n")
+    run_folder.write_flags(model_dir, _flag_dict(config))
 
 
 def read_flags(model_dir: str) -> Dict:
@@ -197,66 +181,14 @@ def same_command(a: Union[RunConfig, Mapping], b: Union[RunConfig, Mapping]) -> 
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _write_atomic(path: str, text: str):
-    # A reader (or a resumed run after SIGKILL) sees the old or the new file, never half.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_metrics(model_dir: str, metrics: Mapping):
     """Writes ``metrics.json`` atomically."""
-    _write_atomic(os.path.join(model_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
+    run_folder.write_json(os.path.join(model_dir, METRICS_FILE), metrics)
 
 
 def read_metrics(model_dir: str) -> Optional[Dict]:
     """``metrics.json`` of `model_dir`, or None when absent or unreadable."""
-    try:
-        with open(os.path.join(model_dir, METRICS_FILE), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def append_report(model_dir: str, text: str):
-    """Appends `text` (and a newline) to ``report.txt``."""
-    with open(os.path.join(model_dir, REPORT_FILE), "a", encoding="utf-8") as f:
-        f.write(text.rstrip("\n") + "\n")
-
-
-class Lock:
-    """An exclusive ``flock`` on ``<model_dir>/.lock``, held while training there.
-
-    The kernel releases it when the process dies (SIGKILL included), so a free
-    lock on an unfinished folder means nobody is training in it.
-    """
-
-    def __init__(self, model_dir: str):
-        self.path = os.path.join(model_dir, LOCK_FILE)
-        self._file = None
-
-    def acquire(self) -> bool:
-        """Takes the lock without waiting; False if another process holds it."""
-        f = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            return False
-        self._file = f
-        return True
-
-    def release(self, remove: bool = False):
-        """Releases the lock; `remove` also deletes the lock file (finished runs)."""
-        if self._file is not None:
-            if remove:
-                os.remove(self.path)
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+    return run_folder.read_json(os.path.join(model_dir, METRICS_FILE))
 
 
 def find_unfinished(config: RunConfig, model_name: str) -> Tuple[Optional[str], Optional[Lock]]:
@@ -265,23 +197,17 @@ def find_unfinished(config: RunConfig, model_name: str) -> Tuple[Optional[str], 
     Returns:
       (folder, held lock), or (None, None) when there is none.
     """
-    parent = parent_dir(config, model_name)
-    if not os.path.isdir(parent):
-        return None, None
-    for name in sorted(os.listdir(parent), reverse=True):
-        path = os.path.join(parent, name)
+
+    def matches(path):
         metrics = read_metrics(path)
         if metrics is None or metrics.get("status") != RUNNING:
-            continue
+            return False
         try:
-            if not same_command(read_flags(path), config):
-                continue
-        except ArgumentError:
-            continue
-        lock = Lock(path)
-        if lock.acquire():
-            return path, lock
-    return None, None
+            return same_command(read_flags(path), config)
+        except ArgumentError:  # no or an invalid FLAGS.txt: not a run of this command
+            return False
+
+    return run_folder.find_unfinished(parent_dir(config, model_name), matches)
 
 
 def architecture_file(model_dir: Optional[str], config: RunConfig) -> str:
