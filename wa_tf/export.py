@@ -169,8 +169,8 @@ def export_saved_model(model: tf_keras.Model, path: str,
     # Traced and saved while every Winograd layer reads its precomputed U, with
     # TensorFlow's own ops only (no wa_tf.kernels) unless asked: it then loads anywhere.
     with contextlib.ExitStack() as stack:
-        if not fused_kernels:
-            stack.enter_context(kernels.disabled())
+        stack.enter_context(kernels.saved_with_kernels() if fused_kernels
+                            else kernels.disabled())
         for layer, u in zip(winograd_layers, module.winograd_weights):
             stack.enter_context(unwrap(layer).frozen_winograd_weights(u))
         tf.saved_model.save(module, path, signatures=signatures)

@@ -27,25 +27,26 @@ runs with the same inputs give the same bits.
 
 from wa_tf.kernels import gradients  # noqa: F401  (registers the ops' gradients)
 from wa_tf.kernels.dispatch import (
-                                    available,
-                                    build_error,
-                                    disabled,
-                                    load_if_built,
-                                    unavailable_reason,
-                                    usable,
+    available,
+    build_error,
+    disabled,
+    load_if_built,
+    saved_with_kernels,
+    unavailable_reason,
+    usable,
 )
 from wa_tf.kernels.library import build, cache_dir, failure_path, library_path, target
 from wa_tf.kernels.ops import (
-                                    fake_quant,
-                                    from_codes,
-                                    min_max,
-                                    quantize,
-                                    tile_transform,
-                                    tile_transform_adjoint,
-                                    tile_transform_adjoint_backprop,
-                                    tile_transform_adjoint_codes,
-                                    tile_transform_backprop,
-                                    tile_transform_weight_grad,
+    fake_quant,
+    from_codes,
+    min_max,
+    quantize,
+    tile_transform,
+    tile_transform_adjoint,
+    tile_transform_adjoint_backprop,
+    tile_transform_adjoint_codes,
+    tile_transform_backprop,
+    tile_transform_weight_grad,
 )
 
 MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m + r - 1 <= 16
@@ -53,7 +54,7 @@ MAX_TRANSFORM_SIZE = 16  # the kernels' largest transform (p, q): F(m, r) with m
 __all__ = [
     "MAX_TRANSFORM_SIZE", "available", "build", "build_error", "cache_dir", "disabled",
     "failure_path", "fake_quant", "from_codes", "library_path", "load_if_built", "min_max",
-    "quantize", "target", "tile_transform", "tile_transform_adjoint",
+    "quantize", "saved_with_kernels", "target", "tile_transform", "tile_transform_adjoint",
     "tile_transform_adjoint_backprop", "tile_transform_adjoint_codes",
     "tile_transform_backprop", "tile_transform_weight_grad", "unavailable_reason", "usable",
 ]

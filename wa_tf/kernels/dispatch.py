@@ -15,7 +15,7 @@ The kernels are not used:
 - inside an XLA-compiled function (``jit_compile=True``), which cannot run custom ops;
 - while a SavedModel is being written (``model.save()``, ``tf.saved_model.save``):
   the saved graphs then hold TensorFlow's own ops only and load where this
-  library is absent.
+  library is absent (unless within :func:`saved_with_kernels`).
 """
 
 import contextlib
@@ -40,8 +40,8 @@ _DTYPES = (tf.float32, tf.float64)
 plain = tf.autograph.experimental.do_not_convert
 
 _lock = threading.Lock()  # the library's loading
-_switch_lock = threading.Lock()  # disabled()'s count
-_state = {"library": None, "tried": False, "error": None, "disabled": 0}
+_switch_lock = threading.Lock()  # the counts of disabled() and saved_with_kernels()
+_state = {"library": None, "tried": False, "error": None, "disabled": 0, "saved_with": 0}
 
 
 def _load():
@@ -131,8 +131,9 @@ def _in_xla_context():
 
 @plain
 def _saving():
-    """Whether a SavedModel is being written (its graphs must load without this library)."""
-    return _save_context is not None and _save_context.in_save_context()
+    """Whether a SavedModel is being written that must load without this library."""
+    return (_save_context is not None and _save_context.in_save_context()
+            and not _state["saved_with"])
 
 
 @plain
@@ -161,6 +162,23 @@ def disabled():
     finally:
         with _switch_lock:
             _state["disabled"] -= 1
+
+
+@contextlib.contextmanager
+def saved_with_kernels():
+    """Within the context, SavedModels written keep the kernels' ops (:func:`usable` holds).
+
+    Such a SavedModel loads only where this library is loaded first
+    (``tf.load_op_library``, or ``import wa_tf``): ``wa_tf.export``'s
+    ``fused_kernels=True``.
+    """
+    with _switch_lock:
+        _state["saved_with"] += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _state["saved_with"] -= 1
 
 
 def build_error():
