@@ -14,20 +14,11 @@ Example (the reference's):
   bin/adapt.py --modelDir experiments/ResNet18Like/mult_0.5/bits_8/lr_0.001/<time> \
       --flex --F 4 --epochs 20 --Q --bits 8
 """
-from absl import app
-
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf.training import flags as wa_flags
 from wa_tf.training import train_lib
 
 wa_flags.define_flags()
 
-
-def main(argv):
-    if len(argv) > 1:
-        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    wa_flags.run_main(train_lib.adapt, "adapt")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=wa_flags.parse_argv)
+    wa_flags.start(train_lib.adapt, "adapt")

@@ -12,14 +12,15 @@ The error report (table, PNG plot, JSON) is explained in docs/export_evaluate.md
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cli, error_report, evaluate
+from wa_tf import cli, error_report, evaluate, flag_errors
 from wa_tf.training import flags as wa_flags
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)
+wa_flags.define_common_flags("use_cpu")
 flags.DEFINE_string("split", "test", "Split to evaluate: test or validation.")
 flags.DEFINE_string("savedmodel", None, "Evaluate this SavedModel (bin/export.py) instead of "
                     "the checkpoint; the dataset comes from --modelDir.")
@@ -29,15 +30,13 @@ flags.DEFINE_integer("error_images", 256, "Images of --split fed to the error re
 flags.DEFINE_string("report_dir", None, "Where the error report goes (error_report.txt, .png, "
                     ".json); default: <modelDir>/error_report.")
 FLAGS = flags.FLAGS
-
-
-def main(argv):
-    if len(argv) > 1:
-        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.run_cli(_evaluate)
+# Library argument -> flag (wa_tf.flag_errors): the run's (cli.FLAG_NAMES), and
+# wa_tf.evaluate's split and wa_tf.export.load_serving's savedmodel.
+FLAG_NAMES = dict(cli.FLAG_NAMES, split="split", savedmodel="savedmodel")
 
 
 def _evaluate():
+    wa_flags.apply_use_cpu()  # first: before TensorFlow initialises its devices
     if FLAGS.split not in evaluate.SPLITS:
         raise ValueError(f"--split must be one of {', '.join(evaluate.SPLITS)}; "
                          f"got {FLAGS.split!r}")
@@ -74,4 +73,5 @@ def _error_report(model, dataset):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=wa_flags.parse_argv)
+    # Bad input, and a missing optional package (matplotlib), is one error line.
+    flag_errors.start(_evaluate, FLAG_NAMES, bad_input=(ValueError, ImportError))

@@ -13,11 +13,10 @@ file of every quantized Winograd-aware layer (see docs/export_evaluate.md).
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cli
-from wa_tf.training import flags as wa_flags
+from wa_tf import cli, flag_errors
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)
@@ -31,12 +30,7 @@ flags.DEFINE_boolean("fused_kernels", False, "Serve the Winograd tile stages wit
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS
-
-
-def main(argv):
-    if len(argv) > 1:
-        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.run_cli(_export)
+FLAG_NAMES = cli.FLAG_NAMES  # library argument -> flag (wa_tf.flag_errors)
 
 
 def _export():
@@ -68,4 +62,5 @@ def _export():
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=wa_flags.parse_argv)
+    # Bad input, and a missing optional package (matplotlib), is one error line.
+    flag_errors.start(_export, FLAG_NAMES, bad_input=(ValueError, ImportError))

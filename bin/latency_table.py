@@ -18,15 +18,16 @@ measured: the table derives them from its FP32 entries (``derive_bits``).
 """
 import os
 
-from absl import app, flags
+from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cost
+from wa_tf import cost, flag_errors
 from wa_tf.training import flags as wa_flags
 
 flags.DEFINE_float("mult", 0.5, "Width multiplier of the model's residual stages, in (0, 1].")
 flags.DEFINE_integer("image_size", 32, "Height and width of the model's input images.")
-flags.DEFINE_integer("batch_size", 8, "Batch size timed besides batch 1.")
+wa_flags.define_common_flags("batch_size", defaults={"batch_size": 8},
+                             notes={"batch_size": "timed besides batch 1"})
 flags.DEFINE_integer("repeats", 20, "Timed calls per configuration (the median is kept).")
 flags.DEFINE_list("candidates", list(cost.CANDIDATE_NAMES),
                   f"Candidates to time, of {', '.join(cost.CANDIDATE_NAMES)}.")
@@ -38,6 +39,8 @@ flags.DEFINE_string("device", None, "Device description stored in the table (def
                     "CPU model and TensorFlow version).")
 flags.DEFINE_string("output", cost.DEFAULT_TABLE, "JSON file to write.")
 FLAGS = flags.FLAGS
+# Library argument -> flag (wa_tf.flag_errors); _validate's own messages name the flags.
+FLAG_NAMES = {"width_multiplier": "mult", "repeats": "repeats"}
 
 
 def _validate():
@@ -71,13 +74,8 @@ def _machine_lines():
         return [f"cpu: {cpu_model()}, {os.cpu_count()} cores"]
 
 
-def main(argv):
-    if len(argv) > 1:
-        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        _validate()
-    except ValueError as e:
-        wa_flags.fail(str(e).splitlines()[0])
+def main():
+    _validate()
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     from wa_tf import latency  # pylint: disable=import-outside-toplevel
@@ -102,4 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=wa_flags.parse_argv)
+    flag_errors.start(main, FLAG_NAMES)

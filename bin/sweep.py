@@ -22,11 +22,11 @@ blocked, 2 for a bad sweep file or flag.
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
+from wa_tf import flag_errors
 from wa_tf import sweep as sweep_lib
-from wa_tf.training import flags as wa_flags
 
 flags.DEFINE_string("config", None, "Sweep file (JSON): the rows to run.")
 flags.DEFINE_string("results_dir", None, "Results folder (default: results/<sweep name>).")
@@ -43,22 +43,18 @@ FLAGS = flags.FLAGS
 BIN_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def main(argv):
-    extra = argv[1:]  # the flags after `--`
+def main(extra):
+    """`extra`: the flags after `--`, given to every row."""
     if not FLAGS.config:
-        wa_flags.fail("--config is required: a sweep file such as "
-                      "configs/sweeps/cifar10_proxy.json")
-    try:
-        sweep = sweep_lib.load_sweep(FLAGS.config)
-        results_dir = FLAGS.results_dir or os.path.join("results", sweep.name)
-        if FLAGS.summarize_only:
-            results = sweep_lib.summarize(sweep, results_dir)
-        else:
-            results = sweep_lib.run_sweep(sweep, results_dir, BIN_DIR, extra_flags=extra,
-                                          only=FLAGS.rows, echo=FLAGS.echo,
-                                          dry_run=FLAGS.dry_run)
-    except ValueError as e:
-        wa_flags.fail(str(e).splitlines()[0])
+        raise ValueError("--config is required: a sweep file such as "
+                         "configs/sweeps/cifar10_proxy.json")
+    sweep = sweep_lib.load_sweep(FLAGS.config)
+    results_dir = FLAGS.results_dir or os.path.join("results", sweep.name)
+    if FLAGS.summarize_only:
+        results = sweep_lib.summarize(sweep, results_dir)
+    else:
+        results = sweep_lib.run_sweep(sweep, results_dir, BIN_DIR, extra_flags=extra,
+                                      only=FLAGS.rows, echo=FLAGS.echo, dry_run=FLAGS.dry_run)
     if FLAGS.dry_run:
         return
     print(f"Results: {os.path.join(results_dir, sweep_lib.RESULTS_MD)}")
@@ -72,4 +68,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=wa_flags.parse_argv)
+    # The sweep's messages name the sweep file or a row; no library argument is a flag.
+    flag_errors.start(main, arguments=True)

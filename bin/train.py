@@ -11,20 +11,11 @@ Examples (the reference's):
 
 Re-running an interrupted command resumes it (see docs/training.md).
 """
-from absl import app
-
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
 from wa_tf.training import flags as wa_flags
 from wa_tf.training import train_lib
 
 wa_flags.define_flags()
 
-
-def main(argv):
-    if len(argv) > 1:
-        wa_flags.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    wa_flags.run_main(train_lib.run, "train")
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=wa_flags.parse_argv)
+    wa_flags.start(train_lib.run, "train")

@@ -2,39 +2,39 @@
 
 Both binaries name a training run with ``--modelDir`` and ``--checkpoint``, may
 override its ``--data_dir`` and ``--batch_size``, and report bad input as one
-``error:`` line.  The library functions they call raise ``ValueError``s about
-their own arguments; the functions here name the flag that set the argument.
+``error:`` line through :mod:`wa_tf.flag_errors`.  The library functions they
+call raise ``ValueError``s about their own arguments; :data:`FLAG_NAMES` says
+which flag sets each, and the functions here name the flag that set the argument.
 """
 
-import copy
-import re
-from typing import Callable
+from typing import Mapping
 
-from absl import flags, logging
+from absl import flags
 
-# A message that starts with the name of the argument it is about ("checkpoint: ...").
-_SUBJECT = re.compile(r"(--)?\w+: ")
+from wa_tf import flag_errors
+
+# Library argument -> flag of these binaries (see wa_tf.flag_errors.flag_message):
+# experiment.read_flags / load_model name the run's folder and checkpoint
+# model_dir and checkpoint, wa_tf.data names data_dir and batch_size.
+FLAG_NAMES: Mapping[str, str] = {"model_dir": "modelDir", "checkpoint": "checkpoint",
+                                 "data_dir": "data_dir", "batch_size": "batch_size"}
 
 
 def define_run_flags(flag_values=None):
     """Defines --modelDir, --checkpoint, --data_dir and --batch_size.
 
-    --data_dir and --batch_size are the training binaries' own flags
-    (:mod:`wa_tf.training.flags`); here they override the run's values.
+    --data_dir and --batch_size are the binaries' common flags
+    (:func:`wa_tf.training.flags.define_common_flags`); here they override the
+    run's values.
     """
     from wa_tf.training import flags as wa_flags  # pylint: disable=import-outside-toplevel
     fv = flags.FLAGS if flag_values is None else flag_values
-    training = flags.FlagValues()
-    wa_flags.define_flags(training)
-    helps = {
-        "modelDir": "Experiment folder of a bin/train.py or bin/adapt.py run.",
-        "data_dir": training["data_dir"].help + " When given, overrides the run's.",
-        "batch_size": "Batch size; when given, overrides the run's.",
-    }
-    for name, help_text in helps.items():
-        flag = copy.deepcopy(training[name])
-        flag.help = help_text
-        flags.DEFINE_flag(flag, flag_values=fv)
+    flags.DEFINE_string("modelDir", None, "Experiment folder of a bin/train.py or "
+                        "bin/adapt.py run.", flag_values=fv)
+    overrides = "when given, overrides the run's"
+    wa_flags.define_common_flags("data_dir", "batch_size", flag_values=fv,
+                                 defaults={"batch_size": None},
+                                 notes={"data_dir": overrides, "batch_size": overrides})
     flags.DEFINE_string("checkpoint", "best", "Checkpoint of the run: best (best validation "
                         "accuracy), final, or a checkpoint path prefix.", flag_values=fv)
 
@@ -42,12 +42,12 @@ def define_run_flags(flag_values=None):
 def flag_error(flag: str, error: Exception) -> ValueError:
     """A library error about the argument ``flag`` sets, as one line naming ``flag``.
 
-    A message that starts with the library's own name for the argument
-    (``"checkpoint: no checkpoint ..."``) has that name replaced by the flag.
+    The message is :func:`wa_tf.flag_errors.flag_message`'s with
+    :data:`FLAG_NAMES`: its arguments are spelled as these binaries' flags
+    (``"checkpoint: no checkpoint ..."`` -> ``"--checkpoint: no checkpoint ..."``),
+    and one that names no flag first gets ``flag`` as its subject.
     """
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    subject = _SUBJECT.match(message)
-    return ValueError(f"{flag}: {message[subject.end():] if subject else message}")
+    return ValueError(flag_errors.flag_message(error, FLAG_NAMES, subject=flag))
 
 
 def _run_flag_values(flag_values):
@@ -121,15 +121,3 @@ def run_normalization(model_dir: str, config: dict):
                         seed=int(config.get("seed", 1)),
                         skip_corrupt=bool(config.get("skip_corrupt", False)))
     return info.mean, info.std
-
-
-def run_cli(fn: Callable[[], object]):
-    """Runs ``fn``; bad input (ValueError, missing matplotlib) exits with one line."""
-    from wa_tf.training import flags as wa_flags  # pylint: disable=import-outside-toplevel
-    if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
-        # TensorFlow's INFO lines (SavedModel writing) would bury the results.
-        logging.set_verbosity(logging.WARNING)
-    try:
-        fn()
-    except (ValueError, ImportError) as e:
-        wa_flags.fail(str(e).splitlines()[0] if str(e) else type(e).__name__)

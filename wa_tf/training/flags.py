@@ -5,21 +5,28 @@ The reference's flags keep their names and defaults (``--use_normal_conv`` /
 ``--batch_size``, ``--lr``, ``--use_cpu``, ``--seed``, ``--outDir``,
 ``--modelDir``, ``--modelToLoad``, ``--warmup``); the others are wa_tf's.
 
+:func:`define_common_flags` defines the flags that several binaries share
+(``--use_cpu``, ``--seed``, ``--data_dir``, ``--batch_size``), once, for all of
+them.
+
 :func:`from_flags` converts the flags, once, into the typed
 :class:`~wa_tf.training.config.RunConfig` the library reads.  Bad input is
-reported as one line naming the flag: the library's
+reported as one line naming the flag, by :mod:`wa_tf.flag_errors` (the
+mechanism every binary shares): the library's
 :class:`~wa_tf.training.errors.ArgumentError` names a config field or argument,
-:func:`flag_message` spells it as its flag, and :func:`parse_argv` /
-:func:`run_main` print it (and absl's own parsing errors) as ``error: ...`` on
-stderr with a non-zero exit.
+:func:`flag_message` spells it as its flag (:data:`FLAG_NAMES`), and
+:func:`parse_argv` / :func:`run_main` / :func:`start` print it (and absl's own
+parsing errors) as ``error: ...`` on stderr with a non-zero exit.
 """
 
 import sys
 from typing import Callable, Dict, Mapping, Optional
 
-from absl import flags, logging
+from absl import flags
 
+from wa_tf import flag_errors
 from wa_tf.data import DATASETS
+from wa_tf.training import distribute
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, MODE_FLAGS, RunConfig
 from wa_tf.training.distribute import STRATEGIES
 from wa_tf.training.errors import ArgumentError
@@ -28,7 +35,61 @@ MODES = tuple(MODE_FLAGS.values())
 # Flags that adapt.py takes from --modelDir's FLAGS.txt unless given.
 FROM_MODEL_DIR = tuple(FLAG_NAMES[field] for field in FROM_SOURCE)
 
-EXIT_BAD_INPUT = 2
+# The shared one-line errors (wa_tf.flag_errors), under the names the binaries used.
+EXIT_BAD_INPUT = flag_errors.EXIT_BAD_INPUT
+fail = flag_errors.fail
+parse_argv = flag_errors.parse_argv
+
+# The flags several binaries share: name -> (definer, default, help).  A binary
+# may give its own default and add a note to the help (define_common_flags).
+COMMON_FLAGS = {
+    "use_cpu": (flags.DEFINE_boolean, False, "Run on the CPU even when GPUs are present."),
+    "seed": (flags.DEFINE_integer, 1, "Random seed."),
+    "data_dir": (flags.DEFINE_string, None, "Data folder: for image_folder, "
+                 "<split>/<class>/<image>; for cifar10/cifar100, the TFDS data directory."),
+    "batch_size": (flags.DEFINE_integer, 64, "Batch size."),
+}
+
+
+def define_common_flags(*names: str, flag_values: flags.FlagValues = flags.FLAGS,
+                        defaults: Optional[Mapping[str, object]] = None,
+                        notes: Optional[Mapping[str, str]] = None):
+    """Defines the shared flags `names` (:data:`COMMON_FLAGS`) on `flag_values`.
+
+    Every binary that has ``--use_cpu``, ``--seed``, ``--data_dir`` or
+    ``--batch_size`` defines it here, so that it is spelled and parsed the same
+    everywhere; ``--use_cpu`` hides the GPUs before TensorFlow starts
+    (:func:`wa_tf.training.distribute.hide_gpus`).
+
+    Args:
+      *names: Keys of :data:`COMMON_FLAGS`, defined in this order.
+      flag_values: Where to define them (absl's global FLAGS by default).
+      defaults: name -> this binary's default, where it differs.
+      notes: name -> what the flag means in this binary, added to the help
+        in parentheses.
+    """
+    # The flags belong to the caller's module, as if it had defined them (absl
+    # lists a module's own flags under --helpshort), as absl names modules.
+    module = sys._getframe(1).f_globals.get("__name__")  # pylint: disable=protected-access
+    module = sys.argv[0] if module == "__main__" else module
+    for name in names:
+        define, default, help_text = COMMON_FLAGS[name]
+        default = (defaults or {}).get(name, default)
+        note = (notes or {}).get(name)
+        if note:
+            help_text = f"{help_text[:-1]} ({note})."
+        define(name, default, help_text, flag_values=flag_values, module_name=module)
+
+
+def apply_use_cpu(flag_values: flags.FlagValues = flags.FLAGS):
+    """Applies ``--use_cpu`` as bin/train.py does: hides the GPUs when it is set.
+
+    For the binaries that do not train through
+    :class:`~wa_tf.training.train_lib.Runner` (which applies ``RunConfig.use_cpu``
+    the same way); call it before TensorFlow initialises its devices.
+    """
+    if flag_values["use_cpu"].value:
+        distribute.hide_gpus()
 
 
 class FlagError(ValueError):
@@ -56,15 +117,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     flags.DEFINE_float("mult", 0.5, "Width multiplier of the residual stages, in (0, 1].",
                        flag_values=fv)
     flags.DEFINE_integer("epochs", 10, "Number of epochs.", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 64, "Global batch size (split across replicas).",
-                         flag_values=fv)
+    define_common_flags("batch_size", flag_values=fv,
+                        notes={"batch_size": "global: split across replicas"})
     flags.DEFINE_float("lr", 0.001, "Initial learning rate of Adam (adapt.py: --modelDir's "
                        "unless given).", flag_values=fv)
-    flags.DEFINE_boolean("use_cpu", False, "Train on the CPU even when GPUs are present "
-                         "(adapt.py: --modelDir's unless given).", flag_values=fv)
-    flags.DEFINE_integer("seed", 1, "Random seed (weights, data order, validation split; "
-                         "adapt.py: --modelDir's unless given, and always --modelDir's "
-                         "validation split).", flag_values=fv)
+    define_common_flags("use_cpu", "seed", flag_values=fv, notes={
+        "use_cpu": "adapt.py: --modelDir's unless given",
+        "seed": "weights, data order, validation split; adapt.py: --modelDir's unless "
+                "given, and always --modelDir's validation split"})
     flags.DEFINE_string("outDir", "experiments/", "Folder that receives the experiment "
                         "folders (adapt.py: --modelDir's unless given).", flag_values=fv)
     flags.DEFINE_string("modelDir", None, "adapt.py: experiment folder of the model to start "
@@ -75,8 +135,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
     # wa_tf's flags.
     flags.DEFINE_string("dataset", "cifar10", f"Dataset: {', '.join(DATASETS)}.",
                         flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "image_folder: folder with <split>/<class>/<image>; "
-                        "cifar10/cifar100: the TFDS data directory.", flag_values=fv)
+    define_common_flags("data_dir", flag_values=fv)
     flags.DEFINE_integer("steps_per_epoch", None, "Train at most this many steps per epoch "
                          "(quick runs); default: the whole training split.", flag_values=fv)
     flags.DEFINE_boolean("per_tap", False, "With --Q: one quantization range per Winograd tap "
@@ -118,8 +177,10 @@ def as_dict(flag_values: flags.FlagValues = flags.FLAGS) -> Dict:
     return {name: flag_values[name].value for name in flag_names(flag_values)}
 
 
-def flag_message(error: ArgumentError, names: Optional[Mapping[str, str]] = None) -> str:
+def flag_message(error: ValueError, names: Optional[Mapping[str, str]] = None) -> str:
     """`error`'s message with each argument spelled as its flag (``tile_size`` -> ``--F``).
+
+    :func:`wa_tf.flag_errors.flag_message` with the training binaries' names.
 
     Args:
       error: An error of the library.
@@ -127,8 +188,7 @@ def flag_message(error: ArgumentError, names: Optional[Mapping[str, str]] = None
         :data:`~wa_tf.training.config.FLAG_NAMES` (another binary's flags);
         other arguments keep their own name.
     """
-    spelling = dict(FLAG_NAMES, **(names or {}))
-    return error.message(lambda argument: "--" + spelling.get(argument, argument))
+    return flag_errors.flag_message(error, dict(FLAG_NAMES, **(names or {})))
 
 
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS, program: str = "train") -> RunConfig:
@@ -159,40 +219,29 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS, program: str = "trai
         raise FlagError(flag_message(e)) from None
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT):
-    """Prints one ``error:`` line on stderr and exits with `code`."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def parse_argv(argv, flag_values: flags.FlagValues = flags.FLAGS):
-    """absl ``flags_parser`` for ``app.run``: one-line errors instead of absl's usage text."""
-    try:
-        return flag_values(argv)
-    except flags.Error as e:
-        fail(str(e).splitlines()[0])
+def _errors():
+    """flag_errors.run's options for bin/train.py and bin/adapt.py."""
+    from wa_tf.training.train_lib import TrainingStopped  # pylint: disable=import-outside-toplevel
+    # Only the library's ArgumentError is bad input: another ValueError raised
+    # while training is a bug, and keeps its traceback.
+    return dict(bad_input=(FlagError, ArgumentError), failed=(TrainingStopped,))
 
 
 def run_main(fn: Callable[[RunConfig], object], program: str,
              flag_values: flags.FlagValues = flags.FLAGS):
     """Converts the flags (:func:`from_flags`) and calls ``fn(config)``.
 
-    Bad input ends the program with one ``error:`` line naming the flag: bad
-    flag values, and the library's
+    Through :func:`wa_tf.flag_errors.run`, bad input ends the program with one
+    ``error:`` line naming the flag: bad flag values, and the library's
     :class:`~wa_tf.training.errors.ArgumentError` (missing data or
     checkpoints, checkpoints that do not fit).  A run stopped on a NaN loss
     (:class:`~wa_tf.training.train_lib.TrainingStopped`) ends with one line and
     exit code 1; other exceptions keep their traceback.
     """
-    from wa_tf.training.train_lib import TrainingStopped  # pylint: disable=import-outside-toplevel
-    if "verbosity" in flag_values and not flag_values["verbosity"].present:
-        # TensorFlow's INFO lines (one per checkpoint) would bury the progress bar.
-        logging.set_verbosity(logging.WARNING)
-    try:
-        fn(from_flags(flag_values, program))
-    except FlagError as e:
-        fail(str(e).splitlines()[0])
-    except ArgumentError as e:
-        fail(flag_message(e).splitlines()[0])
-    except TrainingStopped as e:
-        fail(str(e).splitlines()[0], code=1)
+    return flag_errors.run(lambda: fn(from_flags(flag_values, program)), FLAG_NAMES,
+                           flag_values=flag_values, **_errors())
+
+
+def start(fn: Callable[[RunConfig], object], program: str):
+    """Runs bin/train.py or bin/adapt.py: parses the flags, then :func:`run_main`."""
+    flag_errors.start(lambda: fn(from_flags(flags.FLAGS, program)), FLAG_NAMES, **_errors())
