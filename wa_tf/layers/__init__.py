@@ -8,14 +8,14 @@
 """
 from wa_tf.layers.conv2d import WinogradConv2D, WinogradQuantization
 from wa_tf.layers.pipeline import (
-                                   apply_transform,
-                                   extract_tiles,
-                                   untile,
-                                   winograd_conv,
-                                   winograd_conv_transformed,
-                                   winograd_input,
-                                   winograd_output,
-                                   winograd_weights,
+    apply_transform,
+    extract_tiles,
+    untile,
+    winograd_conv,
+    winograd_conv_transformed,
+    winograd_input,
+    winograd_output,
+    winograd_weights,
 )
 
 __all__ = ["WinogradConv2D", "WinogradQuantization", "apply_transform", "extract_tiles",
