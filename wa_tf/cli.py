@@ -11,7 +11,9 @@ from typing import Mapping
 
 from absl import flags
 
-from wa_tf import flag_errors
+from wa_tf import data, flag_errors
+from wa_tf.training import experiment
+from wa_tf.training import flags as wa_flags
 
 # Library argument -> flag of these binaries (see wa_tf.flag_errors.flag_message):
 # experiment.read_flags / load_model name the run's folder and checkpoint
@@ -27,7 +29,6 @@ def define_run_flags(flag_values=None):
     (:func:`wa_tf.training.flags.define_common_flags`); here they override the
     run's values.
     """
-    from wa_tf.training import flags as wa_flags  # pylint: disable=import-outside-toplevel
     fv = flags.FLAGS if flag_values is None else flag_values
     flags.DEFINE_string("modelDir", None, "Experiment folder of a bin/train.py or "
                         "bin/adapt.py run.", flag_values=fv)
@@ -63,7 +64,6 @@ def read_run_flags(flag_values=None) -> dict:
     Raises:
       ValueError: naming --modelDir, for a missing or invalid folder.
     """
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     fv = _run_flag_values(flag_values)
     try:
         config = experiment.read_flags(fv.modelDir)
@@ -79,7 +79,6 @@ def load_run(flag_values=None):
       ValueError: naming --modelDir for a missing or invalid folder, and
         --checkpoint for a missing checkpoint or one that does not fit the model.
     """
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     fv = _run_flag_values(flag_values)
     config = read_run_flags(fv)
     # The folder is valid: what fails from here on is the checkpoint.
@@ -92,7 +91,6 @@ def load_run(flag_values=None):
 
 def run_split_seed(flag_values=None) -> int:
     """The seed of the validation split of the run named by --modelDir."""
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     fv = _run_flag_values(flag_values)
     try:
         return experiment.run_split_seed(fv.modelDir)
@@ -112,11 +110,9 @@ def run_config(config: dict, flag_values=None) -> dict:
 
 def run_normalization(model_dir: str, config: dict):
     """(mean, std) of a run's dataset: from its metrics.json, else from the data."""
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     meta = (experiment.read_metrics(model_dir) or {}).get("dataset") or {}
     if "mean" in meta and "std" in meta:
         return tuple(meta["mean"]), tuple(meta["std"])
-    from wa_tf import data  # pylint: disable=import-outside-toplevel
     _, info = data.load(config["dataset"], data_dir=config.get("data_dir") or None,
                         seed=int(config.get("seed", 1)),
                         skip_corrupt=bool(config.get("skip_corrupt", False)))

@@ -30,6 +30,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf.layers import WinogradConv2D, winograd_conv
+from wa_tf.plotting import pyplot
 from wa_tf.quantization import float_weight, input_quant_layer, unwrap
 from wa_tf.quantizers import fake_quant
 from wa_tf.tfmot_adapter import call_inputs
@@ -203,9 +204,7 @@ def plot_report(rows: Sequence[dict], path: str, title: Optional[str] = None) ->
         or the package's ``plot`` extra).
     """
     try:
-        import matplotlib  # pylint: disable=import-outside-toplevel
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+        plt = pyplot()
     except ImportError as e:
         raise ImportError("the error-report plot needs matplotlib: "
                           "pip install matplotlib (or wa_tf[plot])") from e

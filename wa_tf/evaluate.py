@@ -7,45 +7,17 @@ The Winograd error report is :mod:`wa_tf.error_report`; the command-line glue
 of ``bin/evaluate.py`` and ``bin/export.py`` is :mod:`wa_tf.cli`.
 """
 
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
-import tf_keras
+
+from wa_tf import data
+from wa_tf.export import load_serving
+from wa_tf.training import experiment
+from wa_tf.training.metrics import evaluate, keras_predict
 
 SPLITS = ("test", "validation")
-
-
-def evaluate(predict: Callable[[tf.Tensor], tf.Tensor], dataset: tf.data.Dataset) -> dict:
-    """Mean cross-entropy loss and top-1 accuracy of ``predict`` over a dataset.
-
-    Args:
-      predict: Maps a float32 image batch to logits (a Keras model in inference
-        mode, or a SavedModel signature from :func:`wa_tf.export.load_serving`).
-      dataset: Batched ``(images, labels)`` with integer labels.
-
-    Returns:
-      ``{'loss': float, 'accuracy': float, 'examples': int}``.
-
-    Raises:
-      ValueError: if the dataset is empty.
-    """
-    loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in dataset:
-        logits = tf.cast(predict(images), tf.float32)
-        labels = tf.cast(labels, tf.int64)
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        loss_sum += float(tf.reduce_sum(loss))
-        correct += int(tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == labels, tf.int64)))
-        count += int(tf.shape(labels)[0])
-    if count == 0:
-        raise ValueError("dataset is empty: nothing to evaluate")
-    return {"loss": loss_sum / count, "accuracy": correct / count, "examples": count}
-
-
-def keras_predict(model: tf_keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Inference-mode ``predict`` for :func:`evaluate`, compiled once per shape."""
-    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
 def _check_choice(name, value, allowed):
@@ -72,7 +44,6 @@ def split_dataset(flags: dict, split: str, batch_size: Optional[int] = None,
     Raises:
       ValueError: for an unknown split or one the dataset does not have.
     """
-    from wa_tf import data  # pylint: disable=import-outside-toplevel
     _check_choice("split", split, SPLITS)
     seed = int(flags.get("seed", 1))
     splits, info = data.load(flags["dataset"], data_dir=flags.get("data_dir") or None,
@@ -98,7 +69,6 @@ def evaluate_checkpoint(model_dir: str, split: str = "test", checkpoint: str = "
     Returns:
       :func:`evaluate`'s dict.
     """
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     _check_choice("split", split, SPLITS)
     model, flags = experiment.load_model(model_dir, checkpoint=checkpoint)
     dataset, _ = split_dataset(flags, split, batch_size, experiment.run_split_seed(model_dir))
@@ -119,8 +89,6 @@ def evaluate_savedmodel(path: str, model_dir: str, split: str = "test",
     Returns:
       :func:`evaluate`'s dict.
     """
-    from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     _check_choice("split", split, SPLITS)
     predict = load_serving(path)
     dataset, _ = split_dataset(experiment.read_flags(model_dir), split, batch_size,

@@ -46,11 +46,15 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import cost as cost_lib
-from wa_tf import models
+from wa_tf import data, models
 from wa_tf.choices import MAX_BITS, MIN_BITS, valid_bits
+from wa_tf.data import DATASETS
 from wa_tf.layers import winograd_conv
+from wa_tf.plotting import pyplot
+from wa_tf.quantization import copy_weights
 from wa_tf.quantizers import EMAQuantizer, fake_quant
-from wa_tf.training import run_folder
+from wa_tf.training import experiment, run_folder
+from wa_tf.training.optimizer import AdamL2
 from wa_tf.training.run_folder import REPORT_FILE, Lock
 from wa_tf.transforms import STAGES, winograd_matrices
 
@@ -487,7 +491,6 @@ class SearchConfig:
             raise ValueError(f"arch_fraction must be in (0, 1); got {self.arch_fraction}")
         if not 1 / 64 <= self.mult <= 1:
             raise ValueError(f"mult must be in (0, 1] (and at least 1/64); got {self.mult}")
-        from wa_tf.data import DATASETS  # pylint: disable=import-outside-toplevel
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; "
                              f"got {self.dataset!r}")
@@ -590,9 +593,7 @@ def _architecture_table(architecture, costs_by_layer, normal_by_layer, layers, p
 def _plot(path, history, layer_names, candidate_keys):
     """A grid of per-layer probability curves; returns False without matplotlib."""
     try:
-        import matplotlib  # pylint: disable=import-outside-toplevel
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+        plt = pyplot()
     except ImportError:
         return False
     cols = 4
@@ -621,8 +622,6 @@ class _Searcher:
     """The state of one search: supernet, optimizers, data, costs and steps."""
 
     def __init__(self, config: SearchConfig):
-        from wa_tf import data  # pylint: disable=import-outside-toplevel
-        from wa_tf.training.optimizer import AdamL2  # pylint: disable=import-outside-toplevel
         self.config = config
         tf.random.set_seed(config.seed)
         self.splits, self.info = data.load(config.dataset, data_dir=config.data_dir,
@@ -750,8 +749,6 @@ def _summaries(writer, entry):
 
 
 def _warm_start(searcher, config):
-    from wa_tf.quantization import copy_weights  # pylint: disable=import-outside-toplevel
-    from wa_tf.training import experiment  # pylint: disable=import-outside-toplevel
     source, _ = experiment.load_model(config.modelDir, config.modelToLoad)
     result = copy_weights(source, searcher.model)
     shared = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance")

@@ -45,6 +45,7 @@ from collections import deque
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from wa_tf.machine import cpu_model
+from wa_tf.plotting import pyplot
 from wa_tf.training import experiment, run_folder
 from wa_tf.training.run_folder import lock_held
 
@@ -652,9 +653,7 @@ def plot(results: Sequence[Mapping], path: str) -> bool:
       False (and writes nothing) when matplotlib is not installed.
     """
     try:
-        import matplotlib  # pylint: disable=import-outside-toplevel
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+        plt = pyplot()
     except ImportError:
         return False
     rows = list(results)

@@ -12,6 +12,10 @@ from typing import Callable, Optional, Union
 Compose = Callable[[Callable[[str], str]], str]
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early (NaN loss); the message says what was kept."""
+
+
 class ArgumentError(ValueError):
     """A bad argument value, data set or checkpoint.
 

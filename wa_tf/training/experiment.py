@@ -34,6 +34,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import flags as absl_flags
 
+from wa_tf import data, models
 from wa_tf.training import flags as wa_flags
 from wa_tf.training import run_folder
 from wa_tf.training.config import RunConfig
@@ -87,7 +88,6 @@ def out_dir_of(model_dir: str, config: RunConfig, model_name: Optional[str] = No
         default the reference's name for `config`.
     """
     if model_name is None:
-        from wa_tf import models  # pylint: disable=import-outside-toplevel
         model_name = (models.architecture_name(architecture_file(model_dir, config))
                       if config.architecture else models.model_name(config.conv,
                                                                     config.tile_size))
@@ -226,7 +226,6 @@ def build_model(config: Union[RunConfig, Mapping], num_classes: int, input_shape
     With an architecture, the copy in `model_dir` (when given and present)
     is used: the file named on the command line may have changed since.
     """
-    from wa_tf import models  # pylint: disable=import-outside-toplevel
     config = RunConfig.of(config)
     if config.architecture:
         return models.resnet18_like(
@@ -284,7 +283,6 @@ def dataset_meta(model_dir: str, config: Union[RunConfig, Mapping]) -> Dict:
     meta = metrics.get("dataset")
     if meta and "num_classes" in meta and "image_shape" in meta:
         return meta
-    from wa_tf import data  # pylint: disable=import-outside-toplevel
     config = RunConfig.of(config)
     _, info = data.load(config.dataset, data_dir=config.data_dir, seed=config.seed,
                         skip_corrupt=config.skip_corrupt)

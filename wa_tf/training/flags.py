@@ -29,7 +29,7 @@ from wa_tf.data import DATASETS
 from wa_tf.training import distribute
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, MODE_FLAGS, RunConfig
 from wa_tf.training.distribute import STRATEGIES
-from wa_tf.training.errors import ArgumentError
+from wa_tf.training.errors import ArgumentError, TrainingStopped
 
 MODES = tuple(MODE_FLAGS.values())
 # Flags that adapt.py takes from --modelDir's FLAGS.txt unless given.
@@ -221,7 +221,6 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS, program: str = "trai
 
 def _errors():
     """flag_errors.run's options for bin/train.py and bin/adapt.py."""
-    from wa_tf.training.train_lib import TrainingStopped  # pylint: disable=import-outside-toplevel
     # Only the library's ArgumentError is bad input: another ValueError raised
     # while training is a bug, and keeps its traceback.
     return dict(bad_input=(FlagError, ArgumentError), failed=(TrainingStopped,))
@@ -235,7 +234,7 @@ def run_main(fn: Callable[[RunConfig], object], program: str,
     ``error:`` line naming the flag: bad flag values, and the library's
     :class:`~wa_tf.training.errors.ArgumentError` (missing data or
     checkpoints, checkpoints that do not fit).  A run stopped on a NaN loss
-    (:class:`~wa_tf.training.train_lib.TrainingStopped`) ends with one line and
+    (:class:`~wa_tf.training.errors.TrainingStopped`) ends with one line and
     exit code 1; other exceptions keep their traceback.
     """
     return flag_errors.run(lambda: fn(from_flags(flag_values, program)), FLAG_NAMES,

@@ -41,10 +41,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from wa_tf import quantization
+from wa_tf import architecture, data, models, quantization
 from wa_tf.training import distribute, experiment
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, RunConfig
-from wa_tf.training.errors import ArgumentError
+from wa_tf.training.errors import ArgumentError, TrainingStopped
+from wa_tf.training.metrics import evaluate, keras_predict
 from wa_tf.training.optimizer import WEIGHT_DECAY, AdamL2
 
 LR_DECAY = 0.1
@@ -54,10 +55,6 @@ LR_MILESTONES = (3 / 5, 4 / 5)
 _EPOCH_SEED_STRIDE = 1000
 # Config fields an adapted run must share with its source run (the architecture).
 FIXED_BY_SOURCE = ("width_multiplier", "dataset")
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped early (NaN loss); the message says what was kept."""
 
 
 def lr_milestones(epochs: int) -> List[float]:
@@ -93,7 +90,6 @@ def compile_model(model: tf_keras.Model, lr: float, jit_compile: bool = False,
 def distributed_dataset(strategy: tf.distribute.Strategy, split: tf.data.Dataset,
                         global_batch: int, info, training: bool, seed: int):
     """`split` batched by :func:`wa_tf.data.pipeline` and distributed over replicas."""
-    from wa_tf import data  # pylint: disable=import-outside-toplevel
 
     def dataset_fn(context):
         return data.pipeline(split, context.get_per_replica_batch_size(global_batch), info,
@@ -274,7 +270,6 @@ class Runner:
         return strategy
 
     def _build_data(self):
-        from wa_tf import data  # pylint: disable=import-outside-toplevel
         config = self.config
         try:
             return data.load(config.dataset, data_dir=config.data_dir, seed=self.split_seed,
@@ -338,7 +333,6 @@ class Runner:
           {'images': batch size, 'variables': names of the variables set}, or
           None without --warmup or --Q.
         """
-        from wa_tf import data  # pylint: disable=import-outside-toplevel
         if not (self.config.warmup and self.config.quantize):
             return None
         weights = quantization.named_weights(self.model)
@@ -387,7 +381,6 @@ class Runner:
         return metrics
 
     def _build_predict(self):
-        from wa_tf.evaluate import keras_predict  # pylint: disable=import-outside-toplevel
         return keras_predict(self.model)
 
     def _initial_metrics(self) -> Dict:
@@ -409,12 +402,10 @@ class Runner:
         return summary
 
     def _layer_table(self) -> str:
-        from wa_tf import models  # pylint: disable=import-outside-toplevel
         return models.layer_table(self.model)
 
     def _check_resumed_architecture(self):
         """A resumed run's architecture file must still describe its model."""
-        from wa_tf import architecture  # pylint: disable=import-outside-toplevel
         if not self.config.architecture:
             return
         copy = os.path.join(self.model_dir, experiment.ARCHITECTURE_FILE)
@@ -427,7 +418,6 @@ class Runner:
 
     def _write_new_folder(self):
         if self.config.architecture:
-            from wa_tf import architecture  # pylint: disable=import-outside-toplevel
             architecture.save_architecture(
                 architecture.load_architecture(self.config.architecture),
                 os.path.join(self.model_dir, experiment.ARCHITECTURE_FILE))
@@ -538,8 +528,6 @@ class Runner:
         cross-replica context: exact over every example, and no replica ever
         gets an empty batch (which oneDNN's CPU convolution mishandles).
         """
-        from wa_tf import data  # pylint: disable=import-outside-toplevel
-        from wa_tf.evaluate import evaluate  # pylint: disable=import-outside-toplevel
         if split not in self.splits:
             return None
         dataset = data.pipeline(self.splits[split], self.config.batch_size, self.info,
