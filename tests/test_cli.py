@@ -277,6 +277,7 @@ def _state(model):
     return {key: v.numpy() for key, v in quantization.named_weights(model).items()}
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_adapt_warmup_calibrates_the_ranges_the_source_lacks(source_run, tmp_path):
     """--warmup sets the Winograd-domain ranges before the first step from an inference
     pass; everything else is as without it."""
@@ -387,6 +388,7 @@ def _mixed_architecture(path, width=0.125):
     return choices
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_train_and_adapt_with_an_architecture_file(source_run, tmp_path, capsys):
     from wa_tf import architecture, export  # pylint: disable=import-outside-toplevel
     arch_path = str(tmp_path / "mixed.json")

@@ -182,6 +182,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_multi_worker_mirrored_two_local_workers(tmp_path):
     """Two worker processes on loopback ports train together; the chief writes the outputs."""
     workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]

@@ -181,6 +181,7 @@ def _run_bin(script, *args):
                           capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_export_and_evaluate_binaries(tmp_path):
     run = str(tmp_path / "run")
     _make_run(run, flex=True, F=4, mult=1 / 64)

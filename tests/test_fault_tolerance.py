@@ -34,6 +34,7 @@ def _comparable(metrics):
     return history, metrics["best"], metrics["test"]
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_sigkill_then_same_command_resumes_to_identical_metrics(tmp_path):
     uninterrupted = subprocess.run(_train_cmd(tmp_path / "a"), cwd=ROOT, capture_output=True,
                                    text=True, timeout=900)
@@ -134,38 +135,49 @@ def test_non_finite_quantizer_range_stops_with_nan_loss(tmp_path, monkeypatch, c
     _assert_stopped_by_nan_at_epoch_2(tmp_path, capsys)
 
 
+_DETERMINISM_SCRIPT = (
+    "import hashlib, sys\n"
+    "import wa_tf\n"
+    "from absl import flags\n"
+    "from tensorflow.python.framework import config\n"
+    "from wa_tf.training import flags as wa_flags, train_lib\n"
+    "values = flags.FlagValues()\n"
+    "wa_flags.define_flags(values)\n"
+    "values(sys.argv)\n"
+    "runner = train_lib.Runner(wa_flags.from_flags(values))\n"
+    "print('op determinism:', config.is_op_determinism_enabled())\n"
+    "runner.run()\n"
+    "digest = hashlib.sha256(b''.join(w.tobytes() for w in runner.model.get_weights()))\n"
+    "print('weights:', digest.hexdigest())\n")
+
+
+def _train_in_process_of_its_own(out, *flags):
+    """Trains in a fresh process (op determinism cannot be turned off again); its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DETERMINISM_SCRIPT, "--dataset=digits", "--mult=0.125",
+         "--epochs=1", "--steps_per_epoch=2", "--seed=5", f"--outDir={out}", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_deterministic_flag_enables_op_determinism(tmp_path):
     """--deterministic turns on TensorFlow's op determinism for the run and is kept in
-    FLAGS.txt (a process of its own: op determinism cannot be turned off again); two flex
-    F4 INT8 runs with one seed end with the same weights, bit for bit (the fused kernels
-    sum their threads' parts in a fixed order)."""
-    script = (
-        "import hashlib, sys\n"
-        "import wa_tf\n"
-        "from absl import flags\n"
-        "from tensorflow.python.framework import config\n"
-        "from wa_tf.training import flags as wa_flags, train_lib\n"
-        "values = flags.FlagValues()\n"
-        "wa_flags.define_flags(values)\n"
-        "values(sys.argv)\n"
-        "runner = train_lib.Runner(wa_flags.from_flags(values))\n"
-        "print('op determinism:', config.is_op_determinism_enabled())\n"
-        "runner.run()\n"
-        "digest = hashlib.sha256(b''.join(w.tobytes() for w in runner.model.get_weights()))\n"
-        "print('weights:', digest.hexdigest())\n")
-    digests = {}
-    for name, flag, expected, model in (("a", "--deterministic", True, "--flex"),
-                                        ("b", "--deterministic", True, "--flex"),
-                                        ("c", "--nodeterministic", False, "--use_normal_conv")):
-        out = tmp_path / name
-        proc = subprocess.run(
-            [sys.executable, "-c", script, model, "--F=4", "--Q", "--dataset=digits",
-             "--mult=0.125", "--epochs=1", "--steps_per_epoch=2", "--seed=5", f"--outDir={out}",
-             flag], cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"op determinism: {expected}" in proc.stdout
-        digests[name] = re.search(r"weights: (\w+)", proc.stdout).group(1)
+    FLAGS.txt."""
+    for flag, expected in (("--deterministic", True), ("--nodeterministic", False)):
+        out = tmp_path / flag
+        stdout = _train_in_process_of_its_own(out, "--use_normal_conv", flag)
+        assert f"op determinism: {expected}" in stdout
         (run,) = _runs(out)
         lines = open(os.path.join(run, "FLAGS.txt"), encoding="utf-8").read().splitlines()
         assert flag in lines
-    assert digests["a"] == digests["b"]
+
+
+@pytest.mark.slow  # two flex trainings, about two minutes on 2 cores
+def test_two_deterministic_flex_runs_end_with_the_same_weights(tmp_path):
+    """Two flex F4 INT8 runs with one seed and --deterministic end with the same weights,
+    bit for bit: the fused kernels sum their threads' parts in a fixed order."""
+    digests = [re.search(r"weights: (\w+)", _train_in_process_of_its_own(
+        tmp_path / name, "--flex", "--F=4", "--Q", "--deterministic")).group(1)
+        for name in ("a", "b")]
+    assert digests[0] == digests[1]

@@ -168,6 +168,7 @@ def _cheapest_everywhere(architecture, names, bits):
     return True
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_cli_search_end_to_end_huge_latency_weight(tmp_path):
     # At width 0.125 and FP32, F4 is cheaper than normal except on the last stage.
     names = ["normal", "F4"]

@@ -41,6 +41,7 @@ def _lines(path):
         return f.read().splitlines()
 
 
+@pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_sweep_runs_rows_then_skips_finished_rows(tmp_path):
     (tmp_path / "static_f2.flags").write_text("# a row's flagfile\n--static\n\n--F=2\n")
     config = _write(tmp_path / "tiny.json", {
