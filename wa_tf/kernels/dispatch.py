@@ -148,6 +148,17 @@ def usable(dtype):
 
 
 @contextlib.contextmanager
+def _counted(key):
+    """Raises ``_state[key]`` for the context (nesting and threads add up)."""
+    with _switch_lock:
+        _state[key] += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _state[key] -= 1
+
+
 def disabled():
     """Within the context :func:`available` is False: graphs traced meanwhile use pure TF.
 
@@ -155,16 +166,9 @@ def disabled():
     strategy trace their steps in threads of their own), until the outermost
     context exits.  A graph traced within it keeps its pure-TF ops afterwards.
     """
-    with _switch_lock:
-        _state["disabled"] += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _state["disabled"] -= 1
+    return _counted("disabled")
 
 
-@contextlib.contextmanager
 def saved_with_kernels():
     """Within the context, SavedModels written keep the kernels' ops (:func:`usable` holds).
 
@@ -172,13 +176,7 @@ def saved_with_kernels():
     (``tf.load_op_library``, or ``import wa_tf``): ``wa_tf.export``'s
     ``fused_kernels=True``.
     """
-    with _switch_lock:
-        _state["saved_with"] += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _state["saved_with"] -= 1
+    return _counted("saved_with")
 
 
 def build_error():
