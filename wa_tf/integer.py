@@ -245,6 +245,74 @@ def _fraction_bits(layer):
     return max(0, min(_MAX_FRACTION_BITS, 62 - bound.bit_length()))
 
 
+def _checked(layer):
+    return load_layer_npz(layer) if isinstance(layer, (str, os.PathLike)) else as_layer(layer)
+
+
+def input_transform(layer, x_codes) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Stage 1: the Winograd-domain input codes ``V`` of int input codes.
+
+    Args:
+      layer: A layer file's path or arrays.
+      x_codes: Integer NHWC codes of the layer's input quantizer.
+
+    Returns:
+      ``(V, (out_h, out_w))``: int64 codes (t, t, N, n_h, n_w, C) and the output size.
+    """
+    layer = _checked(layer)
+    m, r, t = layer["tile_size"], layer["kernel_size"], layer["tile_input_size"]
+    b_t = layer["B_t_codes"].astype(np.int64)
+    d, out_size = _tiles(np.asarray(x_codes, np.int64), m, r, layer["padding"])
+    # B_t d B_t^T in int64, requantised per tap.
+    acc = np.einsum("ai,bj,ij...->ab...", b_t, b_t, d, optimize=True)
+    mult = (layer["B_t_scale"].astype(np.float64) ** 2
+            * layer["input_scale"].astype(np.float64) / _per_tap(layer["input_winograd_scale"], t))
+    return requantize(acc, mult[:, :, None, None, None, None],
+                      layer["input_winograd_bits"]), out_size
+
+
+def hadamard(layer, v) -> np.ndarray:
+    """Stage 2: the element-wise stage's codes ``M`` (t, t, N, n_h, n_w, K) of ``V``.
+
+    Summed over input channels: t*t integer GEMMs with ``U_codes``.
+    """
+    layer = _checked(layer)
+    t = layer["tile_input_size"]
+    v = np.asarray(v, np.int64)
+    u = layer["U_codes"].astype(np.int64)
+    acc = np.matmul(v.reshape(t, t, -1, v.shape[-1]), u).reshape(v.shape[:-1] + u.shape[-1:])
+    s_m = _per_tap(layer["hadamard_scale"], t)
+    mult = _per_tap(layer["input_winograd_scale"], t) * _per_tap(
+        layer["weights_winograd_scale"], t) / s_m
+    return requantize(acc, mult[:, :, None, None, None, None], layer["hadamard_bits"])
+
+
+def output_transform(layer, mm, out_size) -> np.ndarray:
+    """Stage 3: the output codes (N, H', W', K) of ``M``, cropped to ``out_size``.
+
+    With fixed-point tap weights when per tap (exact when per tensor), plus
+    the bias, requantised with the output scale.
+    """
+    layer = _checked(layer)
+    m, t = layer["tile_size"], layer["tile_input_size"]
+    a_t = layer["A_t_codes"].astype(np.int64)
+    s_m = _per_tap(layer["hadamard_scale"], t)
+    frac = _fraction_bits(layer)
+    s_ref = s_m.max()
+    weights = np.rint(s_m / s_ref * 2.0 ** frac).astype(np.int64)
+    acc = np.einsum("ia,jb,ab...->ij...", a_t, a_t,
+                    np.asarray(mm, np.int64) * weights[:, :, None, None, None, None],
+                    optimize=True)
+    # (m, m, N, n_h, n_w, K) -> (N, n_h*m, n_w*m, K), cropped.
+    n, n_h, n_w, k = acc.shape[2:]
+    acc = np.transpose(acc, (2, 3, 0, 4, 1, 5)).reshape(n, n_h * m, n_w * m, k)
+    acc = acc[:, :out_size[0], :out_size[1]]
+    s_y = layer["A_t_scale"].astype(np.float64) ** 2 * s_ref * 2.0 ** -frac
+    if "bias" in layer:
+        acc = acc + layer["bias"].astype(np.float64) / s_y
+    return requantize(acc, s_y / layer["output_scale"].astype(np.float64), layer["output_bits"])
+
+
 def run_layer_codes(layer, x) -> Tuple[np.ndarray, np.float32]:
     """Runs one layer file on float input in integer arithmetic.
 
@@ -257,44 +325,15 @@ def run_layer_codes(layer, x) -> Tuple[np.ndarray, np.float32]:
       ``(codes, scale)``: int64 output codes (N, H', W', K) of the output
       quantizer and its scale.
     """
-    layer = load_layer_npz(layer) if isinstance(layer, (str, os.PathLike)) else as_layer(layer)
+    layer = _checked(layer)
     x = np.asarray(x)
-    m, r, t = layer["tile_size"], layer["kernel_size"], layer["tile_input_size"]
     if x.ndim != 4 or x.shape[-1] != layer["in_channels"]:
         raise ValueError(f"x must be NHWC with {layer['in_channels']} channels, got shape "
                          f"{x.shape}")
-    f64 = np.float64
-    s = {tensor: layer[f"{tensor}_scale"].astype(f64) for tensor in TENSORS}
-    bits = {tensor: layer[f"{tensor}_bits"] for tensor in TENSORS}
-    b_t, a_t = (layer[f"{k}_codes"].astype(np.int64) for k in ("B_t", "A_t"))
-    u = layer["U_codes"].astype(np.int64)
-
-    x_q = quantize(x, layer["input_scale"], bits["input"])
-    d, (out_h, out_w) = _tiles(x_q, m, r, layer["padding"])  # (t, t, N, n_h, n_w, C)
-    # Input transform: B_t d B_t^T in int64, requantised per tap.
-    acc = np.einsum("ai,bj,ij...->ab...", b_t, b_t, d, optimize=True)
-    s_v = _per_tap(s["input_winograd"], t)
-    v = requantize(acc, (s["B_t"] ** 2 * s["input"] / s_v)[:, :, None, None, None, None],
-                   bits["input_winograd"])
-    # Element-wise stage summed over input channels: t*t integer GEMMs.
-    acc = np.matmul(v.reshape(t, t, -1, v.shape[-1]), u).reshape(v.shape[:-1] + u.shape[-1:])
-    s_m = _per_tap(s["hadamard"], t)
-    mult = s_v * _per_tap(s["weights_winograd"], t) / s_m
-    mm = requantize(acc, mult[:, :, None, None, None, None], bits["hadamard"])
-    # Output transform with fixed-point tap weights (exact when per tensor).
-    frac = _fraction_bits(layer)
-    s_ref = s_m.max()
-    weights = np.rint(s_m / s_ref * 2.0 ** frac).astype(np.int64)
-    acc = np.einsum("ia,jb,ab...->ij...", a_t, a_t, mm * weights[:, :, None, None, None, None],
-                    optimize=True)
-    # (m, m, N, n_h, n_w, K) -> (N, n_h*m, n_w*m, K), cropped.
-    n, n_h, n_w, k = acc.shape[2:]
-    acc = np.transpose(acc, (2, 3, 0, 4, 1, 5)).reshape(n, n_h * m, n_w * m, k)
-    acc = acc[:, :out_h, :out_w]
-    s_y = s["A_t"] ** 2 * s_ref * 2.0 ** -frac
-    if "bias" in layer:
-        acc = acc + layer["bias"].astype(f64) / s_y
-    return requantize(acc, s_y / s["output"], bits["output"]), layer["output_scale"]
+    x_q = quantize(x, layer["input_scale"], layer["input_bits"])
+    v, out_size = input_transform(layer, x_q)
+    codes = output_transform(layer, hadamard(layer, v), out_size)
+    return codes, layer["output_scale"]
 
 
 def run_layer(layer, x) -> np.ndarray:
