@@ -38,8 +38,15 @@ def _ema_scale(quantizer, variables, what):
     return quantizer.num_bits, integer.scale_from_range(range_, quantizer.num_bits)
 
 
-def _quantizer_scale(quantizer, variables, value, what):
-    """Bits and float32 scale a wa_tf quantizer applies at inference."""
+def quantizer_scale(quantizer, variables, value, what):
+    """Bits and float32 scale a wa_tf quantizer applies at inference.
+
+    Args:
+      quantizer, variables: A weight quantizer and its state (from
+        :func:`wa_tf.tfmot_adapter.weight_quantizers`).
+      value: The weight it quantizes (MaxAbsQuantizer scales by its extreme).
+      what: The weight's name, for errors.
+    """
     if isinstance(quantizer, EMAQuantizer):
         return _ema_scale(quantizer, variables, what)
     if isinstance(quantizer, MaxAbsQuantizer):
@@ -49,8 +56,8 @@ def _quantizer_scale(quantizer, variables, value, what):
                      "only EMAQuantizer and MaxAbsQuantizer can be exported")
 
 
-def _output_scale(wrapper, what):
-    """Bits and float32 scale of a wrapper's output quantizer."""
+def output_scale(wrapper, what):
+    """Bits and float32 scale of a wrapper's output quantizer (``what`` names it in errors)."""
     quantizer = output_quantizer(wrapper)
     if quantizer is None:
         raise ValueError(f"layer {wrapper.layer.name!r} has no output quantizer")
@@ -116,7 +123,7 @@ def _layer_fields(wrapper) -> dict:
     """:func:`wa_tf.integer.encode_layer`'s arguments for a wrapped layer, but ``u``."""
     layer = wrapper.layer
     bits, scales = {}, {}
-    bits["input"], scales["input"] = _output_scale(_input_quantizer(wrapper), "input")
+    bits["input"], scales["input"] = output_scale(_input_quantizer(wrapper), "input")
     values = {}
     quantized = {weight_name(w): (w, q, v) for w, q, v in weight_quantizers(wrapper)}
     for name in ("kernel", "A_t", "B_t", "G"):
@@ -128,11 +135,11 @@ def _layer_fields(wrapper) -> dict:
         else:
             raise ValueError(f"the {name} of layer {layer.name!r} is not quantized")
         values[name] = np.asarray(weight.numpy(), np.float32)
-        bits[name], scales[name] = _quantizer_scale(quantizer, variables, values[name], name)
+        bits[name], scales[name] = quantizer_scale(quantizer, variables, values[name], name)
     for stage in STAGES:
         quantizer, variables = layer.stage_quantizers[stage]
         bits[stage], scales[stage] = _ema_scale(quantizer, variables, stage)
-    bits["output"], scales["output"] = _output_scale(wrapper, "output")
+    bits["output"], scales["output"] = output_scale(wrapper, "output")
     bias = float_weight(wrapper, "bias").numpy() if layer.use_bias else None
     return dict(name=layer.name, tile_size=layer.tile_size, kernel_size=layer.kernel_size[0],
                 padding=layer.padding, flex=layer.flex,

@@ -52,8 +52,20 @@ def call_inputs(model, layer):
     Raises:
       ValueError: if ``layer`` is not called in ``model``.
     """
+    return call_node(model, layer).input_tensors
+
+
+def call_node(model, layer):
+    """The Keras node of ``layer``'s call inside the functional ``model``.
+
+    Its ``input_tensors`` and ``output_tensors`` are the call's own, unlike
+    ``layer.input`` / ``layer.output`` for a layer shared between models.
+
+    Raises:
+      ValueError: if ``layer`` is not called in ``model``.
+    """
     network = model._network_nodes  # pylint: disable=protected-access
     for index, node in enumerate(inbound_nodes(layer)):
         if f"{layer.name}_ib-{index}" in network:
-            return node.input_tensors
+            return node
     raise ValueError(f"layer {layer.name!r} is not called in model {model.name!r}")
