@@ -1,0 +1,1 @@
+"""Deployment: SavedModel, integer layer files and LiteRT models."""
