@@ -5,6 +5,8 @@
   bin/evaluate.py --modelDir experiments/ResNet18LikeF4/Flex/mult_0.5/bits_8/lr_0.001/<time>
   # an exported SavedModel on the validation split (dataset from --modelDir)
   bin/evaluate.py --modelDir DIR --savedmodel exported/f4_flex_int8 --split validation
+  # a LiteRT file (bin/export.py --litert), and its top-1 agreement with the run's model
+  bin/evaluate.py --modelDir DIR --litert exported/f4_flex_int8.tflite
   # per-layer error of every Winograd-aware layer against a float convolution
   bin/evaluate.py --modelDir DIR --error_report [--report_dir DIR/error_report]
 
@@ -24,6 +26,10 @@ wa_flags.define_common_flags("use_cpu")
 flags.DEFINE_string("split", "test", "Split to evaluate: test or validation.")
 flags.DEFINE_string("savedmodel", None, "Evaluate this SavedModel (bin/export.py) instead of "
                     "the checkpoint; the dataset comes from --modelDir.")
+flags.DEFINE_string("litert", None, "Evaluate this LiteRT .tflite file (bin/export.py "
+                    "--litert) instead of the checkpoint, and report how often its top-1 "
+                    "class agrees with the run's own model on the same images.")
+flags.DEFINE_integer("litert_threads", 2, "Interpreter threads for --litert.")
 flags.DEFINE_boolean("error_report", False, "Also report each Winograd-aware layer's output "
                      "error against a float convolution (uses the checkpoint).")
 flags.DEFINE_integer("error_images", 256, "Images of --split fed to the error report.")
@@ -42,7 +48,12 @@ def _evaluate():
                          f"got {FLAGS.split!r}")
     if FLAGS.error_images < 1:
         raise ValueError(f"--error_images must be a positive integer; got {FLAGS.error_images}")
-    # The Keras model is rebuilt only when it is evaluated or analysed.
+    if FLAGS.savedmodel and FLAGS.litert:
+        raise ValueError("give --savedmodel or --litert, not both")
+    if FLAGS.litert_threads < 1:
+        raise ValueError(f"--litert_threads must be a positive integer; got "
+                         f"{FLAGS.litert_threads}")
+    # The Keras model is rebuilt only when it is evaluated, compared with or analysed.
     model = None
     if FLAGS.savedmodel and not FLAGS.error_report:
         config = cli.read_run_flags()
@@ -50,17 +61,30 @@ def _evaluate():
         model, config = cli.load_run()
     dataset, _ = evaluate.split_dataset(config, FLAGS.split,
                                          split_seed=cli.run_split_seed())
-    if FLAGS.savedmodel:
+    if FLAGS.litert:
+        _evaluate_litert(model, config, dataset)
+    elif FLAGS.savedmodel:
         from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
         source, predict = f"SavedModel {FLAGS.savedmodel}", load_serving(FLAGS.savedmodel)
     else:
         source, predict = f"{model.name}, checkpoint {FLAGS.checkpoint}", \
             evaluate.keras_predict(model)
-    result = evaluate.evaluate(predict, dataset)
-    print(f"{source} on {FLAGS.split}: accuracy {result['accuracy']:.4f}, "
-          f"loss {result['loss']:.4f} ({result['examples']} examples)")
+    if not FLAGS.litert:
+        result = evaluate.evaluate(predict, dataset)
+        print(f"{source} on {FLAGS.split}: accuracy {result['accuracy']:.4f}, "
+              f"loss {result['loss']:.4f} ({result['examples']} examples)")
     if FLAGS.error_report:
         _error_report(model, dataset)
+
+
+def _evaluate_litert(model, config, dataset):
+    normalization = cli.run_normalization(FLAGS.modelDir, config)
+    result = evaluate.evaluate_litert(FLAGS.litert, dataset, normalization,
+                                      reference=evaluate.keras_predict(model),
+                                      threads=FLAGS.litert_threads)
+    print(f"LiteRT {FLAGS.litert} on {FLAGS.split}: accuracy {result['accuracy']:.4f}, "
+          f"loss {result['loss']:.4f} ({result['examples']} examples); top-1 agreement with "
+          f"{model.name} (checkpoint {FLAGS.checkpoint}): {result['agreement']:.4f}")
 
 
 def _error_report(model, dataset):

@@ -10,6 +10,13 @@ Signatures: ``serving_default`` takes float32 images normalised as in training;
 ``serving_raw`` (unless --noraw_signature) takes uint8 0-255 images and applies
 the dataset's normalisation first.  --npz_dir also writes the integer deployment
 file of every quantized Winograd-aware layer (see docs/export_evaluate.md).
+
+--litert writes a LiteRT model (alone, or with --export_dir): an integer model
+of a quantized run, from its own learned ranges and transforms (int8 from the
+uint8 images to the logits, builtin operators only), a float32 model of a float
+run (see docs/deploy.md):
+
+  bin/export.py --modelDir DIR --litert exported/f4_flex_int8.tflite
 """
 import os
 
@@ -27,25 +34,45 @@ flags.DEFINE_boolean("raw_signature", True, "Add the 'serving_raw' signature (ui
 flags.DEFINE_boolean("fused_kernels", False, "Serve the Winograd tile stages with wa_tf's fused "
                      "CPU kernels (faster on CPUs); loading the SavedModel then needs their "
                      "library first: import wa_tf, or tf.load_op_library(<path printed>).")
+flags.DEFINE_string("litert", None, "Also (or only) write this LiteRT .tflite file: integer "
+                    "for a quantized run, float32 otherwise; it takes uint8 0-255 images.")
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS
 FLAG_NAMES = cli.FLAG_NAMES  # library argument -> flag (wa_tf.flag_errors)
 
 
+def _check_outputs():
+    if not FLAGS.export_dir and not FLAGS.litert:
+        raise ValueError("--export_dir (the SavedModel's output folder) or --litert (a .tflite "
+                         "file) is required")
+    if FLAGS.export_dir and os.path.exists(FLAGS.export_dir) and (
+            not os.path.isdir(FLAGS.export_dir) or os.listdir(FLAGS.export_dir)):
+        raise ValueError(f"--export_dir: {FLAGS.export_dir} exists and is not an empty folder")
+    if FLAGS.litert and (os.path.isdir(FLAGS.litert) or not FLAGS.litert.endswith(".tflite")):
+        raise ValueError(f"--litert must name a .tflite file; got {FLAGS.litert!r}")
+    if FLAGS.litert and os.path.exists(FLAGS.litert):
+        raise ValueError(f"--litert: {FLAGS.litert} exists; remove it or name another file")
+
+
 def _export():
     from wa_tf import export, integer_export  # pylint: disable=import-outside-toplevel
-    if not FLAGS.export_dir:
-        raise ValueError("--export_dir is required: the SavedModel's output folder")
-    if os.path.exists(FLAGS.export_dir) and (not os.path.isdir(FLAGS.export_dir)
-                                             or os.listdir(FLAGS.export_dir)):
-        raise ValueError(f"--export_dir: {FLAGS.export_dir} exists and is not an empty folder")
+    from wa_tf.deploy import litert  # pylint: disable=import-outside-toplevel
+    _check_outputs()
     if FLAGS.fused_kernels:
         from wa_tf import kernels  # pylint: disable=import-outside-toplevel
         reason = kernels.unavailable_reason()
         if reason:
             raise ValueError(f"--fused_kernels: the fused kernels cannot run here: {reason}")
     model, config = cli.load_run()
+    if FLAGS.litert:  # first: a model LiteRT cannot express stops before anything is written
+        info = litert.export_litert(model, FLAGS.litert,
+                                    cli.run_normalization(FLAGS.modelDir, config))
+        kind = "integer (int8)" if info["integer"] else "float32"
+        print(f"LiteRT model: {FLAGS.litert} ({kind}, {info['bytes'] / 2**20:.2f} MiB; uint8 "
+              f"images in, float32 logits out; operators: {', '.join(info['operators'])})")
+    if not FLAGS.export_dir:
+        return
     normalization = cli.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \
         else None
     export.export_saved_model(model, FLAGS.export_dir, raw_normalization=normalization,

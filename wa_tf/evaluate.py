@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from wa_tf import data
+from wa_tf.deploy import litert
 from wa_tf.export import load_serving
 from wa_tf.training import experiment
 from wa_tf.training.metrics import evaluate, keras_predict
@@ -94,6 +95,46 @@ def evaluate_savedmodel(path: str, model_dir: str, split: str = "test",
     dataset, _ = split_dataset(experiment.read_flags(model_dir), split, batch_size,
                                experiment.run_split_seed(model_dir))
     return evaluate(predict, dataset)
+
+
+def evaluate_litert(path: str, dataset: tf.data.Dataset, normalization=None, reference=None,
+                    threads: int = 2) -> dict:
+    """Accuracy and loss of a LiteRT file on a dataset, and its agreement with a reference.
+
+    Args:
+      path: A ``.tflite`` file from :func:`wa_tf.deploy.litert.export_litert`.
+      dataset: Batched ``(images, labels)``, images normalised as in training.
+      normalization: The ``(mean, std)`` the file normalises with, when it takes
+        uint8 images (the dataset's images are turned back into them).
+      reference: Optional ``predict`` (float images -> logits), e.g.
+        :func:`keras_predict` of the run's own model: the result then has
+        ``agreement``, the fraction of images whose top-1 class both give.
+      threads: Interpreter threads.
+
+    Returns:
+      :func:`evaluate`'s dict, plus ``agreement`` with a reference.
+    """
+    runner = litert.interpreter(path, threads)
+    takes_raw = litert.input_details(runner)["dtype"] == np.uint8
+    if takes_raw and normalization is None:
+        raise ValueError(f"{path} takes uint8 images: give the normalization to recover them")
+    same, count = 0, 0
+
+    def predict(images):
+        nonlocal same, count
+        images = images.numpy()
+        logits = litert.predict(runner, litert.raw_images(images, normalization)
+                                if takes_raw else images)
+        if reference is not None:
+            expected = np.asarray(reference(tf.constant(images)))
+            same += int(np.sum(np.argmax(expected, -1) == np.argmax(logits, -1)))
+            count += len(images)
+        return tf.constant(logits)
+
+    result = evaluate(predict, dataset)
+    if reference is not None:
+        result["agreement"] = same / max(count, 1)
+    return result
 
 
 def take_images(dataset: tf.data.Dataset, count: int) -> np.ndarray:
