@@ -412,7 +412,7 @@ def test_min_max_nan_as_tensorflow():
 
 @pytest.mark.parametrize("axis", [None, 0])
 def test_ema_quantizer_uses_the_fused_min_max_with_the_same_state(axis):
-    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    from wa_tf.quantization import quantizers  # pylint: disable=import-outside-toplevel
     x = tf.random.stateless_normal((9, 300, 16), seed=(4, 2)) * 3
 
     def run():
@@ -435,7 +435,7 @@ def test_ema_quantizer_uses_the_fused_min_max_with_the_same_state(axis):
 
 
 def test_quantizers_use_the_fused_fake_quant_with_the_same_values():
-    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    from wa_tf.quantization import quantizers  # pylint: disable=import-outside-toplevel
     x = tf.random.stateless_normal((9, 40, 16), seed=(2, 9)) * 3
     ranges = tf.random.stateless_uniform((9, 1, 1), seed=(2, 8), minval=0.5, maxval=4.0)
 
@@ -461,7 +461,7 @@ def test_quantizers_use_the_fused_fake_quant_with_the_same_values():
 @pytest.mark.parametrize("quantized", [None, "per_tensor", "per_tap"])
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[1], GEOMETRIES[3]])
 def test_weight_grad_matches_the_product_with_v(geometry, quantized):
-    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    from wa_tf.quantization import quantizers  # pylint: disable=import-outside-toplevel
     shape, mat_shape, stride, pad_top, pad_left, n_h, n_w = geometry
     rng = np.random.default_rng(11)
     x = tf.constant(rng.normal(size=shape))

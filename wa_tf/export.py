@@ -49,7 +49,7 @@ import tf_keras
 from wa_tf import kernels
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import inference_weight, unwrap
-from wa_tf.tfmot_adapter import is_quantize_wrapper
+from wa_tf.quantization.tfmot_adapter import is_quantize_wrapper
 
 DEFAULT_SIGNATURE = "serving_default"
 RAW_SIGNATURE = "serving_raw"

@@ -12,7 +12,7 @@ with per-tap ranges, on about 4e-5 of the outputs of trained layers (the others
 within one output step); at 16 bits the round-off is comparable to a step and
 agreement is only statistical.  This module needs numpy only.
 
-Quantization convention (:func:`wa_tf.quantizers.fake_quant`): a tensor ``x``
+Quantization convention (:func:`wa_tf.quantization.quantizers.fake_quant`): a tensor ``x``
 with scale ``s`` and bit-width ``b`` has codes
 ``q = clip(round_half_even(x / s), -2^(b-1), 2^(b-1) - 1)`` and value ``q * s``.
 
@@ -88,7 +88,7 @@ def qrange(bits: int) -> Tuple[int, int]:
 
 
 def scale_from_range(range_, bits: int) -> np.ndarray:
-    """The float32 scale :func:`wa_tf.quantizers.fake_quant` derives from a range.
+    """The float32 scale :func:`wa_tf.quantization.quantizers.fake_quant` derives from a range.
 
     Computed in float32 as the quantizer does in a TensorFlow graph (a
     ``tf.function``, ``model.fit`` / ``predict``, a SavedModel), where the

@@ -24,8 +24,12 @@ from wa_tf.quantization import (
     input_quant_layer,
     weight_name,
 )
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
-from wa_tf.tfmot_adapter import is_quantize_wrapper, output_quantizer, weight_quantizers
+from wa_tf.quantization.quantizers import EMAQuantizer, MaxAbsQuantizer
+from wa_tf.quantization.tfmot_adapter import (
+    is_quantize_wrapper,
+    output_quantizer,
+    weight_quantizers,
+)
 from wa_tf.transforms import STAGES
 
 

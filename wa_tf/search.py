@@ -52,7 +52,7 @@ from wa_tf.data import DATASETS
 from wa_tf.layers import winograd_conv
 from wa_tf.plotting import pyplot
 from wa_tf.quantization import copy_weights
-from wa_tf.quantizers import EMAQuantizer, fake_quant
+from wa_tf.quantization.quantizers import EMAQuantizer, fake_quant
 from wa_tf.training import experiment, run_folder
 from wa_tf.training.optimizer import AdamL2
 from wa_tf.training.run_folder import REPORT_FILE, Lock
@@ -91,7 +91,7 @@ class MixedConv2D(tf_keras.layers.Layer):
     (one logit per candidate); per Winograd candidate ``<slug>_A_t``,
     ``<slug>_B_t``, ``<slug>_G`` (trainable, initialised to the Cook-Toom
     transforms); per quantized candidate the state of its
-    :class:`~wa_tf.quantizers.EMAQuantizer` s, ``<slug>_<tensor>_min`` ...,
+    :class:`~wa_tf.quantization.quantizers.EMAQuantizer` s, ``<slug>_<tensor>_min`` ...,
     for its input, kernel, transforms, Winograd stages and output (as
     ``wa_tf.quantization.quantize_model`` quantizes a layer); and ``path``.
 

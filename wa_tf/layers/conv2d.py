@@ -46,7 +46,7 @@ class WinogradQuantization:
 
     The layer quantizes the Winograd-domain weights and input, the
     element-wise stage (:data:`STAGES`, each with an
-    :class:`~wa_tf.quantizers.EMAQuantizer`) and static transforms.  Its
+    :class:`~wa_tf.quantization.quantizers.EMAQuantizer`) and static transforms.  Its
     config form is the dict ``{'bits': b, 'per_tap': p, 'warmup': w}``.
 
     Attributes:
