@@ -370,7 +370,7 @@ def test_corrupt_image_is_named_in_one_line_or_skipped(tmp_path, capsys):
 
 def _mixed_architecture(path, width=0.125):
     """normal / static F2 / flex F4 / flex F6 layers with 8, 16 and float bits."""
-    from wa_tf import architecture  # pylint: disable=import-outside-toplevel
+    from wa_tf.models import architecture  # pylint: disable=import-outside-toplevel
     layers = models.searchable_layers(width, (32, 32, 3))
     choices = {}
     for i, layer in enumerate(layers):
@@ -390,7 +390,8 @@ def _mixed_architecture(path, width=0.125):
 
 @pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_train_and_adapt_with_an_architecture_file(source_run, tmp_path, capsys):
-    from wa_tf import architecture, export  # pylint: disable=import-outside-toplevel
+    from wa_tf import export  # pylint: disable=import-outside-toplevel
+    from wa_tf.models import architecture  # pylint: disable=import-outside-toplevel
     arch_path = str(tmp_path / "mixed.json")
     choices = _mixed_architecture(arch_path)
     out = tmp_path / "out"

@@ -33,7 +33,6 @@ The table format is described in :class:`TableCost`.
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-from wa_tf.architecture import load_architecture
 from wa_tf.choices import CONV_MODES
 from wa_tf.cost.analytic import (
     FP32_BYTES,
@@ -67,6 +66,7 @@ from wa_tf.cost.table import (
     validate_table,
     write_table,
 )
+from wa_tf.models.architecture import load_architecture
 
 
 def get_cost_model(source: str = "analytic", table: Optional[str] = None,

@@ -41,7 +41,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from wa_tf import architecture, data, models, quantization
+from wa_tf import data, models, quantization
+from wa_tf.models import architecture
 from wa_tf.training import distribute, experiment
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, RunConfig
 from wa_tf.training.errors import ArgumentError, TrainingStopped
