@@ -16,7 +16,7 @@ import os
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cli, flag_errors
+from wa_tf.training import cli, flag_errors
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)
@@ -30,11 +30,11 @@ flags.DEFINE_boolean("fused_kernels", False, "Serve the Winograd tile stages wit
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS
-FLAG_NAMES = cli.FLAG_NAMES  # library argument -> flag (wa_tf.flag_errors)
+FLAG_NAMES = cli.FLAG_NAMES  # library argument -> flag (wa_tf.training.flag_errors)
 
 
 def _export():
-    from wa_tf import export, integer_export  # pylint: disable=import-outside-toplevel
+    from wa_tf.deploy import export, integer_export  # pylint: disable=import-outside-toplevel
     if not FLAGS.export_dir:
         raise ValueError("--export_dir is required: the SavedModel's output folder")
     if os.path.exists(FLAGS.export_dir) and (not os.path.isdir(FLAGS.export_dir)

@@ -21,7 +21,8 @@ import os
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cost, flag_errors
+from wa_tf import cost
+from wa_tf.training import flag_errors
 from wa_tf.training import flags as wa_flags
 
 flags.DEFINE_float("mult", 0.5, "Width multiplier of the model's residual stages, in (0, 1].")
@@ -39,7 +40,7 @@ flags.DEFINE_string("device", None, "Device description stored in the table (def
                     "CPU model and TensorFlow version).")
 flags.DEFINE_string("output", cost.DEFAULT_TABLE, "JSON file to write.")
 FLAGS = flags.FLAGS
-# Library argument -> flag (wa_tf.flag_errors); _validate's own messages name the flags.
+# Library argument -> flag (wa_tf.training.flag_errors); _validate's own messages name the flags.
 FLAG_NAMES = {"width_multiplier": "mult", "repeats": "repeats"}
 
 

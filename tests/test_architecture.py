@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import tf_keras
 
-from wa_tf import error_report, export, integer, integer_export, models, quantization
+from wa_tf import models, quantization
+from wa_tf.deploy import export, integer, integer_export
+from wa_tf.evaluation import error_report
 from wa_tf.layers import WinogradConv2D
 from wa_tf.models import architecture as arch_lib
 

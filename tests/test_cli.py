@@ -10,7 +10,7 @@ import tf_keras
 from absl import flags as absl_flags
 
 from wa_tf import data, models, quantization
-from wa_tf.evaluate import evaluate_checkpoint
+from wa_tf.evaluation.evaluate import evaluate_checkpoint
 from wa_tf.training import experiment, train_lib
 from wa_tf.training import flags as wa_flags
 from wa_tf.training.config import RunConfig
@@ -390,7 +390,7 @@ def _mixed_architecture(path, width=0.125):
 
 @pytest.mark.slow  # end to end, over a minute on 2 cores
 def test_train_and_adapt_with_an_architecture_file(source_run, tmp_path, capsys):
-    from wa_tf import export  # pylint: disable=import-outside-toplevel
+    from wa_tf.deploy import export  # pylint: disable=import-outside-toplevel
     from wa_tf.models import architecture  # pylint: disable=import-outside-toplevel
     arch_path = str(tmp_path / "mixed.json")
     choices = _mixed_architecture(arch_path)

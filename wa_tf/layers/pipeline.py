@@ -280,7 +280,7 @@ def winograd_conv_transformed(x, u, a_t, b_t, tile_size: int, padding: str = "sa
     """:func:`winograd_conv` from Winograd-domain weights ``U`` computed beforehand.
 
     The inference pipeline once ``U = G g G^T`` is known (as in an exported
-    model, :func:`wa_tf.export.export_saved_model`): input transform, the
+    model, :func:`wa_tf.deploy.export.export_saved_model`): input transform, the
     element-wise stage and the output transform only.
 
     Args:

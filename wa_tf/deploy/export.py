@@ -91,7 +91,7 @@ def _frozen_winograd_weights(layers) -> List[tf.Variable]:
     quantization agree with the model's own to the last bit.  (A kernel
     quantizer in warm-up mode that has no statistics yet, i.e. a model adapted
     but never trained, is read as :func:`~wa_tf.quantization.inference_weight`
-    reads it, with scale 1, as :mod:`wa_tf.integer_export` does.)
+    reads it, with scale 1, as :mod:`wa_tf.deploy.integer_export` does.)
     """
     @tf.function
     def compute():

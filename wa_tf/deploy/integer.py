@@ -2,7 +2,7 @@
 
 A trained, quantized :class:`~wa_tf.layers.WinogradConv2D` is written per layer
 to an ``.npz`` file that an integer Winograd kernel can consume
-(:mod:`wa_tf.integer_export` writes it from a TF-MOT-quantized model), and
+(:mod:`wa_tf.deploy.integer_export` writes it from a TF-MOT-quantized model), and
 :func:`run_layer` runs that file in integer arithmetic with numpy: the integer
 pipeline.  It computes the fake-quantized layer's inference exactly; the model
 itself computes in float32, so where an intermediate value lies within float32
@@ -201,7 +201,7 @@ def as_layer(arrays: Dict, source: str = "arrays") -> Dict:
     """The file's arrays with scalars as Python ints, bools and strings.
 
     Accepts the arrays of :func:`encode_layer` (or
-    :func:`wa_tf.integer_export.layer_arrays`) or an already converted dict.
+    :func:`wa_tf.deploy.integer_export.layer_arrays`) or an already converted dict.
 
     Raises:
       ValueError: if ``arrays`` is not a ``wa_tf.winograd_layer/1`` layer.
