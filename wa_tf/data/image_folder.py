@@ -28,7 +28,6 @@ _FOLDER_SPLITS = {"train": "train", "validation": "validation", "val": "validati
                   "test": "test"}
 # Number of training images whose pixels estimate the normalisation statistics.
 _STATS_SAMPLE = 2048
-# Shuffle buffers hold at most this many bytes of images (the whole of CIFAR).
 
 
 def _list_split(split_dir, class_index):

@@ -160,7 +160,8 @@ def encode_layer(name: str, tile_size: int, kernel_size: int, padding: str, flex
             _code_dtype(b))
     if bias is not None:
         arrays["bias"] = np.asarray(bias, np.float32)
-    # U_codes after the scalars, as the file has always been written.
+    # U_codes after the scalars: the order of the arrays in every .npz, so files stay
+    # byte-identical.
     scale, b = arrays["weights_winograd_scale"], int(bits["weights_winograd"])
     c, k = kernel.shape[2:]
     codes = quantize(np.asarray(u, np.float32).reshape(t, t, c, k),
