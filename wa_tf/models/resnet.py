@@ -155,10 +155,10 @@ def searchable_layers(width_multiplier: float = 0.5,
             height, width = height // 2, width // 2
         prefix = f"layer{stage}.{block}"
         tiles = _stage_tile_sizes(stage)
-        layers.append(SearchableLayer(f"{prefix}.conv1", stage, (height, width, in_channels),
-                                      channels, tiles))
-        layers.append(SearchableLayer(f"{prefix}.conv2", stage, (height, width, channels),
-                                      channels, tiles))
+        layers.append(SearchableLayer(height, width, in_channels, channels, 3,
+                                      name=f"{prefix}.conv1", tile_sizes=tiles, stage=stage))
+        layers.append(SearchableLayer(height, width, channels, channels, 3,
+                                      name=f"{prefix}.conv2", tile_sizes=tiles, stage=stage))
     return layers
 
 

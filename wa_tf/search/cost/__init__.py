@@ -119,9 +119,7 @@ def searchable_layers(width_multiplier: float = 0.5,
     Returns:
       One :class:`LayerSpec` per layer, named, with its input shape.
     """
-    return [LayerSpec(*layer.input_shape, layer.filters, 3, name=layer.name,
-                      tile_sizes=tuple(layer.tile_sizes))
-            for layer in models.searchable_layers(width_multiplier, tuple(input_shape))]
+    return models.searchable_layers(width_multiplier, tuple(input_shape))
 
 
 def uniform_architecture(layers: Sequence[LayerSpec], conv: str = "normal",
