@@ -4,7 +4,7 @@
 Exports the ResNet-18-like model with normal convolutions and with flex
 Winograd F(4x4, 3x3) convolutions, FP32 and INT8 (fake-quantized, the
 quantizer ranges calibrated on two random training batches), through
-:func:`wa_tf.export.export_saved_model`, where every Winograd layer's
+:func:`wa_tf.deploy.export.export_saved_model`, where every Winograd layer's
 ``U = G g G^T`` is computed once.  A fresh process that imports TensorFlow
 alone (no wa_tf, tf_keras or TF-MOT) then loads the SavedModels with
 ``tf.saved_model.load`` and times their ``serving_default`` signature, as a
@@ -73,7 +73,8 @@ def export_models(directory, fused):
     """Exports normal and flex models, FP32 and INT8 (and flex with fused kernels); {name: path}."""
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from wa_tf import export, models  # pylint: disable=import-outside-toplevel
+    from wa_tf import models  # pylint: disable=import-outside-toplevel
+    from wa_tf.deploy import export  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(0)
     paths = {}

@@ -7,7 +7,7 @@ that a load change hits them alike), median of ``--repeats`` calls:
 1. Fake quantization, on a Winograd-domain tensor of the ResNet-18-like model's
    first stage (F4, batch 64, 32x32x32: shape (36, 4096, 32), 19 MB in float32):
    ``x * s`` (one elementwise TensorFlow pass, read and write), and
-   ``wa_tf.quantizers.fake_quant`` / ``fake_quant_codes`` with the fused kernel
+   ``wa_tf.quantization.quantizers.fake_quant`` / ``fake_quant_codes`` with the fused kernel
    and with TensorFlow's ops (``wa_tf.kernels.disabled()``).
 2. The pieces of one F(m x m, 3 x 3) layer at ``--layer`` (batch ``--batch_size``,
    C filters): ``tf.nn.conv2d`` forward, the input transform, the batched GEMM
@@ -40,7 +40,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import wa_tf  # noqa: E402,F401
-from wa_tf import kernels, layers, quantizers, transforms  # noqa: E402
+from wa_tf import kernels, layers, transforms  # noqa: E402
+from wa_tf.quantization import quantizers  # noqa: E402
 
 import common  # noqa: E402  (bench/common.py, next to this file)
 

@@ -41,10 +41,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import wa_tf  # noqa: E402,F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import architecture as arch_lib  # noqa: E402
-from wa_tf import cost as cost_lib  # noqa: E402
 from wa_tf import search as search_lib  # noqa: E402
 from wa_tf import sweep as sweep_lib  # noqa: E402
+from wa_tf.models import architecture as arch_lib  # noqa: E402
+from wa_tf.search import cost as cost_lib  # noqa: E402
 from wa_tf.training import experiment  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

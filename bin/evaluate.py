@@ -17,7 +17,8 @@ import os
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cli, error_report, evaluate, flag_errors
+from wa_tf.evaluation import error_report, evaluate
+from wa_tf.training import cli, flag_errors
 from wa_tf.training import flags as wa_flags
 
 cli.define_run_flags()
@@ -36,8 +37,8 @@ flags.DEFINE_integer("error_images", 256, "Images of --split fed to the error re
 flags.DEFINE_string("report_dir", None, "Where the error report goes (error_report.txt, .png, "
                     ".json); default: <modelDir>/error_report.")
 FLAGS = flags.FLAGS
-# Library argument -> flag (wa_tf.flag_errors): the run's (cli.FLAG_NAMES), and
-# wa_tf.evaluate's split and wa_tf.export.load_serving's savedmodel.
+# Library argument -> flag (wa_tf.training.flag_errors): the run's (cli.FLAG_NAMES), and
+# wa_tf.evaluation.evaluate's split and wa_tf.deploy.export.load_serving's savedmodel.
 FLAG_NAMES = dict(cli.FLAG_NAMES, split="split", savedmodel="savedmodel")
 
 
@@ -64,7 +65,7 @@ def _evaluate():
     if FLAGS.litert:
         _evaluate_litert(model, config, dataset)
     elif FLAGS.savedmodel:
-        from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
+        from wa_tf.deploy.export import load_serving  # pylint: disable=import-outside-toplevel
         source, predict = f"SavedModel {FLAGS.savedmodel}", load_serving(FLAGS.savedmodel)
     else:
         source, predict = f"{model.name}, checkpoint {FLAGS.checkpoint}", \

@@ -23,7 +23,7 @@ import os
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cli, flag_errors
+from wa_tf.training import cli, flag_errors
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)
@@ -39,7 +39,7 @@ flags.DEFINE_string("litert", None, "Also (or only) write this LiteRT .tflite fi
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS
-FLAG_NAMES = cli.FLAG_NAMES  # library argument -> flag (wa_tf.flag_errors)
+FLAG_NAMES = cli.FLAG_NAMES  # library argument -> flag (wa_tf.training.flag_errors)
 
 
 def _check_outputs():
@@ -56,8 +56,7 @@ def _check_outputs():
 
 
 def _export():
-    from wa_tf import export, integer_export  # pylint: disable=import-outside-toplevel
-    from wa_tf.deploy import litert  # pylint: disable=import-outside-toplevel
+    from wa_tf.deploy import export, integer_export, litert  # pylint: disable=import-outside-toplevel
     _check_outputs()
     if FLAGS.fused_kernels:
         from wa_tf import kernels  # pylint: disable=import-outside-toplevel

@@ -6,7 +6,7 @@ times each candidate of --candidates (normal, F2, F4, F6; F6 only where its
 tile fits) in its deployed FP32 form (frozen weights; Winograd with the
 weights precomputed), at batch 1 and --batch_size, and keeps the median of
 --repeats calls (the candidates of a layer timed in turns).  Prints the
-table and writes the JSON that ``--cost_model=measured`` (wa_tf.cost.TableCost)
+table and writes the JSON that ``--cost_model=measured`` (wa_tf.search.cost.TableCost)
 reads:
 
   bin/latency_table.py --mult=0.5 --batch_size=8 --output=latency_table.json
@@ -21,7 +21,8 @@ import os
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import cost, flag_errors
+from wa_tf.search import cost
+from wa_tf.training import flag_errors
 from wa_tf.training import flags as wa_flags
 
 flags.DEFINE_float("mult", 0.5, "Width multiplier of the model's residual stages, in (0, 1].")
@@ -39,7 +40,7 @@ flags.DEFINE_string("device", None, "Device description stored in the table (def
                     "CPU model and TensorFlow version).")
 flags.DEFINE_string("output", cost.DEFAULT_TABLE, "JSON file to write.")
 FLAGS = flags.FLAGS
-# Library argument -> flag (wa_tf.flag_errors); _validate's own messages name the flags.
+# Library argument -> flag (wa_tf.training.flag_errors); _validate's own messages name the flags.
 FLAG_NAMES = {"width_multiplier": "mult", "repeats": "repeats"}
 
 
@@ -78,7 +79,7 @@ def main():
     _validate()
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    from wa_tf import latency  # pylint: disable=import-outside-toplevel
+    from wa_tf.search import latency  # pylint: disable=import-outside-toplevel
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
     for line in _machine_lines():

@@ -15,7 +15,7 @@ Examples:
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import flag_errors
+from wa_tf.training import flag_errors
 from wa_tf.training import flags as wa_flags
 
 flags.DEFINE_string("candidates", "normal,F2,F4,F6", "Algorithms searched per layer: normal "
@@ -55,7 +55,7 @@ FLAGS = flags.FLAGS
 CONFIG_FLAGS = ("cost_model", "cost_batch_size", "latency_weight", "target_latency", "epochs",
                 "steps_per_epoch", "batch_size", "lr", "arch_lr", "arch_fraction", "mult",
                 "per_tap", "dataset", "data_dir", "seed", "outDir", "modelDir", "modelToLoad")
-# Library argument -> flag (wa_tf.flag_errors): SearchConfig's fields (and parse_bits')
+# Library argument -> flag (wa_tf.training.flag_errors): SearchConfig's fields (and parse_bits')
 # are the flags; the warm start's experiment.load_model names model_dir and checkpoint.
 FLAG_NAMES = dict({name: name for name in ("candidates", "bits_candidates") + CONFIG_FLAGS},
                   model_dir="modelDir", checkpoint="modelToLoad")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Runs a sweep: a named set of bin/train.py and bin/adapt.py runs, one after another.
 
-The sweep file (JSON) lists the rows; see wa_tf/sweep.py and docs/results.md.
+The sweep file (JSON) lists the rows; see wa_tf/sweep/ and docs/results.md.
 Flags after `--` are given to every row (after the row's own flags).
 
 Examples:
@@ -25,8 +25,8 @@ import sys
 from absl import flags
 
 import wa_tf  # noqa: F401  (selects tf_keras before TensorFlow loads Keras)
-from wa_tf import flag_errors
 from wa_tf import sweep as sweep_lib
+from wa_tf.training import flag_errors
 
 flags.DEFINE_string("config", None, "Sweep file (JSON): the rows to run.")
 flags.DEFINE_string("results_dir", None, "Results folder (default: results/<sweep name>).")

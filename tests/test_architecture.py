@@ -1,4 +1,4 @@
-"""Mixed architectures: wa_tf.architecture, resnet18_like(architecture=...), per-layer bits,
+"""Mixed architectures: wa_tf.models.architecture, resnet18_like(architecture=...), per-layer bits,
 and export, the integer files and the error report on a mixed model."""
 import json
 import os
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tf_keras
 
-from wa_tf import architecture as arch_lib
-from wa_tf import error_report, export, integer, integer_export, models, quantization
+from wa_tf import models, quantization
+from wa_tf.deploy import export, integer, integer_export
+from wa_tf.evaluation import error_report
 from wa_tf.layers import WinogradConv2D
+from wa_tf.models import architecture as arch_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, INPUT = 0.125, (16, 16, 3)

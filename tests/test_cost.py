@@ -1,4 +1,5 @@
-"""Tests of wa_tf.cost (analytic and table cost models), wa_tf.latency and bin/latency_table.py."""
+"""Tests of wa_tf.search.cost (analytic and table cost models), wa_tf.search.latency and
+bin/latency_table.py."""
 import json
 import os
 import subprocess
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wa_tf import cost, latency, models
-from wa_tf.cost import AnalyticCost, Candidate, LayerSpec, TableCost
+from wa_tf import models
+from wa_tf.search import cost, latency
+from wa_tf.search.cost import AnalyticCost, Candidate, LayerSpec, TableCost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORMAL, F2, F4, F6 = (Candidate.parse(n) for n in ("normal", "F2", "F4", "F6"))

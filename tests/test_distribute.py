@@ -11,8 +11,9 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-from wa_tf import models, quantization
+from wa_tf import quantization
 from wa_tf.layers import WinogradConv2D
+from wa_tf.models import resnet
 from wa_tf.training import distribute, experiment, train_lib
 from wa_tf.training import flags as wa_flags
 
@@ -56,10 +57,10 @@ def _tiny_model(bits):
     quantize_model leaves the first and last layers by default)."""
     inputs = tf_keras.Input((8, 8, 3))
     x = tf_keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem")(inputs)
-    x = models._batch_norm("bn1")(x)  # pylint: disable=protected-access
+    x = resnet._batch_norm("bn1")(x)  # pylint: disable=protected-access
     x = tf_keras.layers.ReLU(name="relu1")(x)
     x = WinogradConv2D(6, tile_size=2, flex=True, name="wa")(x)
-    x = models._batch_norm("bn2")(x)  # pylint: disable=protected-access
+    x = resnet._batch_norm("bn2")(x)  # pylint: disable=protected-access
     x = tf_keras.layers.ReLU(name="relu2")(x)
     x = tf_keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = tf_keras.layers.Dense(10, name="linear")(x)

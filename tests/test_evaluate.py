@@ -1,4 +1,5 @@
-"""Tests of wa_tf.evaluate, wa_tf.error_report, bin/evaluate.py and bin/export.py."""
+"""Tests of wa_tf.evaluation.evaluate, wa_tf.evaluation.error_report, bin/evaluate.py and
+bin/export.py."""
 import json
 import os
 import re
@@ -11,17 +12,10 @@ import tensorflow as tf
 import tf_keras
 from absl import flags as absl_flags
 
-from wa_tf import (
-    WinogradConv2D,
-    cli,
-    data,
-    error_report,
-    evaluate,
-    integer,
-    integer_export,
-    quantization,
-)
-from wa_tf.training import experiment
+from wa_tf import WinogradConv2D, data, quantization
+from wa_tf.deploy import integer, integer_export
+from wa_tf.evaluation import error_report, evaluate
+from wa_tf.training import cli, experiment
 from wa_tf.training import flags as wa_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,7 +252,7 @@ def test_export_int8_run_with_layer_files(tmp_path):
                     f"--npz_dir={layers}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     from wa_tf import kernels  # pylint: disable=import-outside-toplevel
-    from wa_tf.export import load_serving  # pylint: disable=import-outside-toplevel
+    from wa_tf.deploy.export import load_serving  # pylint: disable=import-outside-toplevel
     # The SavedModel runs TensorFlow's ops: the model's pure-TF pipeline, value for value.
     # (The fused CPU kernels round differently, and in an INT8 F4 model a code flipped near
     # a rounding tie grows through the output transform: docs/export_evaluate.md.)

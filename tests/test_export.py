@@ -1,4 +1,4 @@
-"""Tests of wa_tf.export: self-contained SavedModels of float and INT8 models."""
+"""Tests of wa_tf.deploy.export: self-contained SavedModels of float and INT8 models."""
 import json
 import os
 import subprocess
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tf_keras
 
-from wa_tf import WinogradConv2D, export, kernels, quantization
+from wa_tf import WinogradConv2D, kernels, quantization
+from wa_tf.deploy import export
 
 # Runs in a fresh interpreter that cannot import wa_tf, tf_keras or TF-MOT:
 # loads each SavedModel with TensorFlow alone and writes its outputs.

@@ -12,7 +12,7 @@ import tensorflow as tf
 from absl import flags as absl_flags
 
 from wa_tf import data, quantization
-from wa_tf.training import experiment, train_lib
+from wa_tf.training import experiment, schedule, train_lib
 from wa_tf.training import flags as wa_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
 
     def poisoned(ds, batch_size, info, training, seed=1, input_context=None):
         batches = pipeline(ds, batch_size, info, training, seed, input_context)
-        if training and seed == 1 + train_lib._EPOCH_SEED_STRIDE * nan_epoch:  # pylint: disable=protected-access
+        if training and seed == 1 + schedule.EPOCH_SEED_STRIDE * nan_epoch:
             batches = batches.map(lambda x, y: (x * np.nan, y))
         return batches
 

@@ -1,4 +1,5 @@
-"""Tests of wa_tf.flag_errors, the one-line flag errors of every binary, and the common flags."""
+"""Tests of wa_tf.training.flag_errors, the one-line flag errors of every binary, and the
+common flags."""
 import os
 import re
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 from absl import flags as absl_flags
 
-from wa_tf import cli, flag_errors
+from wa_tf.training import cli, flag_errors
 from wa_tf.training import flags as wa_flags
 from wa_tf.training.errors import ArgumentError
 

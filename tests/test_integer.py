@@ -1,10 +1,12 @@
-"""Tests of wa_tf.integer and wa_tf.integer_export: the per-layer .npz and its integer pipeline."""
+"""Tests of wa_tf.deploy.integer and wa_tf.deploy.integer_export: the per-layer .npz and its
+integer pipeline."""
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
-from wa_tf import WinogradConv2D, integer, integer_export, quantization
+from wa_tf import WinogradConv2D, quantization
+from wa_tf.deploy import integer, integer_export
 from wa_tf.quantization import float_weight, input_quant_layer
 
 

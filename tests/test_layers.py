@@ -292,7 +292,7 @@ def test_frozen_winograd_weights(m, padding, pipeline):
     ref = tf.nn.conv2d(x, layer.kernel, 1, padding.upper()) + 1.0
     u = tf.Variable(layer.inference_winograd_weights())
     with layer.frozen_winograd_weights(u):
-        # Changing the kernel no longer changes the output; changing U does.
+        # With U frozen, the output depends on U, not on the kernel.
         layer.kernel.assign(tf.zeros_like(layer.kernel))
         frozen = layer(x, training=False)
         assert rel_err(frozen, ref) <= TOL[m]

@@ -9,8 +9,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 from test_integer import _layer_io, _quantized_model
 
-from wa_tf import integer, integer_export
-from wa_tf.deploy import litert_winograd
+from wa_tf.deploy import integer, integer_export, litert_winograd
 from wa_tf.deploy.litert_winograd import int8_rows
 from wa_tf.deploy.tflite_graph import Graph
 

@@ -1,4 +1,5 @@
-"""Tests of wa_tf.quantizers against the reference quantizer's formula and hand-worked values."""
+"""Tests of wa_tf.quantization.quantizers against the reference quantizer's formula and
+hand-worked values."""
 import contextlib
 
 import numpy as np
@@ -7,7 +8,7 @@ import tensorflow as tf
 import tf_keras
 
 from wa_tf import kernels
-from wa_tf.quantizers import (
+from wa_tf.quantization.quantizers import (
     EMAQuantizer,
     MaxAbsQuantizer,
     fake_quant,
@@ -287,7 +288,7 @@ def test_fake_quant_propagates_a_non_finite_range():
 @pytest.mark.parametrize("bits", [2, 4, 8, 9, 16])
 def test_codes_round_trip_bit_exact(bits):
     """A fake-quantized tensor stored as integer codes decodes to exactly the same values."""
-    from wa_tf.quantizers import fake_quant_codes, from_codes, quant_scale
+    from wa_tf.quantization.quantizers import fake_quant_codes, from_codes, quant_scale
     rng = np.random.default_rng(bits)
     x = tf.constant(rng.standard_normal((6, 50, 7)).astype("float32") * 3.7)
     # Per-position ranges (one per leading index), one of them 0 ("no statistics": scale 1).

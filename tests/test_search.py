@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wa_tf import cost, models, search
+from wa_tf import models, search
 from wa_tf.layers import WinogradConv2D, winograd_conv
 from wa_tf.quantization import copy_weights
-from wa_tf.quantizers import fake_quant
+from wa_tf.quantization.quantizers import fake_quant
+from wa_tf.search import cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=digits", "--mult=0.125", "--batch_size=16", "--steps_per_epoch=3"]

@@ -1,14 +1,13 @@
-"""wa_tf.tfmot_adapter: each private TF-MOT / Keras attribute it reads, on real models.
+"""wa_tf.quantization.tfmot_adapter: each private TF-MOT / Keras attribute it reads, on real models.
 
 A TF-MOT or tf_keras release that renames one of them fails here, by name.
 """
 import pytest
 import tf_keras
 
-from wa_tf import tfmot_adapter
 from wa_tf.layers import WinogradConv2D
-from wa_tf.quantization import quantize_model, unwrap
-from wa_tf.quantizers import EMAQuantizer
+from wa_tf.quantization import quantize_model, tfmot_adapter, unwrap
+from wa_tf.quantization.quantizers import EMAQuantizer
 
 
 def _model():

@@ -9,7 +9,7 @@ import tf_keras
 
 from wa_tf import WinogradConv2D, quantization
 from wa_tf.layers import WinogradQuantization, winograd_conv
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
+from wa_tf.quantization.quantizers import EMAQuantizer, MaxAbsQuantizer
 from wa_tf.transforms import STAGES, TileGeometry, tile_geometry, winograd_matrices
 
 

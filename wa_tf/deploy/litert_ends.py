@@ -8,11 +8,11 @@ model's input normalisation, global pooling and final ``Dense``.
 import numpy as np
 import tf_keras
 
-from wa_tf import integer
+from wa_tf.deploy import integer
+from wa_tf.deploy.integer_export import output_scale, quantizer_scale
 from wa_tf.deploy.tflite_graph import options
-from wa_tf.integer_export import output_scale, quantizer_scale
 from wa_tf.quantization import INPUT_QUANT_SUFFIX, unwrap, weight_name
-from wa_tf.tfmot_adapter import is_quantize_wrapper, weight_quantizers
+from wa_tf.quantization.tfmot_adapter import is_quantize_wrapper, weight_quantizers
 
 # The zero point of every int8 tensor the lowering makes (symmetric, as training).
 ZERO = np.zeros(1, np.int64)

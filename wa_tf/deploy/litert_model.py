@@ -28,14 +28,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tf_keras
 
-from wa_tf import integer
-from wa_tf.deploy import litert_ends, litert_winograd
+from wa_tf.deploy import integer, litert_ends, litert_winograd
+from wa_tf.deploy.integer_export import layer_arrays, output_scale, quantizer_scale
 from wa_tf.deploy.litert_ends import ZERO, is_input_quant
 from wa_tf.deploy.tflite_graph import Graph, options
-from wa_tf.integer_export import layer_arrays, output_scale, quantizer_scale
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import unwrap, weight_name
-from wa_tf.tfmot_adapter import call_node, is_quantize_wrapper, weight_quantizers
+from wa_tf.quantization.tfmot_adapter import call_node, is_quantize_wrapper, weight_quantizers
 
 # Standard deviations of a BatchNormalization output its int8 range spans (see
 # _statistical_bound).

@@ -46,7 +46,7 @@ class WinogradQuantization:
 
     The layer quantizes the Winograd-domain weights and input, the
     element-wise stage (:data:`STAGES`, each with an
-    :class:`~wa_tf.quantizers.EMAQuantizer`) and static transforms.  Its
+    :class:`~wa_tf.quantization.quantizers.EMAQuantizer`) and static transforms.  Its
     config form is the dict ``{'bits': b, 'per_tap': p, 'warmup': w}``.
 
     Attributes:
@@ -304,7 +304,7 @@ class WinogradConv2D(RecomputedPipeline, tf_keras.layers.Layer):
     def frozen_winograd_weights(self, u):
         """Within the context, inference calls use ``u`` instead of computing ``U = G g G^T``.
 
-        For exporting a model (:func:`wa_tf.export.export_saved_model`): the
+        For exporting a model (:func:`wa_tf.deploy.export.export_saved_model`): the
         graphs traced inside the context read ``u`` (typically a variable holding
         :meth:`inference_winograd_weights`) and do only the input transform,
         the element-wise stage and the output transform on each call; the

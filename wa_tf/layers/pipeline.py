@@ -37,9 +37,9 @@ kernels.load_if_built()
 
 
 def lazy_quantizers():
-    """:mod:`wa_tf.quantizers`, imported on first use: it imports TF-MOT (seconds), which
-    float layers never need."""
-    from wa_tf import quantizers  # pylint: disable=import-outside-toplevel
+    """:mod:`wa_tf.quantization.quantizers`, imported on first use: it imports TF-MOT
+    (seconds), which float layers never need."""
+    from wa_tf.quantization import quantizers  # pylint: disable=import-outside-toplevel
     return quantizers
 
 
@@ -231,7 +231,7 @@ def _kron_matmul(kron, kernel):
 def kept(tensor, coded=None):
     """A function giving `tensor` back in a backward pass, for a custom gradient to keep.
 
-    With ``coded = (codes, scale)`` (:func:`wa_tf.quantizers.fake_quant_codes`
+    With ``coded = (codes, scale)`` (:func:`wa_tf.quantization.quantizers.fake_quant_codes`
     of a quantized tensor) only the integer codes are kept, int8 up to 8 bits:
     a quarter of float32, decoded to exactly the same values.
     """
@@ -280,7 +280,7 @@ def winograd_conv_transformed(x, u, a_t, b_t, tile_size: int, padding: str = "sa
     """:func:`winograd_conv` from Winograd-domain weights ``U`` computed beforehand.
 
     The inference pipeline once ``U = G g G^T`` is known (as in an exported
-    model, :func:`wa_tf.export.export_saved_model`): input transform, the
+    model, :func:`wa_tf.deploy.export.export_saved_model`): input transform, the
     element-wise stage and the output transform only.
 
     Args:

@@ -56,7 +56,7 @@ class RecomputedPipeline:
 
         M's fake-quantized float values are never written: the kernel decodes
         the codes (int8 up to 8 bits, a quarter of float32) tile by tile, to the
-        very values :func:`wa_tf.quantizers.fake_quant` gives.  The gradient
+        very values :func:`wa_tf.quantization.quantizers.fake_quant` gives.  The gradient
         with respect to M is the straight-through one (the output transform's
         gradient); a flex layer's A_t gradient reads the same codes.
         """

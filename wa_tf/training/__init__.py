@@ -13,7 +13,13 @@ Modules:
     :func:`~wa_tf.training.experiment.load_model`.
   distribute: tf.distribute strategies from ``--distribution_strategy`` / ``--num_gpus``.
   optimizer: :class:`~wa_tf.training.optimizer.AdamL2`, PyTorch's Adam with weight decay.
-  train_lib: :class:`~wa_tf.training.train_lib.Runner`,
-    :func:`~wa_tf.training.train_lib.run` and
+  metrics: accuracy and loss of a model over a dataset.
+  run_report: what a run writes into ``report.txt`` and ``metrics.json``, its statuses.
+  schedule: the learning-rate schedule, steps and seeds of the epochs, the compiled model.
+  source_run: :class:`~wa_tf.training.source_run.SourceRun`, an adapted run's source.
+  runner: :class:`~wa_tf.training.runner.Runner`, one training or adaptation run.
+  train_lib: :func:`~wa_tf.training.train_lib.run` and
     :func:`~wa_tf.training.train_lib.adapt`, the libraries behind the binaries.
+  flag_errors: the one mapping of library errors to one-line flag errors of the binaries.
+  cli: the run-loading flags and glue shared by ``bin/evaluate.py`` and ``bin/export.py``.
 """

@@ -14,9 +14,9 @@ Bad values raise :class:`~wa_tf.training.errors.ArgumentError` naming the field.
 import dataclasses
 from typing import Dict, Mapping, Optional, Union
 
-from wa_tf.architecture import load_architecture
 from wa_tf.choices import CONV_MODES, MAX_BITS, MIN_BITS, TILE_SIZES, valid_bits
 from wa_tf.data import DATASETS
+from wa_tf.models.architecture import load_architecture
 from wa_tf.training.distribute import STRATEGIES
 from wa_tf.training.errors import ArgumentError
 from wa_tf.transforms import is_int
@@ -70,7 +70,7 @@ class RunConfig:
       resume: Resume the newest unfinished run of the same command.
       deterministic: Enable TensorFlow's op determinism.
       architecture: Path of an architecture JSON file giving each searchable
-        convolution's conv, tile size and bits (:mod:`wa_tf.architecture`);
+        convolution's conv, tile size and bits (:mod:`wa_tf.models.architecture`);
         then `conv` is None and `quantize`/`bits`/`tile_size` do not apply.
       skip_corrupt: image_folder: skip files that are not JPEG/PNG/GIF/BMP
         images (with a warning) instead of stopping before training.

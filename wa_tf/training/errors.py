@@ -3,7 +3,7 @@
 Library code raises :class:`ArgumentError` (a ValueError) naming the argument
 it is about; its message is composed from argument names, so a binary can
 print the same sentence with its own flag names (``--F`` for ``tile_size``,
-see :func:`wa_tf.flag_errors.flag_message`).
+see :func:`wa_tf.training.flag_errors.flag_message`).
 """
 
 from typing import Callable, Optional, Union

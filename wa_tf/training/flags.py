@@ -11,7 +11,7 @@ them.
 
 :func:`from_flags` converts the flags, once, into the typed
 :class:`~wa_tf.training.config.RunConfig` the library reads.  Bad input is
-reported as one line naming the flag, by :mod:`wa_tf.flag_errors` (the
+reported as one line naming the flag, by :mod:`wa_tf.training.flag_errors` (the
 mechanism every binary shares): the library's
 :class:`~wa_tf.training.errors.ArgumentError` names a config field or argument,
 :func:`flag_message` spells it as its flag (:data:`FLAG_NAMES`), and
@@ -24,9 +24,8 @@ from typing import Callable, Dict, Mapping, Optional
 
 from absl import flags
 
-from wa_tf import flag_errors
 from wa_tf.data import DATASETS
-from wa_tf.training import distribute
+from wa_tf.training import distribute, flag_errors
 from wa_tf.training.config import FLAG_NAMES, FROM_SOURCE, MODE_FLAGS, RunConfig
 from wa_tf.training.distribute import STRATEGIES
 from wa_tf.training.errors import ArgumentError, TrainingStopped
@@ -35,7 +34,7 @@ MODES = tuple(MODE_FLAGS.values())
 # Flags that adapt.py takes from --modelDir's FLAGS.txt unless given.
 FROM_MODEL_DIR = tuple(FLAG_NAMES[field] for field in FROM_SOURCE)
 
-# The shared one-line errors (wa_tf.flag_errors), under the names the binaries used.
+# The shared one-line errors (wa_tf.training.flag_errors), under the names the binaries used.
 EXIT_BAD_INPUT = flag_errors.EXIT_BAD_INPUT
 fail = flag_errors.fail
 parse_argv = flag_errors.parse_argv
@@ -180,7 +179,7 @@ def as_dict(flag_values: flags.FlagValues = flags.FLAGS) -> Dict:
 def flag_message(error: ValueError, names: Optional[Mapping[str, str]] = None) -> str:
     """`error`'s message with each argument spelled as its flag (``tile_size`` -> ``--F``).
 
-    :func:`wa_tf.flag_errors.flag_message` with the training binaries' names.
+    :func:`wa_tf.training.flag_errors.flag_message` with the training binaries' names.
 
     Args:
       error: An error of the library.
@@ -230,7 +229,7 @@ def run_main(fn: Callable[[RunConfig], object], program: str,
              flag_values: flags.FlagValues = flags.FLAGS):
     """Converts the flags (:func:`from_flags`) and calls ``fn(config)``.
 
-    Through :func:`wa_tf.flag_errors.run`, bad input ends the program with one
+    Through :func:`wa_tf.training.flag_errors.run`, bad input ends the program with one
     ``error:`` line naming the flag: bad flag values, and the library's
     :class:`~wa_tf.training.errors.ArgumentError` (missing data or
     checkpoints, checkpoints that do not fit).  A run stopped on a NaN loss

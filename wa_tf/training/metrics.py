@@ -1,5 +1,5 @@
 """Top-1 accuracy and loss of a model over a dataset: what training validates with and
-evaluation reports (:mod:`wa_tf.evaluate` re-exports both functions)."""
+evaluation reports (:mod:`wa_tf.evaluation.evaluate` re-exports both functions)."""
 
 from typing import Callable
 
@@ -12,7 +12,7 @@ def evaluate(predict: Callable[[tf.Tensor], tf.Tensor], dataset: tf.data.Dataset
 
     Args:
       predict: Maps a float32 image batch to logits (a Keras model in inference
-        mode, or a SavedModel signature from :func:`wa_tf.export.load_serving`).
+        mode, or a SavedModel signature from :func:`wa_tf.deploy.export.load_serving`).
       dataset: Batched ``(images, labels)`` with integer labels.
 
     Returns:

@@ -2,7 +2,7 @@
 
 A trained, quantized :class:`~wa_tf.layers.WinogradConv2D` is written per layer
 to an ``.npz`` file that an integer Winograd kernel can consume
-(:mod:`wa_tf.integer_export` writes it from a TF-MOT-quantized model), and
+(:mod:`wa_tf.deploy.integer_export` writes it from a TF-MOT-quantized model), and
 :func:`run_layer` runs that file in integer arithmetic with numpy: the integer
 pipeline.  It computes the fake-quantized layer's inference exactly; the model
 itself computes in float32, so where an intermediate value lies within float32
@@ -12,7 +12,7 @@ with per-tap ranges, on about 4e-5 of the outputs of trained layers (the others
 within one output step); at 16 bits the round-off is comparable to a step and
 agreement is only statistical.  This module needs numpy only.
 
-Quantization convention (:func:`wa_tf.quantizers.fake_quant`): a tensor ``x``
+Quantization convention (:func:`wa_tf.quantization.quantizers.fake_quant`): a tensor ``x``
 with scale ``s`` and bit-width ``b`` has codes
 ``q = clip(round_half_even(x / s), -2^(b-1), 2^(b-1) - 1)`` and value ``q * s``.
 
@@ -88,7 +88,7 @@ def qrange(bits: int) -> Tuple[int, int]:
 
 
 def scale_from_range(range_, bits: int) -> np.ndarray:
-    """The float32 scale :func:`wa_tf.quantizers.fake_quant` derives from a range.
+    """The float32 scale :func:`wa_tf.quantization.quantizers.fake_quant` derives from a range.
 
     Computed in float32 as the quantizer does in a TensorFlow graph (a
     ``tf.function``, ``model.fit`` / ``predict``, a SavedModel), where the
@@ -160,7 +160,8 @@ def encode_layer(name: str, tile_size: int, kernel_size: int, padding: str, flex
             _code_dtype(b))
     if bias is not None:
         arrays["bias"] = np.asarray(bias, np.float32)
-    # U_codes after the scalars, as the file has always been written.
+    # U_codes after the scalars: the order of the arrays in every .npz, so files stay
+    # byte-identical.
     scale, b = arrays["weights_winograd_scale"], int(bits["weights_winograd"])
     c, k = kernel.shape[2:]
     codes = quantize(np.asarray(u, np.float32).reshape(t, t, c, k),
@@ -201,7 +202,7 @@ def as_layer(arrays: Dict, source: str = "arrays") -> Dict:
     """The file's arrays with scalars as Python ints, bools and strings.
 
     Accepts the arrays of :func:`encode_layer` (or
-    :func:`wa_tf.integer_export.layer_arrays`) or an already converted dict.
+    :func:`wa_tf.deploy.integer_export.layer_arrays`) or an already converted dict.
 
     Raises:
       ValueError: if ``arrays`` is not a ``wa_tf.winograd_layer/1`` layer.

@@ -11,7 +11,7 @@ with its weights frozen as constants.
   :mod:`wa_tf.layers`.  Static and flex layers are the same graph at
   inference: only the values of their constant transforms differ.
 
-:func:`measure_table` returns the JSON table that :class:`wa_tf.cost.TableCost`
+:func:`measure_table` returns the JSON table that :class:`wa_tf.search.cost.TableCost`
 reads (``bin/latency_table.py`` prints and writes it).
 """
 
@@ -23,9 +23,10 @@ import numpy as np
 import tensorflow as tf
 
 import wa_tf
-from wa_tf import cost, transforms
+from wa_tf import transforms
 from wa_tf.layers import apply_transform, extract_tiles, untile
 from wa_tf.machine import cpu_model
+from wa_tf.search import cost
 
 WARMUP_CALLS = 3
 
@@ -141,7 +142,7 @@ def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.
     Layers of the same shape are timed once and share the figure.
 
     Args:
-      layers: The layers to time (:func:`wa_tf.cost.searchable_layers`), named.
+      layers: The layers to time (:func:`wa_tf.search.cost.searchable_layers`), named.
       names: Candidate names ('normal', 'F2', 'F4', 'F6').
       batch_sizes: Batch sizes to time each at.
       repeats: Timed calls per configuration (the median is kept).
@@ -151,14 +152,14 @@ def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.
       progress: Called with one line per configuration timed.
 
     Returns:
-      A table in :class:`wa_tf.cost.TableCost`'s format, with
+      A table in :class:`wa_tf.search.cost.TableCost`'s format, with
       ``"derive_bits": "analytic"`` (integer bit-widths are not measured).
 
     Raises:
       ValueError: On bad arguments.
     """
     if not layers or any(layer.name is None for layer in layers):
-        raise ValueError("measure_table needs named layers (wa_tf.cost.searchable_layers)")
+        raise ValueError("measure_table needs named layers (wa_tf.search.cost.searchable_layers)")
     if not names:
         raise ValueError("measure_table needs at least one candidate name")
     candidates = cost.candidates(names)

@@ -32,8 +32,8 @@ import tf_keras
 from wa_tf.layers import WinogradConv2D, winograd_conv
 from wa_tf.plotting import pyplot
 from wa_tf.quantization import float_weight, input_quant_layer, unwrap
-from wa_tf.quantizers import fake_quant
-from wa_tf.tfmot_adapter import call_inputs
+from wa_tf.quantization.quantizers import fake_quant
+from wa_tf.quantization.tfmot_adapter import call_inputs
 from wa_tf.transforms import STAGES
 
 

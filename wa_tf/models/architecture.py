@@ -107,21 +107,66 @@ def _parse_choice(entry, where) -> LayerChoice:
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchableLayer:
-    """A searchable convolution of a model, as a model describes it.
+class LayerSpec:
+    """A stride-1 convolution of the search space: input ``height x width x in_channels``.
+
+    What a model says of its searchable layers (:func:`wa_tf.models.searchable_layers`:
+    named, with their stage and the tile sizes they offer) and what the cost models
+    cost (any shape, named or not).
 
     Attributes:
-      name: The layer's name (``layer1.0.conv1``).
-      stage: The stage it belongs to, from 1.
-      input_shape: ``(height, width, in_channels)`` of its input.
-      filters: Its number of output channels.
-      tile_sizes: The Winograd tile sizes the layer offers.
+      height: Input (and, with 'same' padding, output) height.
+      width: Input width.
+      in_channels: C_in.
+      out_channels: C_out (filters).
+      kernel_size: Odd square kernel size r.
+      name: The layer's name in the model (``layer1.0.conv1``), or None;
+        tables are looked up by name first, then by :attr:`shape_key`.
+      tile_sizes: The Winograd tile sizes the model offers at this layer
+        (:func:`wa_tf.models.searchable_layers`), or None to decide by
+        shape (:func:`wa_tf.search.cost.tile_fits`).
+      stage: The model stage the layer belongs to, from 1, or None.
     """
-    name: str
-    stage: int
-    input_shape: Tuple[int, int, int]
-    filters: int
-    tile_sizes: Tuple[int, ...] = TILE_SIZES
+    height: int
+    width: int
+    in_channels: int
+    out_channels: int
+    kernel_size: int = 3
+    name: Optional[str] = None
+    tile_sizes: Optional[Tuple[int, ...]] = dataclasses.field(default=None, compare=False)
+    stage: Optional[int] = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        for field in ("height", "width", "in_channels", "out_channels", "kernel_size"):
+            value = getattr(self, field)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"LayerSpec.{field} must be a positive integer; got {value!r}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"LayerSpec.kernel_size must be odd; got {self.kernel_size}")
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        """``(height, width, in_channels)`` of the layer's input."""
+        return (self.height, self.width, self.in_channels)
+
+    @property
+    def filters(self) -> int:
+        """The layer's number of output channels (``out_channels``)."""
+        return self.out_channels
+
+    @property
+    def shape_key(self) -> str:
+        """The table key of this shape: ``'HxWxC_in-C_out-rxr'``, e.g. ``'16x16x64-64-3x3'``."""
+        r = self.kernel_size
+        return f"{self.height}x{self.width}x{self.in_channels}-{self.out_channels}-{r}x{r}"
+
+    def describe(self) -> str:
+        """The name and shape, for messages."""
+        return f"{self.name} ({self.shape_key})" if self.name else self.shape_key
+
+
+# A model's searchable convolution is a LayerSpec with its name, stage and tile sizes.
+SearchableLayer = LayerSpec
 
 
 @dataclasses.dataclass(frozen=True)

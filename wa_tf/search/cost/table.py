@@ -9,8 +9,8 @@ import math
 import re
 from typing import Dict, Mapping, Optional
 
-from wa_tf.cost.analytic import AnalyticCost
-from wa_tf.cost.spec import Candidate, CostModel, LayerSpec
+from wa_tf.search.cost.analytic import AnalyticCost
+from wa_tf.search.cost.spec import Candidate, CostModel, LayerSpec
 from wa_tf.transforms import is_int
 
 TABLE_FORMAT = "wa_tf.latency_table"

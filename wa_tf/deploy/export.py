@@ -49,7 +49,7 @@ import tf_keras
 from wa_tf import kernels
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import inference_weight, unwrap
-from wa_tf.tfmot_adapter import is_quantize_wrapper
+from wa_tf.quantization.tfmot_adapter import is_quantize_wrapper
 
 DEFAULT_SIGNATURE = "serving_default"
 RAW_SIGNATURE = "serving_raw"
@@ -91,7 +91,7 @@ def _frozen_winograd_weights(layers) -> List[tf.Variable]:
     quantization agree with the model's own to the last bit.  (A kernel
     quantizer in warm-up mode that has no statistics yet, i.e. a model adapted
     but never trained, is read as :func:`~wa_tf.quantization.inference_weight`
-    reads it, with scale 1, as :mod:`wa_tf.integer_export` does.)
+    reads it, with scale 1, as :mod:`wa_tf.deploy.integer_export` does.)
     """
     @tf.function
     def compute():

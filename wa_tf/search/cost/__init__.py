@@ -12,8 +12,8 @@ F(m x m, r x r), at FP32 or an integer bit-width).  Two sources sit behind it
   milliseconds, written by ``bin/latency_table.py`` on the machine it runs on,
   or by users for a device of their own (a phone with its own kernels).
 
-The sources live in :mod:`~wa_tf.cost.analytic` and :mod:`~wa_tf.cost.table`; the
-types in :mod:`~wa_tf.cost.spec`.
+The sources live in :mod:`~wa_tf.search.cost.analytic` and :mod:`~wa_tf.search.cost.table`; the
+types in :mod:`~wa_tf.search.cost.spec`.
 
 Layers, candidates and architectures
 ------------------------------------
@@ -33,9 +33,10 @@ The table format is described in :class:`TableCost`.
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-from wa_tf.architecture import load_architecture
+from wa_tf import models
 from wa_tf.choices import CONV_MODES
-from wa_tf.cost.analytic import (
+from wa_tf.models.architecture import load_architecture
+from wa_tf.search.cost.analytic import (
     FP32_BYTES,
     AnalyticCost,
     OperationCounts,
@@ -44,7 +45,7 @@ from wa_tf.cost.analytic import (
     operation_counts,
     transform_ops,
 )
-from wa_tf.cost.spec import (
+from wa_tf.search.cost.spec import (
     ALGORITHMS,
     CANDIDATE_NAMES,
     NORMAL,
@@ -58,7 +59,7 @@ from wa_tf.cost.spec import (
     is_allowed,
     tile_fits,
 )
-from wa_tf.cost.table import (
+from wa_tf.search.cost.table import (
     DEFAULT_TABLE,
     TABLE_FORMAT,
     TABLE_VERSION,
@@ -118,11 +119,7 @@ def searchable_layers(width_multiplier: float = 0.5,
     Returns:
       One :class:`LayerSpec` per layer, named, with its input shape.
     """
-    # Imported here: the model code imports TensorFlow, which costing needs nowhere else.
-    from wa_tf import models  # pylint: disable=import-outside-toplevel
-    return [LayerSpec(*layer.input_shape, layer.filters, 3, name=layer.name,
-                      tile_sizes=tuple(layer.tile_sizes))
-            for layer in models.searchable_layers(width_multiplier, tuple(input_shape))]
+    return models.searchable_layers(width_multiplier, tuple(input_shape))
 
 
 def uniform_architecture(layers: Sequence[LayerSpec], conv: str = "normal",

@@ -67,7 +67,14 @@ from typing import Dict, Optional
 import numpy as np
 
 from wa_tf import transforms
-from wa_tf.cost.spec import NORMAL, Candidate, CostModel, LayerSpec, check_optional_bits, is_allowed
+from wa_tf.search.cost.spec import (
+    NORMAL,
+    Candidate,
+    CostModel,
+    LayerSpec,
+    check_optional_bits,
+    is_allowed,
+)
 from wa_tf.transforms import is_int
 
 FP32_BYTES = 4

@@ -3,10 +3,10 @@
 Reads the quantizer ranges, weights and transforms of a
 :class:`~wa_tf.layers.WinogradConv2D` quantized by
 :func:`wa_tf.quantization.quantize_model` and writes them in the file format
-of :mod:`wa_tf.integer` (which documents it and runs the integer pipeline)::
+of :mod:`wa_tf.deploy.integer` (which documents it and runs the integer pipeline)::
 
     paths = export_model_npz(qmodel, "layers/")      # {layer name: path}
-    y = wa_tf.integer.run_layer(paths["layer2.0.conv1"], x)
+    y = wa_tf.deploy.integer.run_layer(paths["layer2.0.conv1"], x)
 """
 
 import os
@@ -15,7 +15,7 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
-from wa_tf import integer
+from wa_tf.deploy import integer
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import (
     INPUT_QUANT_SUFFIX,
@@ -24,8 +24,12 @@ from wa_tf.quantization import (
     input_quant_layer,
     weight_name,
 )
-from wa_tf.quantizers import EMAQuantizer, MaxAbsQuantizer
-from wa_tf.tfmot_adapter import is_quantize_wrapper, output_quantizer, weight_quantizers
+from wa_tf.quantization.quantizers import EMAQuantizer, MaxAbsQuantizer
+from wa_tf.quantization.tfmot_adapter import (
+    is_quantize_wrapper,
+    output_quantizer,
+    weight_quantizers,
+)
 from wa_tf.transforms import STAGES
 
 
@@ -103,7 +107,7 @@ def _check_wrapper(wrapper):
 
 
 def layer_arrays(layer_or_wrapper) -> Dict[str, np.ndarray]:
-    """The file's arrays for a quantized WinogradConv2D (see :mod:`wa_tf.integer`).
+    """The file's arrays for a quantized WinogradConv2D (see :mod:`wa_tf.deploy.integer`).
 
     Args:
       layer_or_wrapper: The TF-MOT ``QuantizeWrapper`` of a WinogradConv2D in a
@@ -120,7 +124,7 @@ def layer_arrays(layer_or_wrapper) -> Dict[str, np.ndarray]:
 
 
 def _layer_fields(wrapper) -> dict:
-    """:func:`wa_tf.integer.encode_layer`'s arguments for a wrapped layer, but ``u``."""
+    """:func:`wa_tf.deploy.integer.encode_layer`'s arguments for a wrapped layer, but ``u``."""
     layer = wrapper.layer
     bits, scales = {}, {}
     bits["input"], scales["input"] = output_scale(_input_quantizer(wrapper), "input")

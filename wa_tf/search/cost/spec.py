@@ -1,11 +1,16 @@
 """What is costed: a convolution (:class:`LayerSpec`), how it is computed (:class:`Candidate`),
-and the interface every cost source answers (:class:`CostModel`)."""
+and the interface every cost source answers (:class:`CostModel`).
+
+:class:`LayerSpec` is defined with the search space it describes, in
+:mod:`wa_tf.models.architecture`, and re-exported here.
+"""
 
 import dataclasses
 import re
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence
 
 from wa_tf.choices import CONV_MODES, MAX_BITS, MIN_BITS, valid_bits
+from wa_tf.models.architecture import LayerSpec as LayerSpec
 from wa_tf.transforms import is_int
 
 NORMAL = "normal"
@@ -21,49 +26,6 @@ def check_optional_bits(bits):
     if bits is not None and not valid_bits(bits):
         raise ValueError(f"bits must be None (FP32) or an integer in {MIN_BITS}..{MAX_BITS}; "
                          f"got {bits!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """A stride-1 convolution to cost: input ``height x width x in_channels``.
-
-    Attributes:
-      height: Input (and, with 'same' padding, output) height.
-      width: Input width.
-      in_channels: C_in.
-      out_channels: C_out (filters).
-      kernel_size: Odd square kernel size r.
-      name: The layer's name in the model (``layer1.0.conv1``), or None;
-        tables are looked up by name first, then by :attr:`shape_key`.
-      tile_sizes: The Winograd tile sizes the model offers at this layer
-        (:func:`wa_tf.models.searchable_layers`), or None to decide by
-        shape (:func:`tile_fits`).
-    """
-    height: int
-    width: int
-    in_channels: int
-    out_channels: int
-    kernel_size: int = 3
-    name: Optional[str] = None
-    tile_sizes: Optional[Tuple[int, ...]] = dataclasses.field(default=None, compare=False)
-
-    def __post_init__(self):
-        for field in ("height", "width", "in_channels", "out_channels", "kernel_size"):
-            value = getattr(self, field)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"LayerSpec.{field} must be a positive integer; got {value!r}")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"LayerSpec.kernel_size must be odd; got {self.kernel_size}")
-
-    @property
-    def shape_key(self) -> str:
-        """The table key of this shape: ``'HxWxC_in-C_out-rxr'``, e.g. ``'16x16x64-64-3x3'``."""
-        r = self.kernel_size
-        return f"{self.height}x{self.width}x{self.in_channels}-{self.out_channels}-{r}x{r}"
-
-    def describe(self) -> str:
-        """The name and shape, for messages."""
-        return f"{self.name} ({self.shape_key})" if self.name else self.shape_key
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 Evaluation runs a checkpoint of a training run (rebuilt with
 :func:`wa_tf.training.experiment.load_model`) or a SavedModel written by
-:func:`wa_tf.export.export_saved_model` over a dataset split, in inference mode.
-The Winograd error report is :mod:`wa_tf.error_report`; the command-line glue
-of ``bin/evaluate.py`` and ``bin/export.py`` is :mod:`wa_tf.cli`.
+:func:`wa_tf.deploy.export.export_saved_model` over a dataset split, in inference mode.
+The Winograd error report is :mod:`wa_tf.evaluation.error_report`; the command-line glue
+of ``bin/evaluate.py`` and ``bin/export.py`` is :mod:`wa_tf.training.cli`.
 """
 
 from typing import Optional
@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from wa_tf import data
 from wa_tf.deploy import litert
-from wa_tf.export import load_serving
+from wa_tf.deploy.export import load_serving
 from wa_tf.training import experiment
 from wa_tf.training.metrics import evaluate, keras_predict
 
@@ -81,7 +81,7 @@ def evaluate_savedmodel(path: str, model_dir: str, split: str = "test",
     """Accuracy and loss of an exported SavedModel on a training run's split.
 
     Args:
-      path: SavedModel directory from :func:`wa_tf.export.export_saved_model`
+      path: SavedModel directory from :func:`wa_tf.deploy.export.export_saved_model`
         (its ``serving_default`` signature is used).
       model_dir: Experiment folder whose ``FLAGS.txt`` names the dataset.
       split: 'test' or 'validation'.

@@ -143,7 +143,7 @@ def quant_scale(range_, num_bits, dtype=tf.float32):
     range_ = tf.stop_gradient(tf.cast(range_, dtype))
     # Multiply by the reciprocal rather than divide by the constant: graphs
     # (Grappler) rewrite the division so, and eager and graph runs (and
-    # wa_tf.integer) must agree on the scale to the last bit.
+    # wa_tf.deploy.integer) must agree on the scale to the last bit.
     scale = tf.maximum(range_ * (1.0 / ((qmax - qmin) / 2.0)), 1e-8)
     # Only "no statistics yet" (0) falls back to 1; `range_ > 0` would also send
     # NaN there (NaN compares False) and hide it.

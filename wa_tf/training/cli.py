@@ -2,7 +2,7 @@
 
 Both binaries name a training run with ``--modelDir`` and ``--checkpoint``, may
 override its ``--data_dir`` and ``--batch_size``, and report bad input as one
-``error:`` line through :mod:`wa_tf.flag_errors`.  The library functions they
+``error:`` line through :mod:`wa_tf.training.flag_errors`.  The library functions they
 call raise ``ValueError``s about their own arguments; :data:`FLAG_NAMES` says
 which flag sets each, and the functions here name the flag that set the argument.
 """
@@ -11,11 +11,11 @@ from typing import Mapping
 
 from absl import flags
 
-from wa_tf import data, flag_errors
-from wa_tf.training import experiment
+from wa_tf import data
+from wa_tf.training import experiment, flag_errors
 from wa_tf.training import flags as wa_flags
 
-# Library argument -> flag of these binaries (see wa_tf.flag_errors.flag_message):
+# Library argument -> flag of these binaries (see wa_tf.training.flag_errors.flag_message):
 # experiment.read_flags / load_model name the run's folder and checkpoint
 # model_dir and checkpoint, wa_tf.data names data_dir and batch_size.
 FLAG_NAMES: Mapping[str, str] = {"model_dir": "modelDir", "checkpoint": "checkpoint",
@@ -43,7 +43,7 @@ def define_run_flags(flag_values=None):
 def flag_error(flag: str, error: Exception) -> ValueError:
     """A library error about the argument ``flag`` sets, as one line naming ``flag``.
 
-    The message is :func:`wa_tf.flag_errors.flag_message`'s with
+    The message is :func:`wa_tf.training.flag_errors.flag_message`'s with
     :data:`FLAG_NAMES`: its arguments are spelled as these binaries' flags
     (``"checkpoint: no checkpoint ..."`` -> ``"--checkpoint: no checkpoint ..."``),
     and one that names no flag first gets ``flag`` as its subject.
