@@ -32,14 +32,14 @@ def image_input(lw, normalization) -> int:
             return x, x
         scale = input_range(lw)
         if scale is None:
-            raise ValueError("an integer model without raw_normalization needs a quantized "
-                             "first layer (its input range); give raw_normalization")
+            raise ValueError("an integer model without a normalization needs a quantized "
+                             "first layer (its input range); give the normalization")
         y = lw.new("images_int8", shape, scale)
         lw.g.op("QUANTIZE", [x], [y])
         return x, y
     mean, std = (np.asarray(v, np.float64) for v in normalization)
     if mean.shape != (shape[-1],) or std.shape != (shape[-1],) or np.any(std <= 0):
-        raise ValueError(f"raw_normalization must be (mean, std) with {shape[-1]} values "
+        raise ValueError(f"normalization must be (mean, std) with {shape[-1]} values "
                          f"each and std > 0, got {normalization!r}")
     raw = lw.g.tensor("images", shape, "uint8", 1.0, 0)
     a, b = 1.0 / (255.0 * std), -mean / std
