@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Latency of LiteRT models in ai-edge-litert (XNNPACK on): each against a baseline.
+
+Times every ``.tflite`` file given (``bin/export.py --litert``) at batch 1 (or
+``--batch_sizes``) with 1 and 2 interpreter threads, in one process: per
+setting the models take turns invocation by invocation (interleaved, so that a
+load change on a shared machine hits them alike) and each reports the median
+of ``--reps`` invocations after ``--warmup``.  Ratios are against the first
+file (``--models BASE=a.tflite OTHER=b.tflite``), measured in the same run.
+
+Without ``--models`` it builds its own: the ResNet-18-like model (width
+``--mult``) with normal convolutions and with flex F(4x4, 3x3), INT8 per tap,
+quantizer ranges calibrated on two random batches (latency does not depend on
+the values).
+
+Examples:
+  bench/deploy_bench.py --quick
+  bench/deploy_bench.py --models normal=runs/normal.tflite f4=runs/f4.tflite --json=out.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import machine_lines  # noqa: E402
+from wa_tf.deploy import litert  # noqa: E402
+
+
+def _build_models(mult, folder):
+    from wa_tf import models  # pylint: disable=import-outside-toplevel  # only without --models
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, conv in (("normal_int8", "normal"), ("flex_f4_int8_pertap", "flex")):
+        model = models.resnet18_like(conv, 4, width_multiplier=mult, bits=8, per_tap=True)
+        for _ in range(2):
+            model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32), training=True)
+        paths[name] = os.path.join(folder, f"{name}.tflite")
+        litert.export_litert(model, paths[name], normalization=((0.5,) * 3, (0.25,) * 3))
+    return paths
+
+
+def _time(paths, batch, threads, reps, warmup):
+    runners, inputs = {}, {}
+    for name, path in paths.items():
+        runner = litert.interpreter(path, threads)
+        detail = litert.input_details(runner)
+        shape = (batch,) + detail["shape"][1:]
+        runner.resize_tensor_input(detail["index"], shape)
+        runner.allocate_tensors()
+        rng = np.random.default_rng(0)
+        data = rng.integers(0, 256, shape).astype(detail["dtype"]) if detail["dtype"] == np.uint8 \
+            else rng.normal(size=shape).astype(detail["dtype"])
+        runner.set_tensor(detail["index"], data)
+        runners[name], inputs[name] = runner, data
+    times = {name: [] for name in paths}
+    for rep in range(warmup + reps):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner.invoke()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="NAME=PATH.tflite ...; the first is the baseline")
+    parser.add_argument("--mult", type=float, default=0.5, help="width of the built models")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="20 reps (a minute or two)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup = 20, 3
+    print("\n".join(machine_lines()))
+    print(f"runtime: {litert.runtime_name()} (XNNPACK on)")
+    with tempfile.TemporaryDirectory() as folder:
+        if args.models:
+            paths = dict(item.split("=", 1) for item in args.models)
+        else:
+            paths = _build_models(args.mult, folder)
+        sizes = {name: os.path.getsize(path) for name, path in paths.items()}
+        base = next(iter(paths))
+        rows = []
+        print(f"{'model':<24}{'batch':>6}{'threads':>8}{'ms':>9}{'x ' + base:>22}{'MiB':>7}")
+        for batch in args.batch_sizes:
+            for threads in args.threads:
+                ms = _time(paths, batch, threads, args.reps, args.warmup)
+                for name in paths:
+                    rows.append({"model": name, "batch": batch, "threads": threads,
+                                 "ms": ms[name], "ratio": ms[name] / ms[base],
+                                 "mib": sizes[name] / 2 ** 20})
+                    print(f"{name:<24}{batch:>6}{threads:>8}{ms[name]:>9.3f}"
+                          f"{ms[name] / ms[base]:>22.2f}{sizes[name] / 2 ** 20:>7.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"cpu": machine_lines()[0], "baseline": base, "models": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
