@@ -70,6 +70,10 @@ def _export():
         kind = "integer (int8)" if info["integer"] else "float32"
         print(f"LiteRT model: {FLAGS.litert} ({kind}, {info['bytes'] / 2**20:.2f} MiB; uint8 "
               f"images in, float32 logits out; operators: {', '.join(info['operators'])})")
+        if info["xnnpack_refused"]:
+            print(f"note: XNNPACK refuses {len(info['xnnpack_refused'])} operators (a "
+                  "requantisation ratio outside [2^-32, 256), e.g. "
+                  f"{info['xnnpack_refused'][0]}): LiteRT's builtin kernels run the file")
     if not FLAGS.export_dir:
         return
     normalization = cli.run_normalization(FLAGS.modelDir, config) if FLAGS.raw_signature \

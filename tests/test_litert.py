@@ -109,6 +109,39 @@ def test_integer_layers_read_the_trained_codes(tmp_path):
         assert np.mean(lowered != quantize(expected, scale, 8)) <= allowed
 
 
+def test_a_searched_mixed_architecture_exports(tmp_path):
+    """Per-layer conv modes, tile sizes and bit-widths, as bin/search.py writes them."""
+    rng = np.random.default_rng(4)
+    modes = [("normal", None, 8), ("flex", 2, 6), ("static", 4, 8), ("flex", 6, 8)]
+    layers = models.searchable_layers()
+    architecture = {}
+    for i, layer in enumerate(layers):
+        conv, tile, bits = modes[i % len(modes)]
+        tile = None if tile is None else max(t for t in layer.tile_sizes if t <= tile)
+        architecture[layer.name] = {"conv": conv, "tile_size": tile, "bits": bits}
+    model = _calibrated(models.resnet18_like(width_multiplier=0.125,
+                                             architecture=architecture), rng)
+    info = litert.export_litert(model, str(tmp_path / "mixed.tflite"), (MEAN, STD))
+    assert info["integer"] and set(info["winograd"]) == {
+        name for name, choice in architecture.items() if choice["conv"] != "normal"}
+    raw, _ = _raw_and_normalized(rng, 2)
+    logits = litert.predict(litert.interpreter(str(tmp_path / "mixed.tflite")), raw)
+    assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
+
+
+def test_a_file_xnnpack_refuses_runs_on_the_builtin_kernels(tmp_path):
+    """An untrained 4-bit F6 layer's output range is far finer than one accumulator step."""
+    rng = np.random.default_rng(5)
+    model = _quantized("flex", 6, False, rng, bits=4)
+    path = str(tmp_path / "f6.tflite")
+    info = litert.export_litert(model, path, (MEAN, STD))
+    assert any("output_transform" in name for name in info["xnnpack_refused"])
+    with pytest.warns(UserWarning, match="builtin kernels"):
+        runner = litert.interpreter(path)
+    assert "DELEGATE" not in litert.operators(runner)
+    assert litert.predict(runner, _raw_and_normalized(rng, 2)[0]).shape == (2, 10)
+
+
 def test_runs_litert_cannot_express_are_refused_and_nothing_is_written(tmp_path):
     rng = np.random.default_rng(3)
     path = str(tmp_path / "x.tflite")

@@ -22,6 +22,7 @@ Example::
 """
 
 import os
+import warnings
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -30,8 +31,9 @@ from wa_tf.deploy import litert_model
 
 try:  # LiteRT's own interpreter (pip install ai-edge-litert) is preferred when present
     from ai_edge_litert.interpreter import Interpreter as _LiteRTInterpreter
+    from ai_edge_litert.interpreter import OpResolverType as _OpResolverType
 except ImportError:  # pragma: no cover - depends on the environment
-    _LiteRTInterpreter = None
+    _LiteRTInterpreter = _OpResolverType = None
 
 
 def export_litert(model, path: str, normalization: Optional[Sequence] = None,
@@ -80,16 +82,18 @@ def interpreter(model, threads: int = 1):
     """A LiteRT interpreter (XNNPACK on) for a ``.tflite`` path or its bytes.
 
     ai-edge-litert's ``Interpreter`` when installed, else TensorFlow's
-    ``tf.lite.Interpreter``.
+    ``tf.lite.Interpreter``.  A file XNNPACK refuses (see
+    :func:`export_litert`'s ``xnnpack_refused``) runs on LiteRT's builtin
+    kernels, with a warning.
 
     Raises:
       ValueError: if the file is missing or not a model the runtime accepts.
     """
     if _LiteRTInterpreter is not None:
-        cls = _LiteRTInterpreter
+        cls, resolvers = _LiteRTInterpreter, _OpResolverType
     else:
         import tensorflow as tf  # pylint: disable=import-outside-toplevel  # the fallback only
-        cls = tf.lite.Interpreter
+        cls, resolvers = tf.lite.Interpreter, tf.lite.experimental.OpResolverType
     kwargs = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) \
         else {"model_path": os.fspath(model)}
     if "model_path" in kwargs and not os.path.isfile(kwargs["model_path"]):
@@ -98,8 +102,14 @@ def interpreter(model, threads: int = 1):
         runner = cls(num_threads=int(threads), **kwargs)
         runner.allocate_tensors()
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"the LiteRT runtime cannot load the model: "
-                         f"{str(e).splitlines()[0]}") from None
+        if "XNNPACK" not in str(e):
+            raise ValueError(f"the LiteRT runtime cannot load the model: "
+                             f"{str(e).splitlines()[0]}") from None
+        warnings.warn("XNNPACK cannot run this model (a requantisation ratio outside "
+                      "[2^-32, 256)); LiteRT's builtin kernels run it instead")
+        runner = cls(num_threads=int(threads), **kwargs,
+                     experimental_op_resolver_type=resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        runner.allocate_tensors()
     return runner
 
 

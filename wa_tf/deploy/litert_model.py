@@ -377,8 +377,9 @@ def build(model, normalization: Optional[Sequence] = None,
     Returns:
       ``(flatbuffer bytes, info)``; ``info`` has ``operators`` (the builtin
       operators used), ``integer``, per Winograd layer whether its transforms
-      are stored exactly (``winograd``) and the graph tensor of each Keras
-      layer's output (``tensors``; fused layers share one).
+      are stored exactly (``winograd``), the graph tensor of each Keras
+      layer's output (``tensors``; fused layers share one) and the operators
+      XNNPACK refuses (``xnnpack_refused``: LiteRT's builtin kernels run the file).
 
     Raises:
       ValueError: For a model or layer this lowering does not express.
@@ -413,4 +414,5 @@ def build(model, normalization: Optional[Sequence] = None,
         logits = out
     flatbuffer = lowering.g.finish([graph_input], [logits])
     return flatbuffer, {"integer": quantized, "operators": lowering.g.operator_kinds(),
-                        "winograd": lowering.info, "tensors": lowering.layer_tensors}
+                        "winograd": lowering.info, "tensors": lowering.layer_tensors,
+                        "xnnpack_refused": lowering.g.xnnpack_refused}

@@ -71,6 +71,9 @@ class Graph:
         self._operators: List[schema.OperatorT] = []
         self._opcodes: Dict[str, int] = {}
         self._codes: List[schema.OperatorCodeT] = []
+        # Outputs of operators XNNPACK refuses (see _check_xnnpack); the interpreter's
+        # builtin kernels run them.
+        self.xnnpack_refused: List[str] = []
 
     def tensor(self, name: str, shape: Sequence[int], dtype: str, scale=None, zero_point=None,
                data: Optional[np.ndarray] = None, axis: int = 0) -> int:
@@ -137,6 +140,7 @@ class Graph:
             opcode.version = _VERSIONS.get(kind, 1)
             self._opcodes[kind] = len(self._codes)
             self._codes.append(opcode)
+        self._check_xnnpack(kind, inputs, outputs)
         operator = schema.OperatorT()
         operator.opcodeIndex = self._opcodes[kind]
         operator.inputs = np.asarray(inputs, np.int32)
@@ -146,6 +150,23 @@ class Graph:
             operator.builtinOptionsType = getattr(schema.BuiltinOptions, f"{name}Options")
             operator.builtinOptions = table
         self._operators.append(operator)
+
+    def _check_xnnpack(self, kind, inputs, outputs) -> None:
+        """Notes an int8 product whose requantisation ratio XNNPACK does not accept.
+
+        XNNPACK takes ``input scale * weight scale / output scale`` in
+        [2^-32, 256) only; a larger ratio (an output range far finer than one
+        accumulator step, as an untrained low-bit layer can have) is left to
+        LiteRT's builtin kernels, which accept any.
+        """
+        if kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            return
+        x, w, y = (self.quantization_of(i) for i in (inputs[0], inputs[1], outputs[0]))
+        if x is None or w is None or y is None:
+            return
+        ratio = float(x[0][0]) * np.asarray(w[0], np.float64) / float(y[0][0])
+        if ratio.max() >= 256 or ratio.min() < 2.0 ** -32:
+            self.xnnpack_refused.append(self._tensors[outputs[0]].name)
 
     def operator_kinds(self) -> List[str]:
         """The builtin operators used, in first-use order."""
