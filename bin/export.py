@@ -36,6 +36,10 @@ flags.DEFINE_boolean("fused_kernels", False, "Serve the Winograd tile stages wit
                      "library first: import wa_tf, or tf.load_op_library(<path printed>).")
 flags.DEFINE_string("litert", None, "Also (or only) write this LiteRT .tflite file: integer "
                     "for a quantized run, float32 otherwise; it takes uint8 0-255 images.")
+flags.DEFINE_enum("litert_transforms", "int8", ["int8", "int16"], "Integer LiteRT: 'int8' "
+                  "keeps every tensor int8 (XNNPACK runs it all); 'int16' sums the Winograd "
+                  "transforms in int16 before requantising, closer to the trained model but "
+                  "on LiteRT's builtin kernels.")
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS
@@ -66,7 +70,8 @@ def _export():
     model, config = cli.load_run()
     if FLAGS.litert:  # first: a model LiteRT cannot express stops before anything is written
         info = litert.export_litert(model, FLAGS.litert,
-                                    cli.run_normalization(FLAGS.modelDir, config))
+                                    cli.run_normalization(FLAGS.modelDir, config),
+                                    transforms=FLAGS.litert_transforms)
         kind = "integer (int8)" if info["integer"] else "float32"
         print(f"LiteRT model: {FLAGS.litert} ({kind}, {info['bytes'] / 2**20:.2f} MiB; uint8 "
               f"images in, float32 logits out; operators: {', '.join(info['operators'])})")

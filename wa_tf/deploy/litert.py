@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 def export_litert(model, path: str, normalization: Optional[Sequence] = None,
-                  batch_size: int = 1) -> Dict:
+                  batch_size: int = 1, transforms: str = "int8") -> Dict:
     """Writes ``model`` as a LiteRT flatbuffer at ``path``.
 
     Args:
@@ -48,6 +48,8 @@ def export_litert(model, path: str, normalization: Optional[Sequence] = None,
       normalization: Optional ``(mean, std)`` per channel of [0, 1] images; the
         file then takes uint8 0-255 images and normalises them itself.
       batch_size: The batch size of the file's shapes (resizable).
+      transforms: 'int8', or 'int16' to sum the Winograd transforms' parts in
+        int16 (closer to the integer reference, off XNNPACK; docs/deploy.md).
 
     Returns:
       ``{'path', 'bytes', 'integer', 'operators', 'winograd'}`` (see
@@ -61,7 +63,7 @@ def export_litert(model, path: str, normalization: Optional[Sequence] = None,
         raise ValueError("path must name the .tflite file to write")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size!r}")
-    flatbuffer, info = litert_model.build(model, normalization, int(batch_size))
+    flatbuffer, info = litert_model.build(model, normalization, int(batch_size), transforms)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     partial = path + ".partial"

@@ -79,8 +79,8 @@ def _is_plain_relu(layer) -> bool:
 class _Lowering:
     """State of one :func:`build` call."""
 
-    def __init__(self, model, quantized: bool, batch_size: int):
-        self.model, self.quantized, self.batch = model, quantized, batch_size
+    def __init__(self, model, quantized: bool, batch_size: int, wide: bool = False):
+        self.model, self.quantized, self.batch, self.wide = model, quantized, batch_size, wide
         self.g = Graph()
         self.tensors: Dict[int, int] = {}       # id(KerasTensor) -> graph tensor
         self.scales: Dict[int, float] = {}      # graph tensor -> scale
@@ -282,7 +282,7 @@ class _Lowering:
             self.check_bits(inner.name, arrays[f"{tensor}_bits"])
         if abs(self.scales[x] / float(arrays["input_scale"]) - 1) > 1e-6:
             raise ValueError(f"layer {inner.name!r}: its input is not quantized with its range")
-        y, info = litert_winograd.lower_int8(self.g, x, arrays, inner.name)
+        y, info = litert_winograd.lower_int8(self.g, x, arrays, inner.name, wide=self.wide)
         self.scales[y], self.bounds[y] = float(arrays["output_scale"]), \
             128 * float(arrays["output_scale"])
         self.info[inner.name] = info
@@ -358,13 +358,17 @@ _DISPATCH = ((WinogradConv2D, "winograd"), (tf_keras.layers.Conv2D, "conv"),
              (tf_keras.layers.Dense, litert_ends.dense))
 
 
+# How the integer Winograd transforms sum their int8 parts (see build).
+TRANSFORM_PRECISIONS = ("int8", "int16")
+
+
 def is_quantized(model) -> bool:
     """True when any layer of ``model`` is wrapped by TF-MOT's quantizer."""
     return any(is_quantize_wrapper(layer) for layer in model.layers)
 
 
-def build(model, normalization: Optional[Sequence] = None,
-          batch_size: int = 1) -> Tuple[bytes, Dict]:
+def build(model, normalization: Optional[Sequence] = None, batch_size: int = 1,
+          transforms: str = "int8") -> Tuple[bytes, Dict]:
     """Lowers ``model`` to a LiteRT flatbuffer.
 
     Args:
@@ -373,6 +377,10 @@ def build(model, normalization: Optional[Sequence] = None,
         takes uint8 0-255 images; else float32 images as the model takes them.
       batch_size: Batch size of the file's static shapes (the interpreter can
         resize it: every reshape keeps the batch free).
+      transforms: 'int8' (every tensor int8, XNNPACK runs it all) or 'int16':
+        the Winograd transforms sum their int8 parts in int16 before one
+        requantisation, closer to the integer reference but on LiteRT's
+        builtin kernels (see :func:`wa_tf.deploy.litert_winograd.lower_int8`).
 
     Returns:
       ``(flatbuffer bytes, info)``; ``info`` has ``operators`` (the builtin
@@ -384,8 +392,11 @@ def build(model, normalization: Optional[Sequence] = None,
     Raises:
       ValueError: For a model or layer this lowering does not express.
     """
+    if transforms not in TRANSFORM_PRECISIONS:
+        raise ValueError(f"transforms must be one of {', '.join(TRANSFORM_PRECISIONS)}; "
+                         f"got {transforms!r}")
     quantized = is_quantized(model)
-    lowering = _Lowering(model, quantized, int(batch_size))
+    lowering = _Lowering(model, quantized, int(batch_size), wide=transforms == "int16")
     graph_input, x = litert_ends.image_input(lowering, normalization)
     lowering.tensors[id(model.inputs[0])] = x
     for layer in lowering.layers():

@@ -70,6 +70,10 @@ def int8_rows(rows: np.ndarray, max_parts: int = 3) -> List[Tuple[np.ndarray, np
     return parts or [(np.zeros(rows.shape, np.int8), np.ones(rows.shape[0]))]
 
 
+# The int16 sums of the wide lowering hold 1/_FINE of an int8 code.
+_FINE = 256.0
+
+
 def _per_tap(scale, t) -> np.ndarray:
     scale = np.asarray(scale, np.float64)
     return np.broadcast_to(scale.reshape(-1) if scale.size > 1 else scale, (t * t,)).copy()
@@ -149,14 +153,30 @@ def _tail(g, y_rows, n, geo, m, k, dtype, quant, name):
     return out
 
 
-def _sum(g, parts, shape, quant, name) -> int:
-    """The one tensor of ``parts``, or their int8 sum (ADDs)."""
+def _zero_bias(g, name, scale, wide) -> int:
+    """A zero bias (int32; int64 for LiteRT's 16x8 operators)."""
+    dtype = "int64" if wide else "int32"
+    return g.constant(name, np.zeros(np.size(scale), dtype), dtype, scale)
+
+
+def _sum(g, parts, shape, quant, name, act="int8", act_scale=1.0) -> int:
+    """The sum of ``parts`` (ADDs) as an int8 tensor with quantization ``quant``.
+
+    int16 parts (scale ``act_scale`` of ``quant``'s) are added in int16 and
+    requantised to int8 once.
+    """
+    scale, zero = quant
     total = parts[0]
     for i, part in enumerate(parts[1:]):
-        out = g.tensor(name if i == len(parts) - 2 else f"{name}/sum{i}", shape, "int8", *quant)
+        last = i == len(parts) - 2 and act == "int8"
+        out = g.tensor(name if last else f"{name}/sum{i}", shape, act, scale * act_scale, zero)
         g.op("ADD", [total, part], [out], options("Add"))
         total = out
-    return total
+    if act == "int8":
+        return total
+    out = g.tensor(name, shape, "int8", scale, zero)
+    g.op("QUANTIZE", [total], [out])
+    return out
 
 
 def _to_tap_major(g, v, t, c, geo, dtype, quant, name):
@@ -166,7 +186,7 @@ def _to_tap_major(g, v, t, c, geo, dtype, quant, name):
 
 
 def lower_int8(g: Graph, x: int, layer: Dict, name: str,
-               output_scale: Optional[float] = None) -> Tuple[int, Dict]:
+               output_scale: Optional[float] = None, wide: bool = False) -> Tuple[int, Dict]:
     """Appends one quantized layer (a :mod:`wa_tf.integer` layer dict) to ``g``.
 
     Args:
@@ -176,6 +196,11 @@ def lower_int8(g: Graph, x: int, layer: Dict, name: str,
       name: Prefix of the tensor names.
       output_scale: Scale of the output tensor (default the layer's own output
         scale; another one requantises there, saving an operator).
+      wide: Sum the transforms' int8 parts in int16 at 1/256 of a code (LiteRT's
+        16x8 operators) and requantise that sum to int8 once: V and the output
+        then match the reference but where the sum lies within 1/256 of a code
+        of a rounding tie.  The 16x8 operators run on LiteRT's builtin kernels
+        (XNNPACK has none).
 
     Returns:
       ``(output tensor, info)``; ``info['exact']`` tells whether both
@@ -197,26 +222,31 @@ def lower_int8(g: Graph, x: int, layer: Dict, name: str,
     s_out = float(layer["output_scale"] if output_scale is None else output_scale)
     zero = np.zeros(1, np.int64)
 
-    xp, n, _, geo = _tiles(g, x, m, r, layer["padding"], "int8", (s_in, zero), name)
     # Input transform: one depthwise output channel per (input channel, tap).
     b_t = layer["B_t_codes"].astype(np.int64)
-    taps = np.einsum("ai,bj->abij", b_t, b_t).reshape(t * t, t * t)
+    taps = int8_rows(np.einsum("ai,bj->abij", b_t, b_t).reshape(t * t, t * t))
+    # A transform stored in one part is requantised once already: int16 sums only for more.
+    act, act_scale = ("int16", 1.0 / _FINE) if wide and len(taps) > 1 else ("int8", 1.0)
+    if act == "int16":
+        x16 = g.tensor(name + "/x16", g.shape_of(x), "int16", s_in, zero)
+        g.op("QUANTIZE", [x], [x16])
+        x = x16
+    xp, n, _, geo = _tiles(g, x, m, r, layer["padding"], act, (s_in, zero), name)
     parts = []
-    for part, (codes, steps) in enumerate(int8_rows(taps)):
+    for part, (codes, steps) in enumerate(taps):
         ch_scale = np.tile(steps * s_bt ** 2 * tensor_v / s_v, c)  # per (channel, tap)
         weights = np.tile(codes.reshape(t * t, t, t).transpose(1, 2, 0), (1, 1, c))[None]
         out = g.tensor(f"{name}/input_transform{part}", [n, geo.n_h, geo.n_w, c * t * t],
-                       "int8", tensor_v, zero)
+                       act, tensor_v * act_scale, zero)
         g.op("DEPTHWISE_CONV_2D",
              [xp, g.constant(f"{name}/B{part}", weights, "int8", ch_scale, axis=3),
-              g.constant(f"{name}/B_bias{part}", np.zeros(c * t * t, np.int32), "int32",
-                         s_in * ch_scale)],
+              _zero_bias(g, f"{name}/B_bias{part}", s_in * ch_scale, act == "int16")],
              [out], options("DepthwiseConv2D", padding="valid", stride=m,
                             depthMultiplier=t * t))
         parts.append(out)
     parts_b = parts
     v = _sum(g, parts, [n, geo.n_h, geo.n_w, c * t * t], (tensor_v, zero),
-             name + "/input_transform")
+             name + "/input_transform", act, act_scale)
     v = _to_tap_major(g, v, t, c, geo, "int8", (tensor_v, zero), name)
     # Element-wise stage: t^2 groups of C -> K with the trained codes of U.
     u = layer["U_codes"].astype(np.int8).reshape(t * t, c, k).transpose(0, 2, 1)
@@ -236,19 +266,24 @@ def lower_int8(g: Graph, x: int, layer: Dict, name: str,
     mm = _reshape(g, mm, [-1, t * t, k], "int8", (tensor_m, zero), name + "/m3")
     mm = _transpose(g, mm, [0, 2, 1], "int8", (tensor_m, zero), name + "/m_rows")
     mm = _reshape(g, mm, [-1, t * t], "int8", (tensor_m, zero), name + "/m")
+    rows = int8_rows(rows)
+    act, act_scale = ("int16", 1.0 / _FINE) if wide and len(rows) > 1 else ("int8", 1.0)
+    if act == "int16":
+        m16 = g.tensor(name + "/m16", g.shape_of(mm), "int16", tensor_m, zero)
+        g.op("QUANTIZE", [mm], [m16])
+        mm = m16
     parts = []
-    for part, (codes, steps) in enumerate(int8_rows(rows)):
+    for part, (codes, steps) in enumerate(rows):
         a_scale = steps * s_y / tensor_m
-        out = g.tensor(f"{name}/output_transform{part}", [g.shape_of(mm)[0], m * m], "int8",
-                       s_out, zero)
+        out = g.tensor(f"{name}/output_transform{part}", [g.shape_of(mm)[0], m * m], act,
+                       s_out * act_scale, zero)
         g.op("FULLY_CONNECTED",
              [mm, g.constant(f"{name}/A{part}", codes, "int8", a_scale),
-              g.constant(f"{name}/A_bias{part}", np.zeros(m * m, np.int32), "int32",
-                         tensor_m * a_scale)],
+              _zero_bias(g, f"{name}/A_bias{part}", tensor_m * a_scale, act == "int16")],
              [out], options("FullyConnected"))
         parts.append(out)
     rows_out = _sum(g, parts, [g.shape_of(mm)[0], m * m], (s_out, zero),
-                    name + "/output_transform")
+                    name + "/output_transform", act, act_scale)
     y = _tail(g, rows_out, n, geo, m, k, "int8", (s_out, zero), name)
     return y, {"input_transform_parts": len(parts_b), "output_transform_parts": len(parts)}
 
