@@ -8,7 +8,7 @@ adjoint :func:`tile_transform_adjoint` (``tile_adjoint.cc``), each the other's
 gradient, plus the gradients with respect to the transform and, without V in
 memory, to U (``tile_weight_grad.cc``; shared pieces in ``tile_common.h`` and
 ``tile_rows.h``; docs/kernels.md).  ``fake_quant.cc`` is
-:func:`wa_tf.quantizers.fake_quant` in one pass instead of five
+:func:`wa_tf.quantization.quantizers.fake_quant` in one pass instead of five
 (:func:`fake_quant`), with the same results bit for bit.
 
 The package is in three layers:

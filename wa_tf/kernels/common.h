@@ -1,5 +1,5 @@
 // What the kernel files share: TensorFlow's names, the one fake-quantization
-// rounding that must equal wa_tf.quantizers.fake_quant (TensorFlow's ops) bit for bit,
+// rounding that must equal wa_tf.quantization.quantizers.fake_quant (TensorFlow's ops) bit for bit,
 // and the check of a quantization step's shape.
 
 #ifndef WA_TF_KERNELS_COMMON_H_

@@ -173,7 +173,7 @@ def saved_with_kernels():
     """Within the context, SavedModels written keep the kernels' ops (:func:`usable` holds).
 
     Such a SavedModel loads only where this library is loaded first
-    (``tf.load_op_library``, or ``import wa_tf``): ``wa_tf.export``'s
+    (``tf.load_op_library``, or ``import wa_tf``): ``wa_tf.deploy.export``'s
     ``fused_kernels=True``.
     """
     return _counted("saved_with")

@@ -112,7 +112,7 @@ class FakeQuantOp : public OpKernel {
 };
 
 // The min and max of x, or of each index of its first axis (per_axis), in one pass: the
-// batch statistics of wa_tf.quantizers.EMAQuantizer, where TensorFlow reads the tensor
+// batch statistics of wa_tf.quantization.quantizers.EMAQuantizer, where TensorFlow reads the tensor
 // twice (reduce_min, reduce_max).  As TensorFlow's reductions: a NaN makes both NaN, an
 // empty reduction gives (+inf, -inf).  Work units are runs of kRun values of one index.
 constexpr int64_t kRun = 16384;

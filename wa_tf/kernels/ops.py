@@ -23,7 +23,7 @@ def fake_quant(x, scale, qmin, qmax, codes_dtype=None):
 
     Returns:
       The fake-quantized tensor, or (it, codes) with `codes_dtype`.  No gradient
-      is defined: :mod:`wa_tf.quantizers` gives it its straight-through one.
+      is defined: :mod:`wa_tf.quantization.quantizers` gives it its straight-through one.
     """
     scale = tf.reshape(scale, [-1])
     if codes_dtype is None:
@@ -150,7 +150,7 @@ def tile_transform_weight_grad(x, mat, dm, stride, pad_top, pad_left, n_h, n_w, 
 
     The gradient of ``V @ U`` (per position, ``tf.matmul``) with respect to U:
     ``tf.matmul(V, dm, transpose_a=True)``, without V in memory.  With `scale`,
-    V is first fake-quantized as :func:`wa_tf.quantizers.fake_quant` does it
+    V is first fake-quantized as :func:`wa_tf.quantization.quantizers.fake_quant` does it
     (one value or one per position; `qmin`, `qmax` the code limits).
 
     Args:

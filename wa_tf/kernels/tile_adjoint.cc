@@ -276,7 +276,7 @@ REGISTER_OP("WaTileTransformAdjoint")
     .SetShapeFn(AdjointShape);
 
 // WaTileTransformAdjoint with z given as its integer codes and their step (one, or one per
-// position), decoded as wa_tf.quantizers.from_codes decodes them, tile by tile.
+// position), decoded as wa_tf.quantization.quantizers.from_codes decodes them, tile by tile.
 REGISTER_OP("WaTileTransformAdjointCodes")
     .Input("codes: Tcodes")
     .Input("scale: T")

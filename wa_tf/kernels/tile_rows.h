@@ -62,7 +62,7 @@ struct RowOut {
 };
 
 // The row's tiles Z = (P X) P^T from the vertical pass h, rows a of `out`'s range,
-// fake-quantized as wa_tf.quantizers.fake_quant does when `out.scale` is set.  Position
+// fake-quantized as wa_tf.quantization.quantizers.fake_quant does when `out.scale` is set.  Position
 // (a, b) of the row's tiles is one run (tiles consecutive): for a given a, the p runs
 // (a, 0..p-1) advance together, tile by tile.
 template <typename T, int CB, typename PS, typename QS>
@@ -86,7 +86,7 @@ void HorizontalPass(const T* __restrict__ h, const T* __restrict__ mat, PS p, QS
         for (int b = 0; b < p; ++b) Store(tile[b] + k0, acc[b]);
       }
       for (int b = 0; b < p; ++b) {
-        if (out.scale != nullptr) {  // wa_tf.quantizers.fake_quant, value for value
+        if (out.scale != nullptr) {  // wa_tf.quantization.quantizers.fake_quant, value for value
           const T s = out.scale[out.scales == 1 ? 0 : a * p + b];
           for (int k = 0; k < CB; ++k) {
             tile[b][k] = QuantCode(tile[b][k], s, out.qmin, out.qmax) * s;
@@ -120,7 +120,7 @@ void PrefetchRuns(const Z* z, int pp, int n_w, int channels, int64_t tiles, int6
 }
 
 // A (p*p, tiles, C) tensor in z's layout as the row kernels read it: values of type T, or
-// integer codes Z decoded as wa_tf.quantizers.from_codes decodes them, code * step with
+// integer codes Z decoded as wa_tf.quantization.quantizers.from_codes decodes them, code * step with
 // the step of the position (`steps` of them: 1, or p*p).
 template <typename T, typename Z = T>
 struct TileInput {
@@ -141,7 +141,7 @@ struct TileInput {
 };
 
 // Copies one tile's run of z (cb of CB lanes) to dst, zero-padded to CB lanes, decoding
-// codes with their step s as wa_tf.quantizers.from_codes does.
+// codes with their step s as wa_tf.quantization.quantizers.from_codes does.
 template <typename T, int CB, typename Z>
 inline void LoadRun(const Z* src, T s, int cb, T* __restrict__ dst) {
   if constexpr (!std::is_same<Z, T>::value) {

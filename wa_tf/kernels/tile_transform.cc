@@ -196,7 +196,7 @@ REGISTER_OP("WaTileTransformAdjointGrad")
     });
 
 // WaTileTransformAdjointGrad with z given as its integer codes and their step (one, or
-// one per position), decoded as wa_tf.quantizers.from_codes decodes them, tile by tile.
+// one per position), decoded as wa_tf.quantization.quantizers.from_codes decodes them, tile by tile.
 REGISTER_OP("WaTileTransformAdjointGradCodes")
     .Input("dx: T")
     .Input("codes: Tcodes")

@@ -21,7 +21,7 @@ using namespace tiles;  // NOLINT(build/namespaces): the kernels' shared pieces
 // M = V U (per position, V the tile transform of x, fake-quantized when `scale` has values):
 // dU[ab] = V[ab]^T dM[ab], summed over tiles, without V in memory.  V is recomputed block
 // of tiles by block with the very code (and so the very values) of WaTileTransform, and
-// quantized as wa_tf.quantizers.fake_quant does; the GEMMs run on blocks in cache.  Work
+// quantized as wa_tf.quantization.quantizers.fake_quant does; the GEMMs run on blocks in cache.  Work
 // is split by the row a of the positions: each thread writes its own rows of dU.
 // Inputs: x (N, H, W, C), mat (p, q), dm (p*p, tiles, K), scale (0, 1 or p*p values).
 constexpr int64_t kWeightGradBytes = 512 * 1024;
