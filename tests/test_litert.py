@@ -109,6 +109,7 @@ def test_integer_layers_read_the_trained_codes(tmp_path):
         assert np.mean(lowered != quantize(expected, scale, 8)) <= allowed
 
 
+@pytest.mark.slow
 def test_a_searched_mixed_architecture_exports(tmp_path):
     """Per-layer conv modes, tile sizes and bit-widths, as bin/search.py writes them."""
     rng = np.random.default_rng(4)
@@ -129,6 +130,7 @@ def test_a_searched_mixed_architecture_exports(tmp_path):
     assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
 
 
+@pytest.mark.slow
 def test_a_file_xnnpack_refuses_runs_on_the_builtin_kernels(tmp_path):
     """An untrained 4-bit F6 layer's output range is far finer than one accumulator step."""
     rng = np.random.default_rng(5)
