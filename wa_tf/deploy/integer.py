@@ -170,7 +170,7 @@ def encode_layer(name: str, tile_size: int, kernel_size: int, padding: str, flex
     return arrays
 
 
-def _per_tap(scale, t):
+def per_tap(scale, t):
     """A scale as a float64 (t, t) array (broadcast when per tensor)."""
     return np.broadcast_to(np.asarray(scale, np.float64).reshape(-1)
                            if np.size(scale) > 1 else np.float64(scale), (t * t,)).reshape(t, t)
@@ -236,7 +236,7 @@ def _tiles(codes, m, r, padding):
     return np.transpose(windows, (4, 5, 0, 1, 2, 3)), (geo.out_h, geo.out_w)
 
 
-def _fraction_bits(layer):
+def fraction_bits(layer):
     """Fixed-point bits F of the per-tap output transform (0 when per tensor)."""
     if np.size(layer["hadamard_scale"]) == 1:
         return 0
@@ -267,7 +267,7 @@ def input_transform(layer, x_codes) -> Tuple[np.ndarray, Tuple[int, int]]:
     # B_t d B_t^T in int64, requantised per tap.
     acc = np.einsum("ai,bj,ij...->ab...", b_t, b_t, d, optimize=True)
     mult = (layer["B_t_scale"].astype(np.float64) ** 2
-            * layer["input_scale"].astype(np.float64) / _per_tap(layer["input_winograd_scale"], t))
+            * layer["input_scale"].astype(np.float64) / per_tap(layer["input_winograd_scale"], t))
     return requantize(acc, mult[:, :, None, None, None, None],
                       layer["input_winograd_bits"]), out_size
 
@@ -282,8 +282,8 @@ def hadamard(layer, v) -> np.ndarray:
     v = np.asarray(v, np.int64)
     u = layer["U_codes"].astype(np.int64)
     acc = np.matmul(v.reshape(t, t, -1, v.shape[-1]), u).reshape(v.shape[:-1] + u.shape[-1:])
-    s_m = _per_tap(layer["hadamard_scale"], t)
-    mult = _per_tap(layer["input_winograd_scale"], t) * _per_tap(
+    s_m = per_tap(layer["hadamard_scale"], t)
+    mult = per_tap(layer["input_winograd_scale"], t) * per_tap(
         layer["weights_winograd_scale"], t) / s_m
     return requantize(acc, mult[:, :, None, None, None, None], layer["hadamard_bits"])
 
@@ -297,8 +297,8 @@ def output_transform(layer, mm, out_size) -> np.ndarray:
     layer = _checked(layer)
     m, t = layer["tile_size"], layer["tile_input_size"]
     a_t = layer["A_t_codes"].astype(np.int64)
-    s_m = _per_tap(layer["hadamard_scale"], t)
-    frac = _fraction_bits(layer)
+    s_m = per_tap(layer["hadamard_scale"], t)
+    frac = fraction_bits(layer)
     s_ref = s_m.max()
     weights = np.rint(s_m / s_ref * 2.0 ** frac).astype(np.int64)
     acc = np.einsum("ia,jb,ab...->ij...", a_t, a_t,

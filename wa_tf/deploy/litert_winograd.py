@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from wa_tf.deploy import integer
 from wa_tf.deploy.tflite_graph import Graph, options
 from wa_tf.transforms import tile_geometry
 
@@ -72,20 +73,6 @@ def int8_rows(rows: np.ndarray, max_parts: int = 3) -> List[Tuple[np.ndarray, np
 
 # The int16 sums of the wide lowering hold 1/_FINE of an int8 code.
 _FINE = 256.0
-
-
-def _per_tap(scale, t) -> np.ndarray:
-    scale = np.asarray(scale, np.float64)
-    return np.broadcast_to(scale.reshape(-1) if scale.size > 1 else scale, (t * t,)).copy()
-
-
-def _fraction_bits(layer) -> int:
-    """The reference's fixed-point bits of per-tap output tap weights (0 per tensor)."""
-    if np.size(layer["hadamard_scale"]) == 1:
-        return 0
-    a_max = int(np.max(np.abs(layer["A_t_codes"].astype(np.int64))))
-    bound = a_max ** 2 * 2 ** (layer["hadamard_bits"] - 1) * layer["tile_input_size"] ** 2
-    return max(0, min(30, 62 - bound.bit_length()))
 
 
 def _reshape(g: Graph, x: int, shape, dtype, quant, name) -> int:
@@ -215,7 +202,7 @@ def lower_int8(g: Graph, x: int, layer: Dict, name: str,
         raise ValueError(f"layer {layer['layer']}: LiteRT integer tensors hold at most 8 bits")
     s_in = float(layer["input_scale"])
     s_bt, s_at = float(layer["B_t_scale"]), float(layer["A_t_scale"])
-    s_v, s_w, s_m = (_per_tap(layer[f"{s}_scale"], t)
+    s_v, s_w, s_m = (integer.per_tap(layer[f"{s}_scale"], t).reshape(-1)
                      for s in ("input_winograd", "weights_winograd", "hadamard"))
     tensor_v = float(s_v[0]) if np.size(layer["input_winograd_scale"]) == 1 else 1.0
     tensor_m = float(s_m[0]) if np.size(layer["hadamard_scale"]) == 1 else 1.0
@@ -257,7 +244,7 @@ def lower_int8(g: Graph, x: int, layer: Dict, name: str,
                                 tensor_v * u_scale)],
          [mm], options("Conv2D", padding="valid", stride=1))
     # Output transform with the reference's fixed-point tap weights.
-    frac = _fraction_bits(layer)
+    frac = integer.fraction_bits(layer)
     s_ref = float(s_m.max())
     tap_w = np.rint(s_m / s_ref * 2.0 ** frac).astype(np.int64)
     a_t = layer["A_t_codes"].astype(np.int64)
