@@ -9,7 +9,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["wa_tf", "wa_tf.*"]),
     # The fused kernels' sources, compiled on first use (wa_tf/kernels/__init__.py).
-    package_data={"wa_tf.kernels": ["*.cc", "*.h"]},
+    package_data={"wa_tf.kernels": ["*.cc", "*.h", "int8/*.cc", "int8/*.h"]},
     scripts=["bin/train.py", "bin/adapt.py", "bin/export.py", "bin/evaluate.py", "bin/sweep.py",
              "bin/latency_table.py", "bin/search.py"],
     python_requires=">=3.10",

@@ -64,9 +64,10 @@ float64, where an integer kernel uses a fixed-point multiplier)::
 
 With per-tap hadamard scales, the output transform sums taps of different
 scales: ``w[a, b] = round(2^F s_hadamard[a, b] / max s_hadamard)`` are
-fixed-point tap weights (F up to 30 bits, so the accumulator stays within
-int64) and ``s_Y = s_At^2 max(s_hadamard) 2^-F``; per-tensor scales use
-``w = 1`` and ``F = 0``, an exact integer transform.
+fixed-point tap weights (F up to 30 bits, so that every partial sum stays
+below 2^53: exact in int64 and in float64 alike, which lets a vector kernel
+run this stage in double) and ``s_Y = s_At^2 max(s_hadamard) 2^-F``; per-tensor
+scales use ``w = 1`` and ``F = 0``, an exact integer transform.
 """
 
 import os
@@ -243,7 +244,34 @@ def fraction_bits(layer):
     a_max = int(np.max(np.abs(layer["A_t_codes"].astype(np.int64))))
     m_max = 2 ** (layer["hadamard_bits"] - 1)
     bound = a_max ** 2 * m_max * layer["tile_input_size"] ** 2
-    return max(0, min(_MAX_FRACTION_BITS, 62 - bound.bit_length()))
+    # Below 2^53: the output transform is exact in float64 as well as in int64.
+    return max(0, min(_MAX_FRACTION_BITS, 53 - bound.bit_length()))
+
+
+def multipliers(layer) -> Dict[str, np.ndarray]:
+    """The requantisation constants of the three stages, as the reference uses them.
+
+    Returns:
+      A dict with float64 ``input_winograd`` and ``hadamard`` (t, t) multipliers,
+      int64 ``tap_weights`` (t, t) and their ``fraction_bits``, the output
+      transform's scale ``s_y``, the float64 ``output`` multiplier and
+      ``bias`` (K,) in units of ``s_y`` (zeros when the layer has none).
+    """
+    layer = _checked(layer)
+    t = layer["tile_input_size"]
+    s_v = per_tap(layer["input_winograd_scale"], t)
+    s_m = per_tap(layer["hadamard_scale"], t)
+    frac = fraction_bits(layer)
+    s_ref = s_m.max()
+    s_y = layer["A_t_scale"].astype(np.float64) ** 2 * s_ref * 2.0 ** -frac
+    bias = (layer["bias"].astype(np.float64) / s_y if "bias" in layer
+            else np.zeros(layer["filters"], np.float64))
+    return {"input_winograd": (layer["B_t_scale"].astype(np.float64) ** 2
+                               * layer["input_scale"].astype(np.float64) / s_v),
+            "hadamard": s_v * per_tap(layer["weights_winograd_scale"], t) / s_m,
+            "tap_weights": np.rint(s_m / s_ref * 2.0 ** frac).astype(np.int64),
+            "fraction_bits": frac, "s_y": s_y,
+            "output": s_y / layer["output_scale"].astype(np.float64), "bias": bias}
 
 
 def _checked(layer):
@@ -261,13 +289,12 @@ def input_transform(layer, x_codes) -> Tuple[np.ndarray, Tuple[int, int]]:
       ``(V, (out_h, out_w))``: int64 codes (t, t, N, n_h, n_w, C) and the output size.
     """
     layer = _checked(layer)
-    m, r, t = layer["tile_size"], layer["kernel_size"], layer["tile_input_size"]
+    m, r = layer["tile_size"], layer["kernel_size"]
     b_t = layer["B_t_codes"].astype(np.int64)
     d, out_size = _tiles(np.asarray(x_codes, np.int64), m, r, layer["padding"])
     # B_t d B_t^T in int64, requantised per tap.
     acc = np.einsum("ai,bj,ij...->ab...", b_t, b_t, d, optimize=True)
-    mult = (layer["B_t_scale"].astype(np.float64) ** 2
-            * layer["input_scale"].astype(np.float64) / per_tap(layer["input_winograd_scale"], t))
+    mult = multipliers(layer)["input_winograd"]
     return requantize(acc, mult[:, :, None, None, None, None],
                       layer["input_winograd_bits"]), out_size
 
@@ -282,9 +309,7 @@ def hadamard(layer, v) -> np.ndarray:
     v = np.asarray(v, np.int64)
     u = layer["U_codes"].astype(np.int64)
     acc = np.matmul(v.reshape(t, t, -1, v.shape[-1]), u).reshape(v.shape[:-1] + u.shape[-1:])
-    s_m = per_tap(layer["hadamard_scale"], t)
-    mult = per_tap(layer["input_winograd_scale"], t) * per_tap(
-        layer["weights_winograd_scale"], t) / s_m
+    mult = multipliers(layer)["hadamard"]
     return requantize(acc, mult[:, :, None, None, None, None], layer["hadamard_bits"])
 
 
@@ -295,12 +320,10 @@ def output_transform(layer, mm, out_size) -> np.ndarray:
     the bias, requantised with the output scale.
     """
     layer = _checked(layer)
-    m, t = layer["tile_size"], layer["tile_input_size"]
+    m = layer["tile_size"]
     a_t = layer["A_t_codes"].astype(np.int64)
-    s_m = per_tap(layer["hadamard_scale"], t)
-    frac = fraction_bits(layer)
-    s_ref = s_m.max()
-    weights = np.rint(s_m / s_ref * 2.0 ** frac).astype(np.int64)
+    consts = multipliers(layer)
+    weights = consts["tap_weights"]
     acc = np.einsum("ia,jb,ab...->ij...", a_t, a_t,
                     np.asarray(mm, np.int64) * weights[:, :, None, None, None, None],
                     optimize=True)
@@ -308,10 +331,9 @@ def output_transform(layer, mm, out_size) -> np.ndarray:
     n, n_h, n_w, k = acc.shape[2:]
     acc = np.transpose(acc, (2, 3, 0, 4, 1, 5)).reshape(n, n_h * m, n_w * m, k)
     acc = acc[:, :out_size[0], :out_size[1]]
-    s_y = layer["A_t_scale"].astype(np.float64) ** 2 * s_ref * 2.0 ** -frac
     if "bias" in layer:
-        acc = acc + layer["bias"].astype(np.float64) / s_y
-    return requantize(acc, s_y / layer["output_scale"].astype(np.float64), layer["output_bits"])
+        acc = acc + consts["bias"]
+    return requantize(acc, consts["output"], layer["output_bits"])
 
 
 def run_layer_codes(layer, x) -> Tuple[np.ndarray, np.float32]:

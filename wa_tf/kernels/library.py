@@ -127,7 +127,7 @@ def compile_command(compiler, march, source, output, extra=()):
             *extra, source, "-o", output]
 
 
-def _run(cmds, deadline, verbose):
+def run_commands(cmds, deadline, verbose):
     """Runs `cmds` at once (each in a process group of its own); kills them all at `deadline`.
 
     Returns:
@@ -160,7 +160,7 @@ def _run(cmds, deadline, verbose):
 
 
 @contextlib.contextmanager
-def _locked(path, deadline):
+def locked(path, deadline):
     """Holds an exclusive lock on `path` + ``.lock`` (other processes wait until `deadline`)."""
     with open(path + ".lock", "a+b") as f:
         while True:
@@ -212,7 +212,7 @@ def build(verbose=False):
         raise RuntimeError("no C++ compiler (g++ or $CXX) found")
     os.makedirs(cache_dir(), exist_ok=True)
     deadline = time.monotonic() + timeout
-    with _locked(path, deadline):
+    with locked(path, deadline):
         if os.path.exists(path):  # built by another process meanwhile
             return path
         failure = _remembered_failure(path)
@@ -221,11 +221,11 @@ def build(verbose=False):
         with tempfile.TemporaryDirectory(dir=cache_dir()) as work:
             objects = [os.path.join(work, f"{i}.o") for i in range(len(SOURCES))]
             # One process per source, all at once: they share the cores.
-            message = _run([compile_command(compiler, target(), source, obj)
+            message = run_commands([compile_command(compiler, target(), source, obj)
                             for source, obj in zip(SOURCES, objects)], deadline, verbose)
             tmp = os.path.join(work, "library.so")
             if message is None:
-                message = _run([[compiler, "-shared", *objects, "-o", tmp,
+                message = run_commands([[compiler, "-shared", *objects, "-o", tmp,
                                  *tf.sysconfig.get_link_flags()]], deadline, verbose)
             if message is not None:
                 with open(failure_path(path), "w", encoding="utf-8") as f:

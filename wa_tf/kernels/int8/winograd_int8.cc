@@ -1,0 +1,246 @@
+// The plan (packed weights, multipliers), the blocked driver with its threads, the ISA dispatch
+// and the C interface that wa_tf.kernels.int8 loads with ctypes.
+#include "winograd_int8.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace wa_int8 {
+namespace {
+
+constexpr int kBlockTiles = 32;  // tiles per block: V and M of a block stay in L2
+
+const Variant* Select(const char* isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  const bool has_avx2 = avx2_variant() != nullptr && __builtin_cpu_supports("avx2") &&
+                        __builtin_cpu_supports("fma");
+#else
+  const bool has_avx2 = false;
+#endif
+  if (std::strcmp(isa, "scalar") == 0) return &scalar_variant();
+  if (std::strcmp(isa, "avx2") == 0) return has_avx2 ? avx2_variant() : nullptr;
+  if (std::strcmp(isa, "auto") == 0) return has_avx2 ? avx2_variant() : &scalar_variant();
+  return nullptr;
+}
+
+struct Kernel {
+  Plan plan;
+  const Variant* variant;
+};
+
+Geometry MakeGeometry(const Plan& p, int n, int h, int w) {
+  Geometry g{};
+  g.n = n;
+  g.h = h;
+  g.w = w;
+  g.pad = p.same ? (p.r - 1) / 2 : 0;
+  g.out_h = p.same ? h : h - p.r + 1;
+  g.out_w = p.same ? w : w - p.r + 1;
+  g.n_h = (g.out_h + p.m - 1) / p.m;
+  g.n_w = (g.out_w + p.m - 1) / p.m;
+  return g;
+}
+
+// Work of one block, split among `threads` workers by tiles (transforms) and by filter blocks
+// (element-wise stage), with a barrier between stages.
+struct Barrier {
+  std::atomic<int> count{0};
+  std::atomic<int> phase{0};
+  int total;
+  explicit Barrier(int n) : total(n) {}
+  void Wait() {
+    const int ph = phase.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) + 1 == total) {
+      count.store(0, std::memory_order_relaxed);
+      phase.store(ph + 1, std::memory_order_release);
+    } else {
+      while (phase.load(std::memory_order_acquire) == ph) std::this_thread::yield();
+    }
+  }
+};
+
+void RunBlocks(const Kernel& kernel, const Geometry& g, const int8_t* x, int8_t* y, int tid,
+               int threads, Barrier* barrier, int16_t* v, int8_t* mm) {
+  const Plan& p = kernel.plan;
+  const Variant& var = *kernel.variant;
+  const int tiles = g.n * g.n_h * g.n_w;
+  const int kblocks = p.kp / kNR;
+  for (int first = 0; first < tiles; first += kBlockTiles) {
+    const int count = std::min(kBlockTiles, tiles - first);
+    const int rows = (count + kMR - 1) / kMR * kMR;
+    // Input transform: this worker's share of the tiles (zero rows by the last worker).
+    const int t0 = count * tid / threads, t1 = count * (tid + 1) / threads;
+    if (t1 > t0) {  // rows [t0, t1) of the block: the pointer moves, the row stride stays
+      var.input_transform(p, g, x, first + t0, t1 - t0, rows,
+                          v + static_cast<int64_t>(t0) * p.cp);
+    }
+    if (tid == threads - 1) {  // rows past the last tile feed the GEMM zeros
+      for (int tap = 0; tap < p.taps; ++tap) {
+        std::memset(v + (static_cast<int64_t>(tap) * rows + count) * p.cp, 0,
+                    sizeof(int16_t) * p.cp * (rows - count));
+      }
+    }
+    if (threads > 1) barrier->Wait();
+    // Element-wise stage: filter blocks split among the workers (taps when too few blocks).
+    if (kblocks >= threads) {
+      const int b0 = kblocks * tid / threads, b1 = kblocks * (tid + 1) / threads;
+      var.hadamard(p, v, rows, 0, p.taps, b0 * kNR, b1 * kNR, mm);
+    } else {
+      const int a0 = p.taps * tid / threads, a1 = p.taps * (tid + 1) / threads;
+      var.hadamard(p, v, rows, a0, a1, 0, p.kp, mm);
+    }
+    if (threads > 1) barrier->Wait();
+    if (t1 > t0) {
+      var.output_transform(p, g, mm + static_cast<int64_t>(t0) * p.kp, first + t0, t1 - t0, rows,
+                           0, p.kp, y);
+    }
+    if (threads > 1) barrier->Wait();  // the block's buffers are reused
+  }
+}
+
+struct Workspace {
+  std::vector<int16_t> v;
+  std::vector<int8_t> mm;
+};
+
+void Run(const Kernel& kernel, const int8_t* x, int n, int h, int w, int8_t* y, int threads) {
+  const Plan& p = kernel.plan;
+  const Geometry g = MakeGeometry(p, n, h, w);
+  thread_local Workspace ws;
+  const size_t rows = (kBlockTiles + kMR - 1) / kMR * kMR;
+  ws.v.resize(static_cast<size_t>(p.taps) * rows * p.cp);
+  ws.mm.resize(static_cast<size_t>(p.taps) * rows * p.kp);
+  if (threads <= 1) {
+    RunBlocks(kernel, g, x, y, 0, 1, nullptr, ws.v.data(), ws.mm.data());
+    return;
+  }
+  Barrier barrier(threads);
+  std::vector<std::thread> pool;
+  for (int tid = 1; tid < threads; ++tid) {
+    pool.emplace_back(RunBlocks, std::cref(kernel), std::cref(g), x, y, tid, threads, &barrier,
+                      ws.v.data(), ws.mm.data());
+  }
+  RunBlocks(kernel, g, x, y, 0, threads, &barrier, ws.v.data(), ws.mm.data());
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace
+}  // namespace wa_int8
+
+using wa_int8::Kernel;
+using wa_int8::kNR;
+
+extern "C" {
+
+// Returns a kernel, or nullptr when `isa` is unknown or not available on this CPU.
+// bt: t*t B_t codes; at: m*t A_t codes; u: t*t*c*k U codes; mult_v / mult_m / tap_w: t*t;
+// bias: k values of bias / s_Y, or nullptr; ranges: {v_min, v_max, m_min, m_max, y_min, y_max}.
+void* wa_int8_create(int m, int r, int c, int k, int same, const int8_t* bt, const int8_t* at,
+                     const int8_t* u, const double* mult_v, const double* mult_m,
+                     const double* tap_w, const double* bias, double mult_y, const int* ranges,
+                     const char* isa) {
+  const wa_int8::Variant* variant = wa_int8::Select(isa);
+  const int t = m + r - 1;
+  if (variant == nullptr || t > wa_int8::kMaxT || m < 1 || r < 1 || r % 2 == 0 || c < 1 || k < 1) {
+    return nullptr;
+  }
+  auto* kernel = new Kernel;  // aligned: Plan holds vectors (C++17 aligned new)
+  kernel->variant = variant;
+  wa_int8::Plan& p = kernel->plan;
+  p.m = m;
+  p.r = r;
+  p.t = t;
+  p.taps = t * t;
+  p.c = c;
+  p.k = k;
+  p.cp = (c + 7) / 8 * 8;  // whole vectors of 8 channels
+  p.kp = (k + kNR - 1) / kNR * kNR;
+  p.same = same != 0;
+  for (int i = 0; i < t * t; ++i) {
+    p.bt[i] = bt[i];
+    p.mult_v[i] = mult_v[i];
+    p.mult_m[i] = mult_m[i];
+    p.tap_w[i] = tap_w[i];
+  }
+  for (int i = 0; i < m * t; ++i) p.at[i] = at[i];
+  p.tmp16 = true;
+  for (int a = 0; a < t; ++a) {
+    int row = 0;
+    for (int i = 0; i < t; ++i) row += std::abs(p.bt[a * t + i]);
+    p.tmp16 = p.tmp16 && row * 128 <= 32767;
+    for (int ip = 0; ip < (t + 1) / 2; ++ip) {
+      const int lo = p.bt[a * t + 2 * ip], hi = 2 * ip + 1 < t ? p.bt[a * t + 2 * ip + 1] : 0;
+      const uint32_t pair = static_cast<uint16_t>(lo) | (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
+      for (int l = 0; l < 8; ++l) p.bt_pairs[a][ip][l] = static_cast<int32_t>(pair);
+    }
+  }
+  for (int a = 0; a < m; ++a) {
+    for (int j = 0; j < t; ++j) {
+      for (int b = 0; b < t; ++b) {
+        for (int l = 0; l < 4; ++l) p.aw_lanes[a][j][b][l] = p.at[a * t + j] * p.tap_w[j * t + b];
+      }
+    }
+  }
+  for (int i = 0; i < t * t; ++i) {
+    for (int l = 0; l < 8; ++l) p.bt_lanes[i][l] = p.bt[i];
+    for (int l = 0; l < 4; ++l) p.at_lanes[i][l] = i < m * t ? p.at[i] : 0.0;
+  }
+  p.mult_y = mult_y;
+  p.v_min = ranges[0];
+  p.v_max = ranges[1];
+  p.m_min = ranges[2];
+  p.m_max = ranges[3];
+  p.y_min = ranges[4];
+  p.y_max = ranges[5];
+  p.bias.assign(p.kp, 0.0);
+  if (bias != nullptr) std::copy(bias, bias + k, p.bias.begin());
+  const int pairs = p.cp / 2, kblocks = p.kp / kNR;
+  p.u_packed.assign(static_cast<size_t>(p.taps) * kblocks * pairs * 2 * kNR, 0);
+  for (int tap = 0; tap < p.taps; ++tap) {
+    for (int ci = 0; ci < c; ++ci) {
+      for (int ki = 0; ki < k; ++ki) {
+        const size_t at_ = ((static_cast<size_t>(tap) * kblocks + ki / kNR) * pairs + ci / 2) *
+                               2 * kNR + (ki % kNR) * 2 + ci % 2;
+        p.u_packed[at_] = u[(static_cast<size_t>(tap) * c + ci) * k + ki];
+      }
+    }
+  }
+  return kernel;
+}
+
+void wa_int8_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+const char* wa_int8_isa(void* kernel) { return static_cast<Kernel*>(kernel)->variant->name; }
+
+// Output size of an h x w input: {out_h, out_w}.
+void wa_int8_output_size(void* kernel, int h, int w, int* out) {
+  const wa_int8::Geometry g = wa_int8::MakeGeometry(static_cast<Kernel*>(kernel)->plan, 1, h, w);
+  out[0] = g.out_h;
+  out[1] = g.out_w;
+}
+
+void wa_int8_run(void* kernel, const int8_t* x, int n, int h, int w, int8_t* y, int threads) {
+  wa_int8::Run(*static_cast<Kernel*>(kernel), x, n, h, w, y, threads);
+}
+
+// Median seconds of `reps` calls (after one warm-up), timed here: no Python in the loop.
+double wa_int8_time(void* kernel, const int8_t* x, int n, int h, int w, int8_t* y, int threads,
+                    int reps) {
+  wa_int8::Run(*static_cast<Kernel*>(kernel), x, n, h, w, y, threads);
+  std::vector<double> times;
+  for (int i = 0; i < reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    wa_int8::Run(*static_cast<Kernel*>(kernel), x, n, h, w, y, threads);
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+                        .count());
+  }
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  return times[times.size() / 2];
+}
+
+}  // extern "C"

@@ -1,0 +1,221 @@
+// The AVX2 variant (compiled with -mavx2 -mfma): the element-wise stage as int16 pair products
+// (vpmaddwd: 16 int8 x int8 MACs into 8 int32 lanes, never saturating, unlike vpmaddubsw), the
+// transforms as the compiler vectorizes stages.h for AVX2.
+#include "winograd_int8.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+#include "stages.h"
+
+namespace wa_int8 {
+namespace {
+
+// Requantises 8 int32 accumulators to int8 codes: double multiply, round half to even, clip.
+inline __m128i RequantLanes(__m256i acc, __m256d mult, __m128i lo, __m128i hi) {
+  const __m256d a = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(acc)), mult);
+  const __m256d b = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(acc, 1)), mult);
+  const int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m128i qa = _mm256_cvtpd_epi32(_mm256_round_pd(a, kNearest));
+  __m128i qb = _mm256_cvtpd_epi32(_mm256_round_pd(b, kNearest));
+  qa = _mm_min_epi32(_mm_max_epi32(qa, lo), hi);
+  qb = _mm_min_epi32(_mm_max_epi32(qb, lo), hi);
+  return _mm_packs_epi32(qa, qb);  // 8 int16, exact after the clip
+}
+
+// The lane operations of stages.h with AVX2 + FMA intrinsics (same values as PortableOps).
+struct Avx2Ops {
+  static void StoreV(I32x8 acc, double mult, int lo, int hi, int16_t* out) {
+    const __m128i q = RequantLanes(reinterpret_cast<__m256i&>(acc), _mm256_set1_pd(mult),
+                                   _mm_set1_epi32(lo), _mm_set1_epi32(hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), q);
+  }
+  static F64x4 LoadM(const int8_t* src) {
+    int32_t bytes;
+    __builtin_memcpy(&bytes, src, sizeof(bytes));
+    return _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(bytes)));
+  }
+  static F64x4 MulAdd(F64x4 a, F64x4 b, F64x4 c) { return _mm256_fmadd_pd(a, b, c); }
+  static void StoreY(F64x4 acc, double mult, int lo, int hi, int8_t* out, int n) {
+    const __m256d scaled = _mm256_mul_pd(acc, _mm256_set1_pd(mult));
+    __m128i q = _mm256_cvtpd_epi32(
+        _mm256_round_pd(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    q = _mm_min_epi32(_mm_max_epi32(q, _mm_set1_epi32(lo)), _mm_set1_epi32(hi));
+    q = _mm_packs_epi16(_mm_packs_epi32(q, q), q);
+    const int32_t bytes = _mm_cvtsi128_si32(q);
+    if (n == 4) {
+      __builtin_memcpy(out, &bytes, sizeof(bytes));
+    } else {
+      __builtin_memcpy(out, &bytes, n);
+    }
+  }
+};
+
+inline void Store16(int8_t* out, __m128i lo8, __m128i hi8) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(lo8, hi8));
+}
+
+// kMR rows x kNR filters of one tap: V rows (int16 pairs broadcast) x packed U (int8 -> int16).
+inline void MicroKernel(const int16_t* v, int cp, int pairs, const int8_t* u, __m256i acc[kMR][2]) {
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int c2 = 0; c2 < pairs; ++c2) {
+    const __m256i u0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+    const __m256i u1 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16)));
+    u += 2 * kNR;
+    for (int r = 0; r < kMR; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, v + r * cp + 2 * c2, sizeof(pair));
+      const __m256i vb = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(vb, u0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(vb, u1));
+    }
+  }
+}
+
+// Input transform with vpmaddwd: pass 1 pairs neighbouring rows of the tile, pass 2 pairs
+// neighbouring columns of B_t d, as int16 (split into high and low bytes when B_t's rows are
+// too large for int16 sums).  8 channels per step, t a compile-time constant.
+inline __m256i BtPair(const Plan& p, int row, int pair) {
+  return reinterpret_cast<const __m256i&>(p.bt_pairs[row][pair]);
+}
+
+inline __m256i Pair(__m256i lo, __m256i hi) {  // int16 pairs (lo, hi) of two int32 vectors
+  return _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
+}
+
+template <int T>
+void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int first, int count,
+                         int rows, int16_t* v) {
+  constexpr int P = (T + 1) / 2;
+  const int c = p.c, cp = p.cp;
+  const __m256i low_byte = _mm256_set1_epi32(255);
+  for (int tile = 0; tile < count; ++tile) {
+    int n, y0, x0;
+    TileOrigin(p, g, first + tile, &n, &y0, &x0);
+    for (int c0 = 0; c0 < c; c0 += 8) {
+      const int nc = std::min(8, c - c0);
+      __m256i d[T + 1][T];
+      for (int a = 0; a < T; ++a) {
+        const int yy = y0 + a;
+        for (int b = 0; b < T; ++b) {
+          const int xx = x0 + b;
+          d[a][b] = _mm256_setzero_si256();
+          if (yy < 0 || yy >= g.h || xx < 0 || xx >= g.w) continue;
+          const int8_t* src = x + ((static_cast<int64_t>(n) * g.h + yy) * g.w + xx) * c + c0;
+          if (nc == 8) {
+            int64_t bytes;
+            __builtin_memcpy(&bytes, src, 8);
+            d[a][b] = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes));
+          } else {
+            alignas(32) int32_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int cc = 0; cc < nc; ++cc) lanes[cc] = src[cc];
+            d[a][b] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+          }
+        }
+      }
+      for (int b = 0; b < T; ++b) d[T][b] = _mm256_setzero_si256();
+      __m256i tmp[T][T + 1];  // tmp[a][j] = sum_i B[a][i] d[i][j]
+      for (int j = 0; j < T; ++j) {
+        __m256i pairs[P];
+        for (int ip = 0; ip < P; ++ip) pairs[ip] = Pair(d[2 * ip][j], d[2 * ip + 1][j]);
+        for (int a = 0; a < T; ++a) {
+          __m256i acc = _mm256_madd_epi16(pairs[0], BtPair(p, a, 0));
+          for (int ip = 1; ip < P; ++ip) {
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs[ip], BtPair(p, a, ip)));
+          }
+          tmp[a][j] = acc;
+        }
+      }
+      for (int a = 0; a < T; ++a) {
+        tmp[a][T] = _mm256_setzero_si256();
+        __m256i hi[P], lo[P];
+        for (int jp = 0; jp < P; ++jp) {
+          const __m256i t0 = tmp[a][2 * jp], t1 = tmp[a][2 * jp + 1];
+          if (p.tmp16) {
+            lo[jp] = Pair(t0, t1);
+          } else {
+            hi[jp] = Pair(_mm256_srai_epi32(t0, 8), _mm256_srai_epi32(t1, 8));
+            lo[jp] = Pair(_mm256_and_si256(t0, low_byte), _mm256_and_si256(t1, low_byte));
+          }
+        }
+        for (int b = 0; b < T; ++b) {  // V[a][b] = sum_j tmp[a][j] B[b][j]
+          __m256i acc = _mm256_madd_epi16(lo[0], BtPair(p, b, 0));
+          for (int jp = 1; jp < P; ++jp) {
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo[jp], BtPair(p, b, jp)));
+          }
+          if (!p.tmp16) {
+            __m256i high = _mm256_madd_epi16(hi[0], BtPair(p, b, 0));
+            for (int jp = 1; jp < P; ++jp) {
+              high = _mm256_add_epi32(high, _mm256_madd_epi16(hi[jp], BtPair(p, b, jp)));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_slli_epi32(high, 8));
+          }
+          const int tap = a * T + b;
+          Avx2Ops::StoreV(reinterpret_cast<I32x8&>(acc), p.mult_v[tap], p.v_min, p.v_max,
+                          v + (static_cast<int64_t>(tap) * rows + tile) * cp + c0);
+        }
+      }
+    }
+    for (int c0 = (c + 7) / 8 * 8; c0 < cp; c0 += 8) {
+      for (int tap = 0; tap < T * T; ++tap) {
+        __builtin_memset(v + (static_cast<int64_t>(tap) * rows + tile) * cp + c0, 0, 16);
+      }
+    }
+  }
+}
+
+void InputTransformAvx2(const Plan& p, const Geometry& g, const int8_t* x, int first, int count,
+                        int rows, int16_t* v) {
+  switch (p.t) {
+    case 1: return InputTransformAvx2T<1>(p, g, x, first, count, rows, v);
+    case 2: return InputTransformAvx2T<2>(p, g, x, first, count, rows, v);
+    case 3: return InputTransformAvx2T<3>(p, g, x, first, count, rows, v);
+    case 4: return InputTransformAvx2T<4>(p, g, x, first, count, rows, v);
+    case 5: return InputTransformAvx2T<5>(p, g, x, first, count, rows, v);
+    case 6: return InputTransformAvx2T<6>(p, g, x, first, count, rows, v);
+    case 7: return InputTransformAvx2T<7>(p, g, x, first, count, rows, v);
+    default: return InputTransformAvx2T<8>(p, g, x, first, count, rows, v);
+  }
+}
+
+void HadamardAvx2(const Plan& p, const int16_t* v, int rows, int tap0, int tap1, int k0, int k1,
+                  int8_t* mm) {
+  const int cp = p.cp, kp = p.kp, pairs = p.cp / 2, kblocks = p.kp / kNR;
+  const __m128i lo = _mm_set1_epi32(p.m_min), hi = _mm_set1_epi32(p.m_max);
+  __m256i acc[kMR][2];
+  for (int tap = tap0; tap < tap1; ++tap) {
+    const __m256d mult = _mm256_set1_pd(p.mult_m[tap]);
+    const int16_t* vt = v + static_cast<int64_t>(tap) * rows * cp;
+    int8_t* mt = mm + static_cast<int64_t>(tap) * rows * kp;
+    for (int kb = k0 / kNR; kb < k1 / kNR; ++kb) {
+      const int8_t* u =
+          p.u_packed.data() + (static_cast<int64_t>(tap) * kblocks + kb) * pairs * 2 * kNR;
+      for (int row = 0; row < rows; row += kMR) {  // rows is a multiple of kMR
+        MicroKernel(vt + static_cast<int64_t>(row) * cp, cp, pairs, u, acc);
+        for (int r = 0; r < kMR; ++r) {
+          Store16(mt + static_cast<int64_t>(row + r) * kp + kb * kNR,
+                  RequantLanes(acc[r][0], mult, lo, hi), RequantLanes(acc[r][1], mult, lo, hi));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const Variant* avx2_variant() {
+  static const Variant variant{"avx2", InputTransformAvx2, HadamardAvx2,
+                               OutputTransformAny<Avx2Ops>};
+  return &variant;
+}
+
+}  // namespace wa_int8
+
+#else  // built for a CPU family without AVX2: this variant is absent
+
+namespace wa_int8 {
+const Variant* avx2_variant() { return nullptr; }
+}  // namespace wa_int8
+
+#endif
