@@ -104,6 +104,9 @@ def load():
         lib.wa_int8_isa.argtypes = [p]
         lib.wa_int8_output_size.argtypes = [p, c_int, c_int, i32]
         lib.wa_int8_run.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int]
+        # The same function without argument checks, for bound calls.
+        lib.wa_int8_run_raw = ctypes.CFUNCTYPE(None, p, p, c_int, c_int, c_int, p, c_int)(
+            ("wa_int8_run", lib))
         lib.wa_int8_time.restype = ctypes.c_double
         lib.wa_int8_time.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, c_int]
         _lib["lib"] = lib
@@ -208,6 +211,21 @@ class WinogradInt8:
         x, y = self._checked(x)
         self._lib.wa_int8_run(self._handle, x, *x.shape[:3], y, max(1, int(threads)))
         return y
+
+    def bind(self, x, threads: int = 1):
+        """A call without arguments that runs ``x`` into one output array and returns it.
+
+        For timing and serving loops: the checks and allocation happen here, once.
+        """
+        x, y = self._checked(x)
+        run, handle, shape, n = self._lib.wa_int8_run_raw, self._handle, x.shape[:3], int(threads)
+        x_ptr, y_ptr = x.ctypes.data, y.ctypes.data
+
+        def call():
+            run(handle, x_ptr, *shape, y_ptr, n)
+            return y
+        call.keep = (self, x, y)  # the kernel and buffers live as long as the call
+        return call
 
     def time(self, x, threads: int = 1, reps: int = 50) -> float:
         """Median seconds per call over ``reps`` calls, timed inside the library."""

@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -103,30 +106,95 @@ void RunBlocks(const Kernel& kernel, const Geometry& g, const int8_t* x, int8_t*
   }
 }
 
-struct Workspace {
-  std::vector<int16_t> v;
-  std::vector<int8_t> mm;
+// Persistent workers: a call hands them a job and takes part itself as worker 0.  Idle
+// workers spin briefly (back-to-back layers find them awake), then sleep.
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto& worker : workers_) worker.join();
+  }
+
+  void Run(int threads, const std::function<void(int)>& job) {
+    std::lock_guard<std::mutex> serial(run_mu_);
+    while (static_cast<int>(workers_.size()) < threads - 1) {
+      const int id = static_cast<int>(workers_.size()) + 1;
+      workers_.emplace_back([this, id] { Work(id); });
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &job;
+      threads_ = threads;
+      pending_.store(threads - 1, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job(0);
+    while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  }
+
+ private:
+  void Work(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      while (generation_.load(std::memory_order_acquire) == seen &&
+             std::chrono::steady_clock::now() < spin_until) {
+        std::this_thread::yield();
+      }
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        if (stop_) return;
+      }
+      if (id < threads_) {
+        (*job_)(id);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int threads_ = 0;
+  bool stop_ = false;
 };
+
+Pool& GlobalPool() {
+  static Pool* pool = new Pool;  // never destroyed: workers may outlive static destructors
+  return *pool;
+}
 
 void Run(const Kernel& kernel, const int8_t* x, int n, int h, int w, int8_t* y, int threads) {
   const Plan& p = kernel.plan;
   const Geometry g = MakeGeometry(p, n, h, w);
-  thread_local Workspace ws;
   const size_t rows = (kBlockTiles + kMR - 1) / kMR * kMR;
-  ws.v.resize(static_cast<size_t>(p.taps) * rows * p.cp);
-  ws.mm.resize(static_cast<size_t>(p.taps) * rows * p.kp);
-  if (threads <= 1) {
-    RunBlocks(kernel, g, x, y, 0, 1, nullptr, ws.v.data(), ws.mm.data());
+  const size_t v_size = static_cast<size_t>(p.taps) * rows * p.cp;
+  const size_t m_size = static_cast<size_t>(p.taps) * rows * p.kp;
+  thread_local std::vector<int16_t> v;
+  thread_local std::vector<int8_t> mm;
+  if (v.size() < v_size) v.resize(v_size);
+  if (mm.size() < m_size) mm.resize(m_size);
+  const int tiles = g.n * g.n_h * g.n_w;
+  threads = std::max(1, std::min(threads, std::max(tiles, p.kp / kNR)));
+  if (threads == 1) {
+    RunBlocks(kernel, g, x, y, 0, 1, nullptr, v.data(), mm.data());
     return;
   }
   Barrier barrier(threads);
-  std::vector<std::thread> pool;
-  for (int tid = 1; tid < threads; ++tid) {
-    pool.emplace_back(RunBlocks, std::cref(kernel), std::cref(g), x, y, tid, threads, &barrier,
-                      ws.v.data(), ws.mm.data());
-  }
-  RunBlocks(kernel, g, x, y, 0, threads, &barrier, ws.v.data(), ws.mm.data());
-  for (auto& th : pool) th.join();
+  int16_t* vp = v.data();
+  int8_t* mp = mm.data();
+  GlobalPool().Run(threads, [&](int tid) { RunBlocks(kernel, g, x, y, tid, threads, &barrier, vp, mp); });
 }
 
 }  // namespace

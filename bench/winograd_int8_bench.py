@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Per-layer latency of the native INT8 Winograd kernel against the convolutions a user has.
+
+One 3x3 stride-1 'same' convolution, C -> C channels, at the ResNet-18-like
+model's shapes (width 0.5: 32x32x32, 16x16x64, 8x8x128, 4x4x256; ``--width 1``
+doubles the channels), per batch size and thread count:
+
+- ``litert_int8``: a LiteRT int8 CONV_2D (per-channel int8 weights, int8
+  activations; ai-edge-litert, XNNPACK on) -- the peer a user would deploy;
+- ``tf_fp32_onednn`` / ``tf_fp32_eigen``: ``tf.nn.conv2d`` in float32 in a
+  ``tf.function``, with oneDNN on and off (each in a process of its own, with
+  ``threads`` intra-op threads);
+- ``wa_f2`` / ``wa_f4`` / ``wa_f6``: the native kernel on a flex, per-tap 8-bit
+  layer (:func:`wa_tf.deploy.native.synthetic_layer`).
+
+LiteRT and the native kernels are timed in one process and take turns call by
+call (interleaved, so that a load change hits them alike); each figure is the
+median of ``--reps`` calls from Python after a warm-up.  Ratios are against
+``litert_int8`` of the same row.
+
+Examples:
+  bench/winograd_int8_bench.py --quick
+  bench/winograd_int8_bench.py --width 0.5 1 --batch_sizes 1 8 --json=layers.json
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import machine_lines  # noqa: E402
+
+BASE_SHAPES = ((32, 64), (16, 128), (8, 256), (4, 512))  # width 1.0
+
+
+def shapes(width):
+    """(size, channels) of the model's 3x3 convolutions at a width multiplier."""
+    return [(hw, max(1, int(round(c * width)))) for hw, c in BASE_SHAPES]
+
+
+def litert_conv(hw, c, batch):
+    """A LiteRT int8 CONV_2D (3x3, 'same', C -> C) from TensorFlow's converter."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    kernel = tf.constant(rng.normal(0, 0.1, (3, 3, c, c)).astype(np.float32))
+    bias = tf.constant(rng.normal(0, 0.1, (c,)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec((batch, hw, hw, c), tf.float32)])
+    def conv(x):
+        return tf.nn.conv2d(x, kernel, 1, "SAME") + bias
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()],
+                                                                conv)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: (
+        [rng.uniform(-1, 1, (batch, hw, hw, c)).astype(np.float32)] for _ in range(4))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter.convert()
+
+
+def _litert_call(blob, threads):
+    from wa_tf.deploy import litert  # pylint: disable=import-outside-toplevel
+    runner = litert.interpreter(blob, threads)
+    detail = runner.get_input_details()[0]
+    runner.set_tensor(detail["index"], np.random.default_rng(0).integers(
+        -128, 128, detail["shape"]).astype(np.int8))
+    return runner.invoke
+
+
+def _wa_call(tile_size, hw, c, batch, threads):
+    from wa_tf.deploy import native  # pylint: disable=import-outside-toplevel
+    kernel = native.winograd_layer(native.synthetic_layer(tile_size, c=c, k=c, flex=True,
+                                                          per_tap=True, hw=(8, 8)))
+    x = np.random.default_rng(1).integers(-128, 128, (batch, hw, hw, c)).astype(np.int8)
+    return kernel.bind(x, threads), kernel.isa
+
+
+def _interleaved(calls, reps, warmup):
+    times = {name: [] for name in calls}
+    for rep in range(warmup + reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
+def _tf_worker(cases, threads, reps, warmup):
+    """Times tf.nn.conv2d float32 for each (hw, c, batch); prints one JSON line."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    out = {}
+    for hw, c, batch in cases:
+        x = tf.random.normal((batch, hw, hw, c))
+        kernel = tf.random.normal((3, 3, c, c))
+        conv = tf.function(lambda v, k=kernel: tf.nn.conv2d(v, k, 1, "SAME"))
+        out[f"{hw}x{hw}x{c}/{batch}"] = _interleaved({"tf": lambda: conv(x).numpy()}, reps,
+                                                     warmup)["tf"]
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _tf_times(cases, threads, reps, warmup, onednn):
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if onednn else "0",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, os.path.abspath(__file__), "--tf_worker", json.dumps(cases),
+           "--threads", str(threads), "--reps", str(reps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
+                          timeout=1800)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"the tf.nn.conv2d worker failed: {proc.stderr[-2000:]}")
+
+
+def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(1, 2),
+                reps=100, warmup=10, tf_peers=True):
+    """Measures every row; returns (rows, isa) and prints the table."""
+    cases = [(hw, c, batch) for width in widths for hw, c in shapes(width)
+             for batch in batch_sizes]
+    rows, isa = [], None
+    header = (f"{'layer':<12}{'batch':>6}{'thr':>4}{'litert_int8':>12}"
+              + ("".join(f"{name:>16}" for name in ("tf_fp32_onednn", "tf_fp32_eigen"))
+                 if tf_peers else "")
+              + "".join(f"{f'wa_f{m}':>9}" for m in tile_sizes)
+              + "".join(f"{f'x F{m}':>7}" for m in tile_sizes))
+    for n_threads in threads:
+        tf_times = ({"onednn": _tf_times(cases, n_threads, reps, warmup, True),
+                     "eigen": _tf_times(cases, n_threads, reps, warmup, False)}
+                    if tf_peers else {})
+        for hw, c, batch in cases:
+            calls = {"litert_int8": _litert_call(litert_conv(hw, c, batch), n_threads)}
+            for m in tile_sizes:
+                calls[f"wa_f{m}"], isa = _wa_call(m, hw, c, batch, n_threads)
+            ms = _interleaved(calls, reps, warmup)
+            key = f"{hw}x{hw}x{c}/{batch}"
+            peers = {f"tf_fp32_{name}_ms": t[key] for name, t in tf_times.items()}
+            line = (f"{f'{hw}x{hw}x{c}':<12}{batch:>6}{n_threads:>4}{ms['litert_int8']:>12.3f}"
+                    + "".join(f"{peers[f'tf_fp32_{name}_ms']:>16.3f}"
+                              for name in ("onednn", "eigen") if tf_peers)
+                    + "".join(f"{ms[f'wa_f{m}']:>9.3f}" for m in tile_sizes)
+                    + "".join(f"{ms['litert_int8'] / ms[f'wa_f{m}']:>7.2f}" for m in tile_sizes))
+            if not rows:
+                print(header)
+            print(line, flush=True)
+            for m in tile_sizes:
+                rows.append({"shape": f"{hw}x{hw}x{c}", "F": m, "batch": batch,
+                             "threads": n_threads, "wa_int8_ms": ms[f"wa_f{m}"],
+                             "litert_int8_ms": ms["litert_int8"], **peers})
+    return rows, isa
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--tile_sizes", type=int, nargs="+", default=[2, 4, 6])
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--no_tf", action="store_true", help="skip the tf.nn.conv2d peers")
+    parser.add_argument("--quick", action="store_true",
+                        help="width 0.5, batch 1, 100 reps (a few minutes)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--tf_worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.tf_worker:
+        return _tf_worker(json.loads(args.tf_worker), args.threads[0], args.reps, args.warmup)
+    if args.quick:
+        args.width, args.batch_sizes, args.reps, args.warmup = [0.5], [1], 100, 10
+    print("\n".join(machine_lines()))
+    rows, isa = layer_table(args.width, args.tile_sizes, args.batch_sizes, args.threads,
+                            args.reps, args.warmup, not args.no_tf)
+    print(f"native kernel path: {isa}; x Fm = litert_int8 ms / wa_fm ms (higher is faster)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"cpu": machine_lines()[0], "isa": isa, "layers": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
