@@ -220,6 +220,7 @@ def _image_set(split):
     return {np.asarray(image).tobytes() for image, _ in split}
 
 
+@pytest.mark.slow  # long end-to-end: keeps the default run within ~15 minutes
 def test_adapt_takes_source_settings_and_validates_on_its_split(source_run, tmp_path,
                                                                 monkeypatch):
     """outDir, lr, seed, use_cpu come from --modelDir unless given; the validation split

@@ -127,6 +127,7 @@ def test_mirrored_matches_single_device(bits, dtype, floatx, mirrored):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, rtol=0, err_msg=a.name)
 
 
+@pytest.mark.slow  # long end-to-end: keeps the default run within ~15 minutes
 def test_train_lib_run_mirrored(tmp_path):
     """bin/train.py's library under MirroredStrategy: per-replica input, global batch."""
     # lr 0.01: two steps move the logits away from zero, so that the loss

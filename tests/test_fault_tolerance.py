@@ -161,6 +161,7 @@ def _train_in_process_of_its_own(out, *flags):
     return proc.stdout
 
 
+@pytest.mark.slow  # long end-to-end: keeps the default run within ~15 minutes
 def test_deterministic_flag_enables_op_determinism(tmp_path):
     """--deterministic turns on TensorFlow's op determinism for the run and is kept in
     FLAGS.txt."""
