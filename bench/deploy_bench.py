@@ -10,8 +10,9 @@ file (``--models BASE=a.tflite OTHER=b.tflite``), measured in the same run.
 
 Without ``--models`` it builds its own: the ResNet-18-like model (width
 ``--mult``) with normal convolutions and with flex F(4x4, 3x3), INT8 per tap,
-quantizer ranges calibrated on two random batches (latency does not depend on
-the values).
+the latter lowered to builtin operators and with native Winograd operators
+(``transforms='native'``), quantizer ranges calibrated on two random batches
+(latency does not depend on the values).
 
 Examples:
   bench/deploy_bench.py --quick
@@ -36,12 +37,15 @@ def _build_models(mult, folder):
     from wa_tf import models  # pylint: disable=import-outside-toplevel  # only without --models
     rng = np.random.default_rng(0)
     paths = {}
-    for name, conv in (("normal_int8", "normal"), ("flex_f4_int8_pertap", "flex")):
+    for name, conv, transforms in (("normal_int8", "normal", "int8"),
+                                   ("flex_f4_int8_pertap", "flex", "int8"),
+                                   ("flex_f4_int8_native", "flex", "native")):
         model = models.resnet18_like(conv, 4, width_multiplier=mult, bits=8, per_tap=True)
         for _ in range(2):
             model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32), training=True)
         paths[name] = os.path.join(folder, f"{name}.tflite")
-        litert.export_litert(model, paths[name], normalization=((0.5,) * 3, (0.25,) * 3))
+        litert.export_litert(model, paths[name], normalization=((0.5,) * 3, (0.25,) * 3),
+                             transforms=transforms)
     return paths
 
 
@@ -103,8 +107,14 @@ def main(argv=None):
                     print(f"{name:<24}{batch:>6}{threads:>8}{ms[name]:>9.3f}"
                           f"{ms[name] / ms[base]:>22.2f}{sizes[name] / 2 ** 20:>7.2f}")
     if args.json:
+        summary = {row["model"]: row["ms"] for row in rows
+                   if row["batch"] == 1 and row["threads"] == 1}
+        model = ({"wa_f4_int8_ms": summary["flex_f4_int8_native"],
+                  "litert_normal_int8_ms": summary["normal_int8"]}
+                 if {"flex_f4_int8_native", "normal_int8"} <= set(summary) else None)
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"cpu": machine_lines()[0], "baseline": base, "models": rows}, f, indent=1)
+            json.dump({"cpu": machine_lines()[0], "baseline": base, "models": rows,
+                       "model": model}, f, indent=1)
     return rows
 
 

@@ -36,10 +36,13 @@ flags.DEFINE_boolean("fused_kernels", False, "Serve the Winograd tile stages wit
                      "library first: import wa_tf, or tf.load_op_library(<path printed>).")
 flags.DEFINE_string("litert", None, "Also (or only) write this LiteRT .tflite file: integer "
                     "for a quantized run, float32 otherwise; it takes uint8 0-255 images.")
-flags.DEFINE_enum("litert_transforms", "int8", ["int8", "int16"], "Integer LiteRT: 'int8' "
-                  "keeps every tensor int8 (XNNPACK runs it all); 'int16' sums the Winograd "
-                  "transforms in int16 before requantising, closer to the trained model but "
-                  "on LiteRT's builtin kernels.")
+flags.DEFINE_enum("litert_transforms", "int8", ["int8", "int16", "native"], "Integer "
+                  "LiteRT: 'int8' keeps every tensor int8 (XNNPACK runs it all); 'int16' sums "
+                  "the Winograd transforms in int16 before requantising, closer to the trained "
+                  "model but on LiteRT's builtin kernels; 'native' makes each Winograd layer "
+                  "one custom operator running wa_tf's int8 kernel (bit-exact with the integer "
+                  "reference, fastest; run it with bin/evaluate.py --litert or "
+                  "wa_tf.deploy.litert.interpreter).")
 flags.DEFINE_string("npz_dir", None, "Also write <npz_dir>/<layer>.npz, the integer deployment "
                     "file of every quantized WinogradConv2D.")
 FLAGS = flags.FLAGS

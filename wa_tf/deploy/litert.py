@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from wa_tf.deploy import litert_model
+from wa_tf.deploy import litert_model, litert_native
 
 try:  # LiteRT's own interpreter (pip install ai-edge-litert) is preferred when present
     from ai_edge_litert.interpreter import Interpreter as _LiteRTInterpreter
@@ -84,13 +84,17 @@ def interpreter(model, threads: int = 1):
     """A LiteRT interpreter (XNNPACK on) for a ``.tflite`` path or its bytes.
 
     ai-edge-litert's ``Interpreter`` when installed, else TensorFlow's
-    ``tf.lite.Interpreter``.  A file XNNPACK refuses (see
+    ``tf.lite.Interpreter``; for a file with native Winograd operators
+    (``transforms='native'``), a :class:`wa_tf.deploy.litert_native.NativeModel`.  A file XNNPACK refuses (see
     :func:`export_litert`'s ``xnnpack_refused``) runs on LiteRT's builtin
     kernels, with a warning.
 
     Raises:
       ValueError: if the file is missing or not a model the runtime accepts.
     """
+    if isinstance(model, (bytes, bytearray)) or os.path.isfile(os.fspath(model)):
+        if litert_native.is_native(model):  # Winograd layers as the native kernel's operators
+            return litert_native.NativeModel(model, threads)
     if _LiteRTInterpreter is not None:
         cls, resolvers = _LiteRTInterpreter, _OpResolverType
     else:

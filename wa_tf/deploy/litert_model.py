@@ -79,8 +79,10 @@ def _is_plain_relu(layer) -> bool:
 class _Lowering:
     """State of one :func:`build` call."""
 
-    def __init__(self, model, quantized: bool, batch_size: int, wide: bool = False):
+    def __init__(self, model, quantized: bool, batch_size: int, wide: bool = False,
+                 native: bool = False):
         self.model, self.quantized, self.batch, self.wide = model, quantized, batch_size, wide
+        self.native = native
         self.g = Graph()
         self.tensors: Dict[int, int] = {}       # id(KerasTensor) -> graph tensor
         self.scales: Dict[int, float] = {}      # graph tensor -> scale
@@ -282,7 +284,10 @@ class _Lowering:
             self.check_bits(inner.name, arrays[f"{tensor}_bits"])
         if abs(self.scales[x] / float(arrays["input_scale"]) - 1) > 1e-6:
             raise ValueError(f"layer {inner.name!r}: its input is not quantized with its range")
-        y, info = litert_winograd.lower_int8(self.g, x, arrays, inner.name, wide=self.wide)
+        if self.native:
+            y, info = litert_winograd.lower_native(self.g, x, arrays, inner.name), {"native": True}
+        else:
+            y, info = litert_winograd.lower_int8(self.g, x, arrays, inner.name, wide=self.wide)
         self.scales[y], self.bounds[y] = float(arrays["output_scale"]), \
             128 * float(arrays["output_scale"])
         self.info[inner.name] = info
@@ -359,7 +364,7 @@ _DISPATCH = ((WinogradConv2D, "winograd"), (tf_keras.layers.Conv2D, "conv"),
 
 
 # How the integer Winograd transforms sum their int8 parts (see build).
-TRANSFORM_PRECISIONS = ("int8", "int16")
+TRANSFORM_PRECISIONS = ("int8", "int16", "native")
 
 
 def is_quantized(model) -> bool:
@@ -380,7 +385,10 @@ def build(model, normalization: Optional[Sequence] = None, batch_size: int = 1,
       transforms: 'int8' (every tensor int8, XNNPACK runs it all) or 'int16':
         the Winograd transforms sum their int8 parts in int16 before one
         requantisation, closer to the integer reference but on LiteRT's
-        builtin kernels (see :func:`wa_tf.deploy.litert_winograd.lower_int8`).
+        builtin kernels (see :func:`wa_tf.deploy.litert_winograd.lower_int8`);
+        'native': each Winograd layer one custom operator running wa_tf's int8
+        kernel, bit-exact with the integer reference
+        (:mod:`wa_tf.deploy.litert_native` runs such a file).
 
     Returns:
       ``(flatbuffer bytes, info)``; ``info`` has ``operators`` (the builtin
@@ -396,7 +404,11 @@ def build(model, normalization: Optional[Sequence] = None, batch_size: int = 1,
         raise ValueError(f"transforms must be one of {', '.join(TRANSFORM_PRECISIONS)}; "
                          f"got {transforms!r}")
     quantized = is_quantized(model)
-    lowering = _Lowering(model, quantized, int(batch_size), wide=transforms == "int16")
+    if transforms == "native" and not quantized:
+        raise ValueError("transforms='native' runs integer Winograd layers: export a quantized "
+                         "model (a run with --Q)")
+    lowering = _Lowering(model, quantized, int(batch_size), wide=transforms == "int16",
+                         native=transforms == "native")
     graph_input, x = litert_ends.image_input(lowering, normalization)
     lowering.tensors[id(model.inputs[0])] = x
     for layer in lowering.layers():

@@ -26,6 +26,7 @@ to int8 with its own scale, and V and Y can then differ from the reference by
 a few codes (:func:`transform_rows` reports which).
 """
 
+import io
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -273,6 +274,39 @@ def lower_int8(g: Graph, x: int, layer: Dict, name: str,
                     name + "/output_transform", act, act_scale)
     y = _tail(g, rows_out, n, geo, m, k, "int8", (s_out, zero), name)
     return y, {"input_transform_parts": len(parts_b), "output_transform_parts": len(parts)}
+
+
+# Custom operators of the native int8 kernel: one code per layer (LiteRT tells the nodes of
+# one registration apart by nothing), "WA_WINOGRAD_INT8:<layer>".
+NATIVE_OP = "WA_WINOGRAD_INT8"
+
+
+def lower_native(g: Graph, x: int, layer: Dict, name: str) -> int:
+    """Appends one quantized layer as a CUSTOM operator that runs the native int8 kernel.
+
+    The operator's custom options are the layer file itself (``.npz`` bytes of
+    :mod:`wa_tf.deploy.integer`); :mod:`wa_tf.deploy.litert_native` registers
+    :mod:`wa_tf.kernels.winograd_int8` for it.  Its input and output are the
+    layer's int8 codes with the layer's input and output scales.
+
+    Raises:
+      ValueError: if the kernel cannot run the layer (wider than 8 bits, a
+        tile of more than 8 inputs, an even kernel).
+    """
+    m, r, t = layer["tile_size"], layer["kernel_size"], layer["tile_input_size"]
+    wide = [tensor for tensor in integer.TENSORS if layer[f"{tensor}_bits"] > 8]
+    if wide or t > 8 or r % 2 == 0:
+        raise ValueError(f"layer {name!r}: the native kernel runs 8-bit layers of odd kernel "
+                         f"size with tiles of at most 8 inputs (F({m}, {r}), "
+                         f"{'wider tensors: ' + ', '.join(wide) if wide else 'bits ok'})")
+    n, height, width, _ = g.shape_of(x)
+    geo = tile_geometry(height, width, m, r, layer["padding"])
+    y = g.tensor(name + "/native", [n, geo.out_h, geo.out_w, layer["filters"]], "int8",
+                 float(layer["output_scale"]), 0)
+    blob = io.BytesIO()
+    np.savez(blob, **layer)
+    g.custom_op(f"{NATIVE_OP}:{name}", [x], [y], blob.getvalue())
+    return y
 
 
 def lower_float(g: Graph, x: int, b_t, a_t, u, tile_size: int, kernel_size: int,

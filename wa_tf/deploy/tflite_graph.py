@@ -151,6 +151,25 @@ class Graph:
             operator.builtinOptions = table
         self._operators.append(operator)
 
+    def custom_op(self, code: str, inputs: Sequence[int], outputs: Sequence[int],
+                  custom_options: bytes) -> None:
+        """Adds a CUSTOM operator ``code`` (version 1) whose options are ``custom_options``."""
+        key = "CUSTOM:" + code
+        if key not in self._opcodes:
+            opcode = schema.OperatorCodeT()
+            opcode.builtinCode = schema.BuiltinOperator.CUSTOM
+            opcode.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+            opcode.customCode = code
+            opcode.version = 1
+            self._opcodes[key] = len(self._codes)
+            self._codes.append(opcode)
+        operator = schema.OperatorT()
+        operator.opcodeIndex = self._opcodes[key]
+        operator.inputs = np.asarray(inputs, np.int32)
+        operator.outputs = np.asarray(outputs, np.int32)
+        operator.customOptions = np.frombuffer(bytes(custom_options), np.uint8)
+        self._operators.append(operator)
+
     def _check_xnnpack(self, kind, inputs, outputs) -> None:
         """Notes an int8 product whose requantisation ratio XNNPACK does not accept.
 

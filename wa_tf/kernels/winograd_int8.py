@@ -30,7 +30,7 @@ from wa_tf.kernels import library
 _HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8")
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # (source, its ISA flags): the AVX2 file compiles to a stub that reports itself absent elsewhere.
-SOURCES = (("winograd_int8.cc", ()), ("winograd_int8_scalar.cc", ()),
+SOURCES = (("winograd_int8.cc", ()), ("litert_op.cc", ()), ("winograd_int8_scalar.cc", ()),
            ("winograd_int8_avx2.cc", ("-mavx2", "-mfma") if _X86 else ()))
 HEADERS = ("winograd_int8.h", "stages.h")
 # -ffp-contract=off: no fused multiply-add may round differently from the reference.
@@ -109,6 +109,17 @@ def load():
             ("wa_int8_run", lib))
         lib.wa_int8_time.restype = ctypes.c_double
         lib.wa_int8_time.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, c_int]
+        lib.wa_int8_filters.argtypes = [p]
+        lib.wa_int8_litert_bind.argtypes = [p, p, p]
+        lib.wa_int8_litert_kernel.restype = p
+        lib.wa_int8_litert_state.restype = p
+        lib.wa_int8_litert_state.argtypes = [p, c_int]
+        lib.wa_int8_litert_set_threads.argtypes = [p, c_int]
+        lib.wa_int8_litert_error.argtypes = [p]
+        lib.wa_int8_litert_runs.restype = ctypes.c_int64
+        lib.wa_int8_litert_runs.argtypes = [p]
+        lib.wa_int8_litert_free_state.argtypes = [p]
+        lib.wa_int8_stage_times.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, f64, f64]
         _lib["lib"] = lib
     return _lib["lib"]
 
@@ -182,6 +193,11 @@ class WinogradInt8:
             self._handle = None
 
     @property
+    def handle(self):
+        """The kernel's address in the library (for the LiteRT custom operator)."""
+        return self._handle
+
+    @property
     def isa(self) -> str:
         """The ISA path this kernel runs."""
         return self._lib.wa_int8_isa(self._handle).decode()
@@ -226,6 +242,19 @@ class WinogradInt8:
             return y
         call.keep = (self, x, y)  # the kernel and buffers live as long as the call
         return call
+
+    def stage_times(self, x, reps: int = 50):
+        """One thread's seconds per stage and their multiply counts (minimum over ``reps``).
+
+        Returns:
+          ``{stage: (seconds, macs)}`` for 'input_transform', 'hadamard' (the
+          int8 x int8 -> int32 GEMMs) and 'output_transform'.
+        """
+        x, y = self._checked(x)
+        seconds, ops = np.zeros(3), np.zeros(3)
+        self._lib.wa_int8_stage_times(self._handle, x, *x.shape[:3], y, int(reps), seconds, ops)
+        return {name: (float(s), float(o)) for name, s, o in
+                zip(("input_transform", "hadamard", "output_transform"), seconds, ops)}
 
     def time(self, x, threads: int = 1, reps: int = 50) -> float:
         """Median seconds per call over ``reps`` calls, timed inside the library."""

@@ -123,20 +123,27 @@ void OutputTransformT(const Plan& p, const Geometry& g, const int8_t* mm, int fi
     for (int c0 = k0; c0 < k_end; c0 += 4) {
       const int nc = std::min(4, k_end - c0);
       F64x4 mv[T * T];
+      #pragma GCC unroll 8
       for (int tap = 0; tap < T * T; ++tap) mv[tap] = Ops::LoadM(src + tap * tap_stride + c0);
       F64x4 r[M][T];  // r[a][b] = sum_j A[a][j] w[j][b] M[j][b]
+      #pragma GCC unroll 8
       for (int a = 0; a < M; ++a) {
+        #pragma GCC unroll 8
         for (int b = 0; b < T; ++b) {
           F64x4 acc = p.aw_lanes[a][0][b] * mv[b];
+          #pragma GCC unroll 8
           for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.aw_lanes[a][j][b], mv[j * T + b], acc);
           r[a][b] = acc;
         }
       }
       F64x4 bias;
       std::memcpy(&bias, p.bias.data() + c0, sizeof(bias));
+      #pragma GCC unroll 8
       for (int a = 0; a < rows_out; ++a) {
+        #pragma GCC unroll 8
         for (int b = 0; b < cols_out; ++b) {
           F64x4 acc = p.at_lanes[b * T] * r[a][0];
+          #pragma GCC unroll 8
           for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.at_lanes[b * T + j], r[a][j], acc);
           int8_t* out =
               y + ((static_cast<int64_t>(n) * g.out_h + y0 + a) * g.out_w + x0 + b) * p.k + c0;
@@ -182,15 +189,15 @@ void OutputTransformAny(const Plan& p, const Geometry& g, const int8_t* mm, int 
 #undef WA_INT8_OUTPUT
 
 // Element-wise stage without intrinsics: rows x [k0, k1) per tap, from the packed U.
-inline void HadamardLoops(const Plan& p, const int16_t* v, int rows, int tap0, int tap1, int k0, int k1,
-                   int8_t* mm) {
+inline void HadamardLoops(const Plan& p, const int16_t* v, int rows, int count, int tap0,
+                          int tap1, int k0, int k1, int8_t* mm) {
   const int cp = p.cp, kp = p.kp, pairs = p.cp / 2, kblocks = p.kp / kNR;
   alignas(64) int32_t acc[kNR];
   for (int tap = tap0; tap < tap1; ++tap) {
     const double mult = p.mult_m[tap];
     for (int kb = k0 / kNR; kb < k1 / kNR; ++kb) {
       const int8_t* u = p.u_packed.data() + (static_cast<int64_t>(tap) * kblocks + kb) * pairs * 2 * kNR;
-      for (int row = 0; row < rows; ++row) {
+      for (int row = 0; row < count; ++row) {
         const int16_t* vr = v + (static_cast<int64_t>(tap) * rows + row) * cp;
         for (int kk = 0; kk < kNR; ++kk) acc[kk] = 0;
         for (int c2 = 0; c2 < pairs; ++c2) {

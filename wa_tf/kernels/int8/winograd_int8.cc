@@ -92,10 +92,10 @@ void RunBlocks(const Kernel& kernel, const Geometry& g, const int8_t* x, int8_t*
     // Element-wise stage: filter blocks split among the workers (taps when too few blocks).
     if (kblocks >= threads) {
       const int b0 = kblocks * tid / threads, b1 = kblocks * (tid + 1) / threads;
-      var.hadamard(p, v, rows, 0, p.taps, b0 * kNR, b1 * kNR, mm);
+      var.hadamard(p, v, rows, count, 0, p.taps, b0 * kNR, b1 * kNR, mm);
     } else {
       const int a0 = p.taps * tid / threads, a1 = p.taps * (tid + 1) / threads;
-      var.hadamard(p, v, rows, a0, a1, 0, p.kp, mm);
+      var.hadamard(p, v, rows, count, a0, a1, 0, p.kp, mm);
     }
     if (threads > 1) barrier->Wait();
     if (t1 > t0) {
@@ -197,6 +197,37 @@ void Run(const Kernel& kernel, const int8_t* x, int n, int h, int w, int8_t* y, 
   GlobalPool().Run(threads, [&](int tid) { RunBlocks(kernel, g, x, y, tid, threads, &barrier, vp, mp); });
 }
 
+// One thread, the stages timed apart (seconds summed over the blocks, into times[0..2]).
+void RunTimed(const Kernel& kernel, const int8_t* x, int n, int h, int w, int8_t* y,
+              double* times) {
+  const Plan& p = kernel.plan;
+  const Variant& var = *kernel.variant;
+  const Geometry g = MakeGeometry(p, n, h, w);
+  const int rows_max = (kBlockTiles + kMR - 1) / kMR * kMR;
+  std::vector<int16_t> v(static_cast<size_t>(p.taps) * rows_max * p.cp);
+  std::vector<int8_t> mm(static_cast<size_t>(p.taps) * rows_max * p.kp);
+  const int tiles = g.n * g.n_h * g.n_w;
+  using Clock = std::chrono::steady_clock;
+  for (int first = 0; first < tiles; first += kBlockTiles) {
+    const int count = std::min(kBlockTiles, tiles - first);
+    const int rows = (count + kMR - 1) / kMR * kMR;
+    auto t0 = Clock::now();
+    var.input_transform(p, g, x, first, count, rows, v.data());
+    for (int tap = 0; tap < p.taps; ++tap) {
+      std::memset(v.data() + (static_cast<int64_t>(tap) * rows + count) * p.cp, 0,
+                  sizeof(int16_t) * p.cp * (rows - count));
+    }
+    auto t1 = Clock::now();
+    var.hadamard(p, v.data(), rows, count, 0, p.taps, 0, p.kp, mm.data());
+    auto t2 = Clock::now();
+    var.output_transform(p, g, mm.data(), first, count, rows, 0, p.kp, y);
+    auto t3 = Clock::now();
+    times[0] += std::chrono::duration<double>(t1 - t0).count();
+    times[1] += std::chrono::duration<double>(t2 - t1).count();
+    times[2] += std::chrono::duration<double>(t3 - t2).count();
+  }
+}
+
 }  // namespace
 }  // namespace wa_int8
 
@@ -285,6 +316,8 @@ void wa_int8_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
 const char* wa_int8_isa(void* kernel) { return static_cast<Kernel*>(kernel)->variant->name; }
 
+int wa_int8_filters(void* kernel) { return static_cast<Kernel*>(kernel)->plan.k; }
+
 // Output size of an h x w input: {out_h, out_w}.
 void wa_int8_output_size(void* kernel, int h, int w, int* out) {
   const wa_int8::Geometry g = wa_int8::MakeGeometry(static_cast<Kernel*>(kernel)->plan, 1, h, w);
@@ -309,6 +342,26 @@ double wa_int8_time(void* kernel, const int8_t* x, int n, int h, int w, int8_t* 
   }
   std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
   return times[times.size() / 2];
+}
+
+// Per-stage seconds of one thread (input transform, element-wise GEMMs, output transform):
+// the minimum over `reps` calls of each.  ops[0..2] receive the stages' multiply counts:
+// input-transform int32 MACs, GEMM int8 MACs (over the padded tiles), output-transform MACs.
+void wa_int8_stage_times(void* kernel, const int8_t* x, int n, int h, int w, int8_t* y, int reps,
+                         double* seconds, double* ops) {
+  const Kernel& k = *static_cast<Kernel*>(kernel);
+  const wa_int8::Plan& p = k.plan;
+  for (int s = 0; s < 3; ++s) seconds[s] = 1e30;
+  for (int i = 0; i < std::max(1, reps); ++i) {
+    double t[3] = {0, 0, 0};
+    wa_int8::RunTimed(k, x, n, h, w, y, t);
+    for (int s = 0; s < 3; ++s) seconds[s] = std::min(seconds[s], t[s]);
+  }
+  const wa_int8::Geometry g = wa_int8::MakeGeometry(p, n, h, w);
+  const double tiles = static_cast<double>(g.n) * g.n_h * g.n_w;
+  ops[0] = tiles * p.c * 2.0 * p.t * p.t * p.t;
+  ops[1] = tiles * p.taps * static_cast<double>(p.c) * p.k;
+  ops[2] = tiles * p.k * (static_cast<double>(p.m) * p.t * p.t + p.m * p.m * p.t);
 }
 
 }  // extern "C"

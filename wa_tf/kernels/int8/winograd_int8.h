@@ -54,9 +54,10 @@ struct Variant {
   // x -> V block [taps][rows][cp] int16 (rows = count rounded up to kMR, zero rows after).
   void (*input_transform)(const Plan&, const Geometry&, const int8_t* x, int first, int count,
                           int rows, int16_t* v);
-  // V block x U -> M block [taps][rows][kp] int8, filters [k0, k1) (multiples of kNR).
-  void (*hadamard)(const Plan&, const int16_t* v, int rows, int tap0, int tap1, int k0, int k1,
-                   int8_t* mm);
+  // V block x U -> M block [taps][rows][kp] int8 for its first `count` rows, filters [k0, k1)
+  // (multiples of kNR).
+  void (*hadamard)(const Plan&, const int16_t* v, int rows, int count, int tap0, int tap1,
+                   int k0, int k1, int8_t* mm);
   // M block -> y codes of the block's tiles, filters [k0, k1).
   void (*output_transform)(const Plan&, const Geometry&, const int8_t* mm, int first, int count,
                            int rows, int k0, int k1, int8_t* y);

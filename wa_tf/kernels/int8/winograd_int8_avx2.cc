@@ -51,25 +51,34 @@ struct Avx2Ops {
   }
 };
 
+
 inline void Store16(int8_t* out, __m128i lo8, __m128i hi8) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(lo8, hi8));
 }
 
-// kMR rows x kNR filters of one tap: V rows (int16 pairs broadcast) x packed U (int8 -> int16).
-inline void MicroKernel(const int16_t* v, int cp, int pairs, const int8_t* u, __m256i acc[kMR][2]) {
-  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+// R <= kMR rows x kNR filters of one tap: V rows (int16 pairs broadcast) x packed U (int8 ->
+// int16), then requantised into M.
+template <int R>
+inline void MicroKernel(const int16_t* v, int cp, int pairs, const int8_t* u, __m256d mult,
+                        __m128i lo, __m128i hi, int8_t* out, int kp) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   for (int c2 = 0; c2 < pairs; ++c2) {
     const __m256i u0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
     const __m256i u1 =
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + 16)));
     u += 2 * kNR;
-    for (int r = 0; r < kMR; ++r) {
+    for (int r = 0; r < R; ++r) {
       int32_t pair;
       __builtin_memcpy(&pair, v + r * cp + 2 * c2, sizeof(pair));
       const __m256i vb = _mm256_set1_epi32(pair);
       acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(vb, u0));
       acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(vb, u1));
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    Store16(out + static_cast<int64_t>(r) * kp, RequantLanes(acc[r][0], mult, lo, hi),
+            RequantLanes(acc[r][1], mult, lo, hi));
   }
 }
 
@@ -84,7 +93,7 @@ inline __m256i Pair(__m256i lo, __m256i hi) {  // int16 pairs (lo, hi) of two in
   return _mm256_blend_epi16(lo, _mm256_slli_epi32(hi, 16), 0xAA);
 }
 
-template <int T>
+template <int T, bool kWide>
 void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int first, int count,
                          int rows, int16_t* v) {
   constexpr int P = (T + 1) / 2;
@@ -96,8 +105,10 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
     for (int c0 = 0; c0 < c; c0 += 8) {
       const int nc = std::min(8, c - c0);
       __m256i d[T + 1][T];
+      #pragma GCC unroll 8
       for (int a = 0; a < T; ++a) {
         const int yy = y0 + a;
+        #pragma GCC unroll 8
         for (int b = 0; b < T; ++b) {
           const int xx = x0 + b;
           d[a][b] = _mm256_setzero_si256();
@@ -114,38 +125,48 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
           }
         }
       }
+      #pragma GCC unroll 8
       for (int b = 0; b < T; ++b) d[T][b] = _mm256_setzero_si256();
       __m256i tmp[T][T + 1];  // tmp[a][j] = sum_i B[a][i] d[i][j]
+      #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) {
         __m256i pairs[P];
+        #pragma GCC unroll 8
         for (int ip = 0; ip < P; ++ip) pairs[ip] = Pair(d[2 * ip][j], d[2 * ip + 1][j]);
+        #pragma GCC unroll 8
         for (int a = 0; a < T; ++a) {
           __m256i acc = _mm256_madd_epi16(pairs[0], BtPair(p, a, 0));
+          #pragma GCC unroll 8
           for (int ip = 1; ip < P; ++ip) {
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs[ip], BtPair(p, a, ip)));
           }
           tmp[a][j] = acc;
         }
       }
+      #pragma GCC unroll 8
       for (int a = 0; a < T; ++a) {
         tmp[a][T] = _mm256_setzero_si256();
         __m256i hi[P], lo[P];
+        #pragma GCC unroll 8
         for (int jp = 0; jp < P; ++jp) {
           const __m256i t0 = tmp[a][2 * jp], t1 = tmp[a][2 * jp + 1];
-          if (p.tmp16) {
+          if (!kWide) {
             lo[jp] = Pair(t0, t1);
           } else {
             hi[jp] = Pair(_mm256_srai_epi32(t0, 8), _mm256_srai_epi32(t1, 8));
             lo[jp] = Pair(_mm256_and_si256(t0, low_byte), _mm256_and_si256(t1, low_byte));
           }
         }
+        #pragma GCC unroll 8
         for (int b = 0; b < T; ++b) {  // V[a][b] = sum_j tmp[a][j] B[b][j]
           __m256i acc = _mm256_madd_epi16(lo[0], BtPair(p, b, 0));
+          #pragma GCC unroll 8
           for (int jp = 1; jp < P; ++jp) {
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo[jp], BtPair(p, b, jp)));
           }
-          if (!p.tmp16) {
+          if (kWide) {
             __m256i high = _mm256_madd_epi16(hi[0], BtPair(p, b, 0));
+            #pragma GCC unroll 8
             for (int jp = 1; jp < P; ++jp) {
               high = _mm256_add_epi32(high, _mm256_madd_epi16(hi[jp], BtPair(p, b, jp)));
             }
@@ -168,22 +189,29 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
 void InputTransformAvx2(const Plan& p, const Geometry& g, const int8_t* x, int first, int count,
                         int rows, int16_t* v) {
   switch (p.t) {
-    case 1: return InputTransformAvx2T<1>(p, g, x, first, count, rows, v);
-    case 2: return InputTransformAvx2T<2>(p, g, x, first, count, rows, v);
-    case 3: return InputTransformAvx2T<3>(p, g, x, first, count, rows, v);
-    case 4: return InputTransformAvx2T<4>(p, g, x, first, count, rows, v);
-    case 5: return InputTransformAvx2T<5>(p, g, x, first, count, rows, v);
-    case 6: return InputTransformAvx2T<6>(p, g, x, first, count, rows, v);
-    case 7: return InputTransformAvx2T<7>(p, g, x, first, count, rows, v);
-    default: return InputTransformAvx2T<8>(p, g, x, first, count, rows, v);
+    case 1: return p.tmp16 ? InputTransformAvx2T<1, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<1, true>(p, g, x, first, count, rows, v);
+    case 2: return p.tmp16 ? InputTransformAvx2T<2, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<2, true>(p, g, x, first, count, rows, v);
+    case 3: return p.tmp16 ? InputTransformAvx2T<3, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<3, true>(p, g, x, first, count, rows, v);
+    case 4: return p.tmp16 ? InputTransformAvx2T<4, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<4, true>(p, g, x, first, count, rows, v);
+    case 5: return p.tmp16 ? InputTransformAvx2T<5, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<5, true>(p, g, x, first, count, rows, v);
+    case 6: return p.tmp16 ? InputTransformAvx2T<6, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<6, true>(p, g, x, first, count, rows, v);
+    case 7: return p.tmp16 ? InputTransformAvx2T<7, false>(p, g, x, first, count, rows, v)
+                      : InputTransformAvx2T<7, true>(p, g, x, first, count, rows, v);
+    default: return p.tmp16 ? InputTransformAvx2T<8, false>(p, g, x, first, count, rows, v)
+                         : InputTransformAvx2T<8, true>(p, g, x, first, count, rows, v);
   }
 }
 
-void HadamardAvx2(const Plan& p, const int16_t* v, int rows, int tap0, int tap1, int k0, int k1,
-                  int8_t* mm) {
+void HadamardAvx2(const Plan& p, const int16_t* v, int rows, int count, int tap0, int tap1,
+                  int k0, int k1, int8_t* mm) {
   const int cp = p.cp, kp = p.kp, pairs = p.cp / 2, kblocks = p.kp / kNR;
   const __m128i lo = _mm_set1_epi32(p.m_min), hi = _mm_set1_epi32(p.m_max);
-  __m256i acc[kMR][2];
   for (int tap = tap0; tap < tap1; ++tap) {
     const __m256d mult = _mm256_set1_pd(p.mult_m[tap]);
     const int16_t* vt = v + static_cast<int64_t>(tap) * rows * cp;
@@ -191,12 +219,18 @@ void HadamardAvx2(const Plan& p, const int16_t* v, int rows, int tap0, int tap1,
     for (int kb = k0 / kNR; kb < k1 / kNR; ++kb) {
       const int8_t* u =
           p.u_packed.data() + (static_cast<int64_t>(tap) * kblocks + kb) * pairs * 2 * kNR;
-      for (int row = 0; row < rows; row += kMR) {  // rows is a multiple of kMR
-        MicroKernel(vt + static_cast<int64_t>(row) * cp, cp, pairs, u, acc);
-        for (int r = 0; r < kMR; ++r) {
-          Store16(mt + static_cast<int64_t>(row + r) * kp + kb * kNR,
-                  RequantLanes(acc[r][0], mult, lo, hi), RequantLanes(acc[r][1], mult, lo, hi));
-        }
+      int row = 0;
+      for (; row + kMR <= count; row += kMR) {
+        MicroKernel<kMR>(vt + static_cast<int64_t>(row) * cp, cp, pairs, u, mult, lo, hi,
+                         mt + static_cast<int64_t>(row) * kp + kb * kNR, kp);
+      }
+      const int16_t* vr = vt + static_cast<int64_t>(row) * cp;
+      int8_t* out = mt + static_cast<int64_t>(row) * kp + kb * kNR;
+      switch (count - row) {  // the last rows: no work on padding rows
+        case 3: MicroKernel<3>(vr, cp, pairs, u, mult, lo, hi, out, kp); break;
+        case 2: MicroKernel<2>(vr, cp, pairs, u, mult, lo, hi, out, kp); break;
+        case 1: MicroKernel<1>(vr, cp, pairs, u, mult, lo, hi, out, kp); break;
+        default: break;
       }
     }
   }
