@@ -110,3 +110,12 @@ def test_bad_input_is_one_clear_error():
         native.winograd_layer(wide)
     with pytest.raises(ValueError, match="is not a wa_tf.winograd_layer/1"):
         native.winograd_layer({"format": np.array("other")})
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("width", [4, 8, 12, 20])  # 1, 2, 3 and 5 tiles of F(4x4, 3x3)
+def test_tile_counts_off_the_micro_tile(isa, width):
+    layer = native.synthetic_layer(4, c=16, k=16, per_tap=True)
+    x = _codes(np.random.default_rng(width), (1, 4, width, 16))
+    np.testing.assert_array_equal(native.winograd_layer(layer, isa=isa)(x),
+                                  reference_codes(layer, x))

@@ -188,8 +188,10 @@ class Graph:
             self.xnnpack_refused.append(self._tensors[outputs[0]].name)
 
     def operator_kinds(self) -> List[str]:
-        """The builtin operators used, in first-use order."""
-        return list(self._opcodes)
+        """The operators used, in first-use order (a custom one by its code up to ':')."""
+        kinds = [key[len("CUSTOM:"):].split(":")[0] if key.startswith("CUSTOM:") else key
+                 for key in self._opcodes]
+        return list(dict.fromkeys(kinds))
 
     def finish(self, inputs: Sequence[int], outputs: Sequence[int],
                description: str = "wa_tf") -> bytes:

@@ -1,0 +1,67 @@
+"""LiteRT files with native Winograd operators: exact layers through LiteRT, whole models."""
+
+import numpy as np
+import pytest
+
+from int8_layers import reference_codes
+from wa_tf import models, quantization
+from wa_tf.deploy import integer, litert, litert_native, native
+from wa_tf.deploy.litert_winograd import NATIVE_OP, lower_native
+from wa_tf.deploy.tflite_graph import Graph
+
+pytest.importorskip("ai_edge_litert")
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def _one_layer_file(layer, batch):
+    g = Graph()
+    x = g.tensor("x", [batch, 12, 10, layer["in_channels"]], "int8",
+                 float(layer["input_scale"]), 0)
+    return g.finish([x], [lower_native(g, x, layer, "wa")])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_layer_through_litert_is_bit_exact(threads):
+    layer = integer.as_layer(native.synthetic_layer(4, c=16, k=24, flex=True, per_tap=True,
+                                                    bias=True))
+    blob = _one_layer_file(layer, batch=2)
+    assert litert_native.is_native(blob)
+    runner = litert.interpreter(blob, threads)
+    assert isinstance(runner, litert_native.NativeModel) and len(runner.layers) == 1
+    codes = np.random.default_rng(threads).integers(-128, 128, (5, 12, 10, 16)).astype(np.int8)
+    runner.set_tensor(0, codes)  # 5 images through a batch-2 file: three invocations
+    runner.invoke()
+    np.testing.assert_array_equal(runner.get_tensor(1), reference_codes(layer, codes))
+
+
+def test_whole_model_runs_with_native_operators(tmp_path):
+    rng = np.random.default_rng(0)
+    model = quantization.quantize_model(models.resnet18_like("flex", 4, width_multiplier=0.125),
+                                        per_tap=True)
+    for _ in range(3):
+        model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32), training=True)
+    path = str(tmp_path / "native.tflite")
+    info = litert.export_litert(model, path, normalization=(MEAN, STD), transforms="native")
+    assert NATIVE_OP in info["operators"] and all(v == {"native": True}
+                                                  for v in info["winograd"].values())
+    assert not {"PAD", "DEPTH_TO_SPACE", "STRIDED_SLICE"} & set(info["operators"])
+    raw = rng.integers(0, 256, (12, 32, 32, 3)).astype(np.uint8)
+    normalized = ((raw / 255.0 - np.array(MEAN)) / np.array(STD)).astype(np.float32)
+    expected = model.predict(normalized, verbose=0)
+    logits = litert.predict(litert.interpreter(path), raw, batch_size=5)
+    assert logits.shape == expected.shape and logits.dtype == np.float32
+    # Integer against fake-quantized: close, the same class for most images.
+    assert np.abs(logits - expected).max() <= 0.35 * np.abs(expected).max()
+    assert np.mean(logits.argmax(1) == expected.argmax(1)) >= 0.75
+
+
+def test_native_export_refusals(tmp_path):
+    float_model = models.resnet18_like("flex", 4, width_multiplier=0.125)
+    with pytest.raises(ValueError, match="export a quantized model"):
+        litert.export_litert(float_model, str(tmp_path / "f.tflite"), transforms="native")
+    layer = integer.as_layer(native.synthetic_layer(4, c=4, k=4))
+    layer["hadamard_bits"] = 16
+    g = Graph()
+    x = g.tensor("x", [1, 8, 8, 4], "int8", float(layer["input_scale"]), 0)
+    with pytest.raises(ValueError, match="8-bit layers .*wider tensors: hadamard"):
+        lower_native(g, x, layer, "wa")
