@@ -142,7 +142,7 @@ class Pool {
   void Work(int id) {
     uint64_t seen = 0;
     for (;;) {
-      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
       while (generation_.load(std::memory_order_acquire) == seen &&
              std::chrono::steady_clock::now() < spin_until) {
         std::this_thread::yield();
