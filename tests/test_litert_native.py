@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tf_keras
 
 from int8_layers import reference_codes
 from wa_tf import models, quantization
@@ -35,6 +36,7 @@ def test_a_layer_through_litert_is_bit_exact(threads):
 
 
 def test_whole_model_runs_with_native_operators(tmp_path):
+    tf_keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     model = quantization.quantize_model(models.resnet18_like("flex", 4, width_multiplier=0.125),
                                         per_tap=True)
@@ -50,9 +52,14 @@ def test_whole_model_runs_with_native_operators(tmp_path):
     expected = model.predict(normalized, verbose=0)
     logits = litert.predict(litert.interpreter(path), raw, batch_size=5)
     assert logits.shape == expected.shape and logits.dtype == np.float32
-    # Integer against fake-quantized: close, the same class for most images.
-    assert np.abs(logits - expected).max() <= 0.35 * np.abs(expected).max()
-    assert np.mean(logits.argmax(1) == expected.argmax(1)) >= 0.75
+    # Integer against fake-quantized: the logits follow the model's, and no further from
+    # them than those of the file with builtin transforms (an untrained model's logits are
+    # small, so both differ by several output steps).
+    builtin = str(tmp_path / "builtin.tflite")
+    litert.export_litert(model, builtin, normalization=(MEAN, STD), transforms="int8")
+    reference = litert.predict(litert.interpreter(builtin), raw)
+    assert np.corrcoef(logits.ravel(), expected.ravel())[0, 1] > 0.8
+    assert np.abs(logits - expected).mean() <= 1.5 * np.abs(reference - expected).mean()
 
 
 def test_native_export_refusals(tmp_path):
