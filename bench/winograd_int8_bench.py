@@ -126,7 +126,7 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
     """Measures every row; returns (rows, isa) and prints the table."""
     cases = [(hw, c, batch) for width in widths for hw, c in shapes(width)
              for batch in batch_sizes]
-    rows, isa = [], None
+    rows, isa, blobs = [], None, {}
     header = (f"{'layer':<12}{'batch':>6}{'thr':>4}{'litert_int8':>12}"
               + ("".join(f"{name:>16}" for name in ("tf_fp32_onednn", "tf_fp32_eigen"))
                  if tf_peers else "")
@@ -137,7 +137,9 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
                      "eigen": _tf_times(cases, n_threads, reps, warmup, False)}
                     if tf_peers else {})
         for hw, c, batch in cases:
-            calls = {"litert_int8": _litert_call(litert_conv(hw, c, batch), n_threads)}
+            if (hw, c, batch) not in blobs:
+                blobs[hw, c, batch] = litert_conv(hw, c, batch)
+            calls = {"litert_int8": _litert_call(blobs[hw, c, batch], n_threads)}
             for m in tile_sizes:
                 calls[f"wa_f{m}"], isa = _wa_call(m, hw, c, batch, n_threads)
             ms = _interleaved(calls, reps, warmup)

@@ -123,28 +123,27 @@ void OutputTransformT(const Plan& p, const Geometry& g, const int8_t* mm, int fi
     for (int c0 = k0; c0 < k_end; c0 += 4) {
       const int nc = std::min(4, k_end - c0);
       F64x4 mv[T * T];
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int tap = 0; tap < T * T; ++tap) mv[tap] = Ops::LoadM(src + tap * tap_stride + c0);
-      F64x4 r[M][T];  // r[a][b] = sum_j A[a][j] w[j][b] M[j][b]
-      #pragma GCC unroll 8
-      for (int a = 0; a < M; ++a) {
-        #pragma GCC unroll 8
-        for (int b = 0; b < T; ++b) {
-          F64x4 acc = p.aw_lanes[a][0][b] * mv[b];
-          #pragma GCC unroll 8
-          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.aw_lanes[a][j][b], mv[j * T + b], acc);
-          r[a][b] = acc;
-        }
-      }
       F64x4 bias;
       std::memcpy(&bias, p.bias.data() + c0, sizeof(bias));
-      #pragma GCC unroll 8
-      for (int a = 0; a < rows_out; ++a) {
-        #pragma GCC unroll 8
-        for (int b = 0; b < cols_out; ++b) {
-          F64x4 acc = p.at_lanes[b * T] * r[a][0];
-          #pragma GCC unroll 8
-          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.at_lanes[b * T + j], r[a][j], acc);
+#pragma GCC unroll 8
+      for (int a = 0; a < M; ++a) {  // one output row at a time: r stays in registers
+        if (a >= rows_out) break;
+        F64x4 r[T];  // r[b] = sum_j A[a][j] w[j][b] M[j][b]
+#pragma GCC unroll 8
+        for (int b = 0; b < T; ++b) {
+          F64x4 acc = p.aw_lanes[a][0][b] * mv[b];
+#pragma GCC unroll 8
+          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.aw_lanes[a][j][b], mv[j * T + b], acc);
+          r[b] = acc;
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < M; ++b) {
+          if (b >= cols_out) break;
+          F64x4 acc = p.at_lanes[b * T] * r[0];
+#pragma GCC unroll 8
+          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.at_lanes[b * T + j], r[j], acc);
           int8_t* out =
               y + ((static_cast<int64_t>(n) * g.out_h + y0 + a) * g.out_w + x0 + b) * p.k + c0;
           Ops::StoreY(acc + bias, p.mult_y, p.y_min, p.y_max, out, nc);

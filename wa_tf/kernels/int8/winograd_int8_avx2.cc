@@ -127,29 +127,31 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
       }
       #pragma GCC unroll 8
       for (int b = 0; b < T; ++b) d[T][b] = _mm256_setzero_si256();
-      __m256i tmp[T][T + 1];  // tmp[a][j] = sum_i B[a][i] d[i][j]
-      #pragma GCC unroll 8
-      for (int j = 0; j < T; ++j) {
-        __m256i pairs[P];
-        #pragma GCC unroll 8
-        for (int ip = 0; ip < P; ++ip) pairs[ip] = Pair(d[2 * ip][j], d[2 * ip + 1][j]);
-        #pragma GCC unroll 8
-        for (int a = 0; a < T; ++a) {
-          __m256i acc = _mm256_madd_epi16(pairs[0], BtPair(p, a, 0));
-          #pragma GCC unroll 8
-          for (int ip = 1; ip < P; ++ip) {
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs[ip], BtPair(p, a, ip)));
-          }
-          tmp[a][j] = acc;
-        }
+      // Pairs of neighbouring rows of the tile, once; then row by row of B_t d, each row
+      // consumed at once by the second pass (it stays in registers).
+      __m256i pairs[P][T];
+#pragma GCC unroll 8
+      for (int ip = 0; ip < P; ++ip) {
+#pragma GCC unroll 8
+        for (int j = 0; j < T; ++j) pairs[ip][j] = Pair(d[2 * ip][j], d[2 * ip + 1][j]);
       }
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int a = 0; a < T; ++a) {
-        tmp[a][T] = _mm256_setzero_si256();
+        __m256i row[T + 1];  // row[j] = sum_i B[a][i] d[i][j]
+#pragma GCC unroll 8
+        for (int j = 0; j < T; ++j) {
+          __m256i acc = _mm256_madd_epi16(pairs[0][j], BtPair(p, a, 0));
+#pragma GCC unroll 8
+          for (int ip = 1; ip < P; ++ip) {
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(pairs[ip][j], BtPair(p, a, ip)));
+          }
+          row[j] = acc;
+        }
+        row[T] = _mm256_setzero_si256();
         __m256i hi[P], lo[P];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int jp = 0; jp < P; ++jp) {
-          const __m256i t0 = tmp[a][2 * jp], t1 = tmp[a][2 * jp + 1];
+          const __m256i t0 = row[2 * jp], t1 = row[2 * jp + 1];
           if (!kWide) {
             lo[jp] = Pair(t0, t1);
           } else {
@@ -157,16 +159,16 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
             lo[jp] = Pair(_mm256_and_si256(t0, low_byte), _mm256_and_si256(t1, low_byte));
           }
         }
-        #pragma GCC unroll 8
-        for (int b = 0; b < T; ++b) {  // V[a][b] = sum_j tmp[a][j] B[b][j]
+#pragma GCC unroll 8
+        for (int b = 0; b < T; ++b) {  // V[a][b] = sum_j row[j] B[b][j]
           __m256i acc = _mm256_madd_epi16(lo[0], BtPair(p, b, 0));
-          #pragma GCC unroll 8
+#pragma GCC unroll 8
           for (int jp = 1; jp < P; ++jp) {
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo[jp], BtPair(p, b, jp)));
           }
           if (kWide) {
             __m256i high = _mm256_madd_epi16(hi[0], BtPair(p, b, 0));
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int jp = 1; jp < P; ++jp) {
               high = _mm256_add_epi32(high, _mm256_madd_epi16(hi[jp], BtPair(p, b, jp)));
             }
