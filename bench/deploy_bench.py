@@ -16,6 +16,7 @@ the latter lowered to builtin operators and with native Winograd operators
 
 Examples:
   bench/deploy_bench.py --quick
+  bench/deploy_bench.py --architectures fastest=configs/architectures/fastest_int8_avx2.json
   bench/deploy_bench.py --models normal=runs/normal.tflite f4=runs/f4.tflite --json=out.json
 """
 
@@ -33,7 +34,7 @@ from bench.common import machine_lines  # noqa: E402
 from wa_tf.deploy import litert  # noqa: E402
 
 
-def _build_models(mult, folder):
+def _build_models(mult, folder, architectures=()):
     from wa_tf import models  # pylint: disable=import-outside-toplevel  # only without --models
     rng = np.random.default_rng(0)
     paths = {}
@@ -46,6 +47,14 @@ def _build_models(mult, folder):
         paths[name] = os.path.join(folder, f"{name}.tflite")
         litert.export_litert(model, paths[name], normalization=((0.5,) * 3, (0.25,) * 3),
                              transforms=transforms)
+    for item in architectures:  # NAME=architecture.json, 8-bit: native Winograd operators
+        name, path = item.split("=", 1)
+        model = models.resnet18_like(architecture=path, width_multiplier=mult, per_tap=True)
+        for _ in range(2):
+            model(rng.normal(size=(8, 32, 32, 3)).astype(np.float32), training=True)
+        paths[name] = os.path.join(folder, f"{name}.tflite")
+        litert.export_litert(model, paths[name], normalization=((0.5,) * 3, (0.25,) * 3),
+                             transforms="native")
     return paths
 
 
@@ -77,6 +86,9 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", default=None,
                         help="NAME=PATH.tflite ...; the first is the baseline")
     parser.add_argument("--mult", type=float, default=0.5, help="width of the built models")
+    parser.add_argument("--architectures", nargs="*", default=[],
+                        help="NAME=architecture.json ...: also build these (8-bit, native "
+                             "Winograd operators)")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=100)
@@ -92,7 +104,7 @@ def main(argv=None):
         if args.models:
             paths = dict(item.split("=", 1) for item in args.models)
         else:
-            paths = _build_models(args.mult, folder)
+            paths = _build_models(args.mult, folder, args.architectures)
         sizes = {name: os.path.getsize(path) for name, path in paths.items()}
         base = next(iter(paths))
         rows = []

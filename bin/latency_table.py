@@ -38,6 +38,10 @@ flags.DEFINE_boolean("jit_compile", False, "Compile each layer with XLA (fused k
                      "instead of running TensorFlow's graph of ops.")
 flags.DEFINE_string("device", None, "Device description stored in the table (default: the "
                     "CPU model and TensorFlow version).")
+flags.DEFINE_enum("precision", "fp32", ["fp32", "int8"], "fp32: TensorFlow graphs (normal "
+                  "tf.nn.conv2d, Winograd pipelines); int8: as deployed in integer LiteRT "
+                  "files (normal: LiteRT's XNNPACK int8 convolution; F2/F4/F6: the native "
+                  "int8 Winograd kernel), --threads threads each (0 means 1).")
 flags.DEFINE_string("output", cost.DEFAULT_TABLE, "JSON file to write.")
 FLAGS = flags.FLAGS
 # Library argument -> flag (wa_tf.training.flag_errors); _validate's own messages name the flags.
@@ -89,9 +93,16 @@ def main():
     print(f"{len(layers)} searchable layers (mult {FLAGS.mult}, {FLAGS.image_size}x"
           f"{FLAGS.image_size} images), candidates {','.join(FLAGS.candidates)}, batch sizes "
           f"{batch_sizes}, median of {FLAGS.repeats} calls", flush=True)
-    table = latency.measure_table(layers, FLAGS.candidates, batch_sizes, FLAGS.repeats,
-                                  device=FLAGS.device, jit_compile=FLAGS.jit_compile,
-                                  progress=lambda line: print("  " + line, flush=True))
+    progress = lambda line: print("  " + line, flush=True)  # noqa: E731
+    if FLAGS.precision == "int8":
+        from wa_tf.search import latency_int8  # pylint: disable=import-outside-toplevel
+        table = latency_int8.measure_int8_table(layers, FLAGS.candidates, batch_sizes,
+                                                FLAGS.repeats, max(1, FLAGS.threads),
+                                                device=FLAGS.device, progress=progress)
+    else:
+        table = latency.measure_table(layers, FLAGS.candidates, batch_sizes, FLAGS.repeats,
+                                      device=FLAGS.device, jit_compile=FLAGS.jit_compile,
+                                      progress=progress)
     if FLAGS.threads:
         table["metadata"]["intra_op_threads"] = FLAGS.threads
     cost.write_table(table, FLAGS.output)

@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from wa_tf import models
-from wa_tf.search import cost, latency
+from wa_tf.deploy import litert
+from wa_tf.search import cost, latency, latency_int8
 from wa_tf.search.cost import AnalyticCost, Candidate, LayerSpec, TableCost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,3 +305,34 @@ def test_latency_table_bad_flags(flag, message):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
     assert not any(line.startswith("error") for line in lines[:-1])
+
+
+def test_int8_latency_table_binary(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    out = str(tmp_path / "int8.json")
+    proc = _latency_table("--precision=int8", "--mult=0.0625", "--repeats=2", "--batch_size=1",
+                          "--candidates=normal,F4", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = TableCost(out, batch_size=1)
+    for layer in cost.searchable_layers(0.0625):
+        assert table.cost(layer, NORMAL) > 0 and table.cost(layer, F4) > 0
+    metadata = json.load(open(out, encoding="utf-8"))["metadata"]
+    assert metadata["precision"] == "int8" and "native Winograd" in metadata["device"]
+
+
+def test_litert_int8_convolution_computes_the_convolution():
+    pytest.importorskip("ai_edge_litert")
+    blob = latency_int8.litert_conv_int8(6, 5, 4, 3, batch_size=2)
+    runner = litert.interpreter(blob)
+    x = np.random.default_rng(1).integers(-128, 128, (2, 6, 5, 4)).astype(np.int8)
+    runner.set_tensor(runner.get_input_details()[0]["index"], x)
+    runner.invoke()
+    got = runner.get_tensor(runner.get_output_details()[0]["index"]).astype(np.int64)
+    details = runner.get_tensor_details()
+    w = next(d for d in details if d["name"] == "w")
+    codes = runner.get_tensor(w["index"]).astype(np.float64)  # (K, r, r, C)
+    scales = w["quantization_parameters"]["scales"]
+    x_f = x * (2.0 / 255)
+    expected = tf.nn.conv2d(x_f, np.transpose(codes * scales[:, None, None, None],
+                                              (1, 2, 3, 0)), 1, "SAME").numpy()
+    assert np.abs(got - np.clip(np.rint(expected / (4.0 / 255)), -128, 127)).max() <= 1

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import tf_keras
-
 from int8_layers import reference_codes
+
 from wa_tf import models, quantization
 from wa_tf.deploy import integer, litert, litert_native, native
 from wa_tf.deploy.litert_winograd import NATIVE_OP, lower_native

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from int8_layers import reference_codes
+
 from wa_tf.deploy import integer, native
 from wa_tf.kernels import winograd_int8
 

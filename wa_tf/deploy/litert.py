@@ -85,9 +85,9 @@ def interpreter(model, threads: int = 1):
 
     ai-edge-litert's ``Interpreter`` when installed, else TensorFlow's
     ``tf.lite.Interpreter``; for a file with native Winograd operators
-    (``transforms='native'``), a :class:`wa_tf.deploy.litert_native.NativeModel`.  A file XNNPACK refuses (see
-    :func:`export_litert`'s ``xnnpack_refused``) runs on LiteRT's builtin
-    kernels, with a warning.
+    (``transforms='native'``), a :class:`wa_tf.deploy.litert_native.NativeModel`.
+    A file XNNPACK refuses (see :func:`export_litert`'s ``xnnpack_refused``)
+    runs on LiteRT's builtin kernels, with a warning.
 
     Raises:
       ValueError: if the file is missing or not a model the runtime accepts.
