@@ -85,7 +85,7 @@ def test_a_compiler_past_the_timeout_is_stopped_and_the_lock_released(tmp_path, 
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read()
     # The lock is free again: taking it does not wait.
-    with kbuild._locked(kbuild.library_path(), time.monotonic()):  # pylint: disable=protected-access
+    with kbuild.locked(kbuild.library_path(), time.monotonic()):
         pass
     assert "ran past" in open(kbuild.failure_path(), encoding="utf-8").read()
 
@@ -211,7 +211,7 @@ assert "wa_tf" not in sys.modules
 
 @pytest.mark.skipif(not kernels.available(),
                     reason=f"fused kernels unavailable: {kernels.unavailable_reason()}")
-@pytest.mark.parametrize("precision", ["float", "int8"])
+@pytest.mark.parametrize("precision", [pytest.param("float", marks=pytest.mark.slow), "int8"])
 def test_a_saved_model_loads_where_the_kernels_are_absent(tmp_path, precision):
     subprocess.run([sys.executable, "-c", _SAVE, str(tmp_path), precision], check=True,
                    capture_output=True, timeout=600)
