@@ -16,6 +16,7 @@ the latter lowered to builtin operators and with native Winograd operators
 
 Examples:
   bench/deploy_bench.py --quick
+  bench/deploy_bench.py --quick --layers --json=deploy.json   # models and layers, < 5 minutes
   bench/deploy_bench.py --architectures fastest=configs/architectures/fastest_int8_avx2.json
   bench/deploy_bench.py --models normal=runs/normal.tflite f4=runs/f4.tflite --json=out.json
 """
@@ -31,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import machine_lines  # noqa: E402
+from bench.winograd_int8_bench import layer_table  # noqa: E402
 from wa_tf.deploy import litert  # noqa: E402
 
 
@@ -94,6 +96,11 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="20 reps (a minute or two)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time single layers: the native int8 Winograd kernel "
+                             "against LiteRT's int8 CONV_2D and tf.nn.conv2d "
+                             "(bench/winograd_int8_bench.py; width 0.5, F4, batch 1 with "
+                             "--quick)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -118,6 +125,12 @@ def main(argv=None):
                                  "mib": sizes[name] / 2 ** 20})
                     print(f"{name:<24}{batch:>6}{threads:>8}{ms[name]:>9.3f}"
                           f"{ms[name] / ms[base]:>22.2f}{sizes[name] / 2 ** 20:>7.2f}")
+    layers = None
+    if args.layers:
+        quick = dict(widths=(0.5,), tile_sizes=(4,), batch_sizes=(1,), reps=50, warmup=5) \
+            if args.quick else dict(widths=(0.5, 1.0), batch_sizes=tuple(args.batch_sizes))
+        layers, isa = layer_table(threads=tuple(args.threads), **quick)
+        print(f"native kernel path: {isa}")
     if args.json:
         summary = {row["model"]: row["ms"] for row in rows
                    if row["batch"] == 1 and row["threads"] == 1}
@@ -126,7 +139,7 @@ def main(argv=None):
                  if {"flex_f4_int8_native", "normal_int8"} <= set(summary) else None)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"cpu": machine_lines()[0], "baseline": base, "models": rows,
-                       "model": model}, f, indent=1)
+                       "layers": layers, "model": model}, f, indent=1)
     return rows
 
 
