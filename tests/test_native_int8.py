@@ -119,3 +119,14 @@ def test_tile_counts_off_the_micro_tile(isa, width):
     x = _codes(np.random.default_rng(width), (1, 4, width, 16))
     np.testing.assert_array_equal(native.winograd_layer(layer, isa=isa)(x),
                                   reference_codes(layer, x))
+
+
+def test_stage_times_count_the_work_of_each_stage():
+    layer = native.synthetic_layer(4, c=16, k=24, per_tap=True)
+    kernel = native.winograd_layer(layer)
+    stages = kernel.stage_times(_codes(np.random.default_rng(0), (2, 9, 10, 16)), reps=2)
+    tiles = 2 * 3 * 3  # ceil(9 / 4) x ceil(10 / 4) tiles per image
+    assert stages["hadamard"][1] == tiles * 36 * 16 * 24
+    assert stages["input_transform"][1] == tiles * 16 * 2 * 6 ** 3
+    assert stages["output_transform"][1] == tiles * 24 * (4 * 36 + 16 * 6)
+    assert all(seconds > 0 for seconds, _ in stages.values())

@@ -107,17 +107,12 @@ def load():
         # The same function without argument checks, for bound calls.
         lib.wa_int8_run_raw = ctypes.CFUNCTYPE(None, p, p, c_int, c_int, c_int, p, c_int)(
             ("wa_int8_run", lib))
-        lib.wa_int8_time.restype = ctypes.c_double
-        lib.wa_int8_time.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, c_int]
         lib.wa_int8_filters.argtypes = [p]
         lib.wa_int8_litert_bind.argtypes = [p, p, p]
         lib.wa_int8_litert_kernel.restype = p
         lib.wa_int8_litert_state.restype = p
         lib.wa_int8_litert_state.argtypes = [p, c_int]
-        lib.wa_int8_litert_set_threads.argtypes = [p, c_int]
         lib.wa_int8_litert_error.argtypes = [p]
-        lib.wa_int8_litert_runs.restype = ctypes.c_int64
-        lib.wa_int8_litert_runs.argtypes = [p]
         lib.wa_int8_litert_free_state.argtypes = [p]
         lib.wa_int8_stage_times.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, f64, f64]
         _lib["lib"] = lib
@@ -255,11 +250,3 @@ class WinogradInt8:
         self._lib.wa_int8_stage_times(self._handle, x, *x.shape[:3], y, int(reps), seconds, ops)
         return {name: (float(s), float(o)) for name, s, o in
                 zip(("input_transform", "hadamard", "output_transform"), seconds, ops)}
-
-    def time(self, x, threads: int = 1, reps: int = 50) -> float:
-        """Median seconds per call over ``reps`` calls, timed inside the library."""
-        x, y = self._checked(x)
-        return self._lib.wa_int8_time(self._handle, x, *x.shape[:3], y, max(1, int(threads)),
-                                      max(1, int(reps)))
-
-

@@ -113,16 +113,17 @@ def deployed_layer(layer: cost.LayerSpec, candidate: cost.Candidate, batch_size:
     return fn, x, kernel
 
 
-def median_ms(fns: Sequence[Callable], x, repeats: int) -> List[float]:
+def median_ms(fns: Sequence[Callable], x, repeats: int,
+              warmup: int = WARMUP_CALLS) -> List[float]:
     """Median wall time of each ``fn(x)`` of `fns` over `repeats` calls, in ms.
 
-    After warm-up calls, the functions are timed in turns (one call of each
-    per round), so that load from other processes on a shared machine falls
-    on all of them alike rather than on whichever ran during a busy spell.
+    After `warmup` calls each, the functions are timed in turns (one call of
+    each per round), so that load from other processes on a shared machine
+    falls on all of them alike rather than on whichever ran during a busy spell.
     On the CPU a ``tf.function`` call returns once its graph has run.
     """
     for fn in fns:
-        for _ in range(WARMUP_CALLS):
+        for _ in range(warmup):
             fn(x)
     times = [[] for _ in fns]
     for _ in range(repeats):
@@ -131,6 +132,69 @@ def median_ms(fns: Sequence[Callable], x, repeats: int) -> List[float]:
             fn(x)
             fn_times.append(time.perf_counter() - start)
     return [float(np.median(t) * 1e3) for t in times]
+
+
+def tabulate(layers: Sequence[cost.LayerSpec], names: Sequence[str],
+             batch_sizes: Sequence[int], repeats: int,
+             time_layer: Callable[[cost.LayerSpec, List[cost.Candidate], int], List[float]],
+             metadata: Dict, caller: str,
+             progress: Optional[Callable[[str], None]] = None) -> Dict:
+    """A latency table: `time_layer` run once per layer shape and batch size.
+
+    Args:
+      layers: The layers to time (:func:`wa_tf.search.cost.searchable_layers`), named.
+      names: Candidate names ('normal', 'F2', 'F4', 'F6').
+      batch_sizes: Batch sizes to time each at.
+      repeats: Timed calls per configuration (checked here; `time_layer` uses it).
+      time_layer: ``(layer, allowed candidates, batch) -> ms of each candidate``.
+      metadata: The table's metadata besides the date, version, batch sizes,
+        repeats and statistic.
+      caller: The measuring function's name, for error messages.
+      progress: Called with one line per configuration timed.
+
+    Returns:
+      A table in :class:`wa_tf.search.cost.TableCost`'s format.
+
+    Raises:
+      ValueError: On bad arguments.
+    """
+    if not layers or any(layer.name is None for layer in layers):
+        raise ValueError(f"{caller} needs named layers (wa_tf.search.cost.searchable_layers)")
+    if not names:
+        raise ValueError(f"{caller} needs at least one candidate name")
+    candidates = cost.candidates(names)
+    batch_sizes = sorted(set(batch_sizes))
+    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive integers; got {batch_sizes}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+    latency = {str(b): {} for b in batch_sizes}
+    measured = {}  # (shape key, batch) -> {candidate key: ms}
+    for layer in layers:
+        for batch in batch_sizes:
+            key = (layer.shape_key, batch)
+            if key not in measured:
+                allowed = [c for c in candidates if cost.is_allowed(layer, c)]
+                times = time_layer(layer, allowed, batch)
+                measured[key] = {c.key: round(ms, 4) for c, ms in zip(allowed, times)}
+                if progress:
+                    progress(f"{layer.shape_key} batch {batch}: " + ", ".join(
+                        f"{k} {ms:.3f}" for k, ms in measured[key].items()) + " ms")
+            latency[str(batch)][layer.name] = dict(measured[key])
+    return {
+        "format": cost.TABLE_FORMAT,
+        "version": cost.TABLE_VERSION,
+        "metadata": {
+            "device": metadata["device"],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wa_tf_version": wa_tf.__version__,
+            "batch_sizes": batch_sizes,
+            "repeats": repeats,
+            "statistic": "median",
+            **{k: v for k, v in metadata.items() if k != "device"},
+        },
+        "latency_ms": latency,
+    }
 
 
 def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.CANDIDATE_NAMES,
@@ -158,48 +222,16 @@ def measure_table(layers: Sequence[cost.LayerSpec], names: Sequence[str] = cost.
     Raises:
       ValueError: On bad arguments.
     """
-    if not layers or any(layer.name is None for layer in layers):
-        raise ValueError("measure_table needs named layers (wa_tf.search.cost.searchable_layers)")
-    if not names:
-        raise ValueError("measure_table needs at least one candidate name")
-    candidates = cost.candidates(names)
-    batch_sizes = sorted(set(batch_sizes))
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive integers; got {batch_sizes}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
-    latency = {str(b): {} for b in batch_sizes}
-    measured = {}  # (shape key, batch) -> {candidate key: ms}
+    def time_layer(layer, allowed, batch):
+        built = [deployed_layer(layer, c, batch, jit_compile=jit_compile) for c in allowed]
+        return median_ms([fn for fn, _, _ in built], built[0][1], repeats)
+
+    metadata = {"device": device or f"{cpu_model()} (CPU), TensorFlow {tf.__version__}",
+                "precision": "fp32", "jit_compile": bool(jit_compile),
+                "derive_bits": "analytic"}
     with tf.device("/CPU:0"):
-        for layer in layers:
-            for batch in batch_sizes:
-                key = (layer.shape_key, batch)
-                if key not in measured:
-                    allowed = [c for c in candidates if cost.is_allowed(layer, c)]
-                    built = [deployed_layer(layer, c, batch, jit_compile=jit_compile)
-                             for c in allowed]
-                    times = median_ms([fn for fn, _, _ in built], built[0][1], repeats)
-                    measured[key] = {c.key: round(ms, 4) for c, ms in zip(allowed, times)}
-                    if progress:
-                        progress(f"{layer.shape_key} batch {batch}: " + ", ".join(
-                            f"{k} {ms:.3f}" for k, ms in measured[key].items()) + " ms")
-                latency[str(batch)][layer.name] = dict(measured[key])
-    return {
-        "format": cost.TABLE_FORMAT,
-        "version": cost.TABLE_VERSION,
-        "metadata": {
-            "device": device or f"{cpu_model()} (CPU), TensorFlow {tf.__version__}",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wa_tf_version": wa_tf.__version__,
-            "batch_sizes": batch_sizes,
-            "repeats": repeats,
-            "statistic": "median",
-            "precision": "fp32",
-            "jit_compile": bool(jit_compile),
-            "derive_bits": "analytic",
-        },
-        "latency_ms": latency,
-    }
+        return tabulate(layers, names, batch_sizes, repeats, time_layer, metadata,
+                        "measure_table", progress)
 
 
 def format_table(table: Dict, layers: Sequence[cost.LayerSpec]) -> str:

@@ -9,22 +9,19 @@ The int8 counterpart of :mod:`wa_tf.search.latency`, for wiNAS on real time:
   (:mod:`wa_tf.kernels.winograd_int8`) on a flex, per-tap 8-bit layer, as the
   ``--litert_transforms=native`` operators of an exported model run.
 
-Both are called from Python in turns (interleaved) and the median kept; the
-table has :class:`wa_tf.search.cost.TableCost`'s format with
+Both are called from Python in turns (interleaved, :func:`wa_tf.search.latency.median_ms`)
+and the median kept; the table has :class:`wa_tf.search.cost.TableCost`'s format with
 ``"precision": "int8"``.
 """
 
-import datetime
-import time
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-import wa_tf
 from wa_tf.deploy import litert, native
 from wa_tf.deploy.tflite_graph import Graph, options
 from wa_tf.machine import cpu_model
-from wa_tf.search import cost
+from wa_tf.search import cost, latency
 
 WARMUP_CALLS = 5
 
@@ -82,52 +79,13 @@ def measure_int8_table(layers: Sequence[cost.LayerSpec],
     Raises:
       ValueError: On bad arguments.
     """
-    if not layers or any(layer.name is None for layer in layers):
-        raise ValueError("measure_int8_table needs named layers "
-                         "(wa_tf.search.cost.searchable_layers)")
-    candidates = cost.candidates(names)
-    batch_sizes = sorted(set(batch_sizes))
-    if not batch_sizes or any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive integers; got {batch_sizes}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
-    latency = {str(b): {} for b in batch_sizes}
-    measured = {}
-    for layer in layers:
-        for batch in batch_sizes:
-            key = (layer.shape_key, batch)
-            if key not in measured:
-                allowed = [c for c in candidates if cost.is_allowed(layer, c)]
-                calls = [deployed_int8_layer(layer, c, batch, threads) for c in allowed]
-                for call in calls:
-                    for _ in range(WARMUP_CALLS):
-                        call()
-                times = [[] for _ in calls]
-                for _ in range(repeats):
-                    for call, call_times in zip(calls, times):
-                        start = time.perf_counter()
-                        call()
-                        call_times.append(time.perf_counter() - start)
-                measured[key] = {c.key: round(float(np.median(t)) * 1e3, 4)
-                                 for c, t in zip(allowed, times)}
-                if progress:
-                    progress(f"{layer.shape_key} batch {batch}: " + ", ".join(
-                        f"{k} {ms:.3f}" for k, ms in measured[key].items()) + " ms")
-            latency[str(batch)][layer.name] = dict(measured[key])
-    return {
-        "format": cost.TABLE_FORMAT,
-        "version": cost.TABLE_VERSION,
-        "metadata": {
-            "device": device or f"{cpu_model()} (CPU), int8: LiteRT XNNPACK CONV_2D / "
-                                f"wa_tf native Winograd",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wa_tf_version": wa_tf.__version__,
-            "batch_sizes": batch_sizes,
-            "repeats": repeats,
-            "statistic": "median",
-            "precision": "int8",
-            "threads": int(threads),
-            "derive_bits": "analytic",
-        },
-        "latency_ms": latency,
-    }
+    def time_layer(layer, allowed, batch):
+        calls = [deployed_int8_layer(layer, c, batch, threads) for c in allowed]
+        return latency.median_ms([lambda _, call=call: call() for call in calls], None,
+                                 repeats, warmup=WARMUP_CALLS)
+
+    metadata = {"device": device or f"{cpu_model()} (CPU), int8: LiteRT XNNPACK CONV_2D / "
+                                     f"wa_tf native Winograd",
+                "precision": "int8", "threads": int(threads), "derive_bits": "analytic"}
+    return latency.tabulate(layers, names, batch_sizes, repeats, time_layer, metadata,
+                            "measure_int8_table", progress)

@@ -60,7 +60,6 @@ struct OpState {
   void* kernel;
   int threads;
   int error;  // LiteRT ignores Run's status: the loader reads this after each run
-  int64_t runs;
 };
 
 LiteRtStatus Init(void*, const void*, size_t) { return kOk; }
@@ -107,7 +106,6 @@ LiteRtStatus Run(void* user_data, size_t num_inputs, const LiteRtTensorBuffer* i
                                   ? RunOp(state, inputs, outputs)
                                   : kInvalidArgument;
   if (status != kOk) state->error = status;
-  ++state->runs;
   return status;
 }
 
@@ -131,16 +129,10 @@ const void* wa_int8_litert_kernel() { return &kKernel; }
 
 // One layer's user_data: its kernel (owned by the caller) and threads.
 void* wa_int8_litert_state(void* kernel, int threads) {
-  return new OpState{kernel, threads < 1 ? 1 : threads, 0, 0};
-}
-
-void wa_int8_litert_set_threads(void* state, int threads) {
-  static_cast<OpState*>(state)->threads = threads < 1 ? 1 : threads;
+  return new OpState{kernel, threads < 1 ? 1 : threads, 0};
 }
 
 int wa_int8_litert_error(void* state) { return static_cast<OpState*>(state)->error; }
-
-int64_t wa_int8_litert_runs(void* state) { return static_cast<OpState*>(state)->runs; }
 
 void wa_int8_litert_free_state(void* state) { delete static_cast<OpState*>(state); }
 

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "winograd_int8.h"
 
@@ -98,11 +99,6 @@ void InputTransformT(const Plan& p, const Geometry& g, const int8_t* x, int firs
         }
       }
     }
-    for (int c0 = (c + 7) / 8 * 8; c0 < cp; c0 += 8) {
-      for (int tap = 0; tap < T * T; ++tap) {
-        std::memset(v + (static_cast<int64_t>(tap) * rows + tile) * cp + c0, 0, 16);
-      }
-    }
   }
 }
 
@@ -153,19 +149,28 @@ void OutputTransformT(const Plan& p, const Geometry& g, const int8_t* mm, int fi
   }
 }
 
+// Calls fn(std::integral_constant<int, t>()) for the tile input size t (1..8), so that a
+// stage runs with t a compile-time constant.
+template <typename Fn>
+inline void WithTileSize(int t, Fn&& fn) {
+  switch (t) {
+    case 1: return fn(std::integral_constant<int, 1>());
+    case 2: return fn(std::integral_constant<int, 2>());
+    case 3: return fn(std::integral_constant<int, 3>());
+    case 4: return fn(std::integral_constant<int, 4>());
+    case 5: return fn(std::integral_constant<int, 5>());
+    case 6: return fn(std::integral_constant<int, 6>());
+    case 7: return fn(std::integral_constant<int, 7>());
+    default: return fn(std::integral_constant<int, 8>());
+  }
+}
+
 template <class Ops>
 void InputTransformAny(const Plan& p, const Geometry& g, const int8_t* x, int first, int count,
                        int rows, int16_t* v) {
-  switch (p.t) {
-    case 1: return InputTransformT<1, Ops>(p, g, x, first, count, rows, v);
-    case 2: return InputTransformT<2, Ops>(p, g, x, first, count, rows, v);
-    case 3: return InputTransformT<3, Ops>(p, g, x, first, count, rows, v);
-    case 4: return InputTransformT<4, Ops>(p, g, x, first, count, rows, v);
-    case 5: return InputTransformT<5, Ops>(p, g, x, first, count, rows, v);
-    case 6: return InputTransformT<6, Ops>(p, g, x, first, count, rows, v);
-    case 7: return InputTransformT<7, Ops>(p, g, x, first, count, rows, v);
-    default: return InputTransformT<8, Ops>(p, g, x, first, count, rows, v);
-  }
+  WithTileSize(p.t, [&](auto t) {
+    InputTransformT<decltype(t)::value, Ops>(p, g, x, first, count, rows, v);
+  });
 }
 
 // F(m, r) for r = 1, 3, 5, 7 and t = m + r - 1 <= 8: every (t, m) pair of the same parity.

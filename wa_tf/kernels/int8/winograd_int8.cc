@@ -67,28 +67,34 @@ struct Barrier {
   }
 };
 
+// Work of the blocks, split among `threads` workers by tiles (transforms) and by filter blocks
+// (element-wise stage), with a barrier between stages.  With `times` (one thread only), the
+// seconds of the three stages are added to times[0..2].
 void RunBlocks(const Kernel& kernel, const Geometry& g, const int8_t* x, int8_t* y, int tid,
-               int threads, Barrier* barrier, int16_t* v, int8_t* mm) {
+               int threads, Barrier* barrier, int16_t* v, int8_t* mm, double* times = nullptr) {
   const Plan& p = kernel.plan;
   const Variant& var = *kernel.variant;
   const int tiles = g.n * g.n_h * g.n_w;
   const int kblocks = p.kp / kNR;
+  using Clock = std::chrono::steady_clock;
+  auto lap = [&](Clock::time_point* since, int stage) {
+    if (times == nullptr) return;
+    const Clock::time_point now = Clock::now();
+    times[stage] += std::chrono::duration<double>(now - *since).count();
+    *since = now;
+  };
   for (int first = 0; first < tiles; first += kBlockTiles) {
+    Clock::time_point since = times ? Clock::now() : Clock::time_point();
     const int count = std::min(kBlockTiles, tiles - first);
-    const int rows = (count + kMR - 1) / kMR * kMR;
-    // Input transform: this worker's share of the tiles (zero rows by the last worker).
+    const int rows = (count + kMR - 1) / kMR * kMR;  // the row stride of V and M
+    // Input transform: this worker's share of the tiles.
     const int t0 = count * tid / threads, t1 = count * (tid + 1) / threads;
     if (t1 > t0) {  // rows [t0, t1) of the block: the pointer moves, the row stride stays
       var.input_transform(p, g, x, first + t0, t1 - t0, rows,
                           v + static_cast<int64_t>(t0) * p.cp);
     }
-    if (tid == threads - 1) {  // rows past the last tile feed the GEMM zeros
-      for (int tap = 0; tap < p.taps; ++tap) {
-        std::memset(v + (static_cast<int64_t>(tap) * rows + count) * p.cp, 0,
-                    sizeof(int16_t) * p.cp * (rows - count));
-      }
-    }
     if (threads > 1) barrier->Wait();
+    lap(&since, 0);
     // Element-wise stage: filter blocks split among the workers (taps when too few blocks).
     if (kblocks >= threads) {
       const int b0 = kblocks * tid / threads, b1 = kblocks * (tid + 1) / threads;
@@ -98,11 +104,13 @@ void RunBlocks(const Kernel& kernel, const Geometry& g, const int8_t* x, int8_t*
       var.hadamard(p, v, rows, count, a0, a1, 0, p.kp, mm);
     }
     if (threads > 1) barrier->Wait();
+    lap(&since, 1);
     if (t1 > t0) {
       var.output_transform(p, g, mm + static_cast<int64_t>(t0) * p.kp, first + t0, t1 - t0, rows,
                            0, p.kp, y);
     }
     if (threads > 1) barrier->Wait();  // the block's buffers are reused
+    lap(&since, 2);
   }
 }
 
@@ -201,31 +209,10 @@ void Run(const Kernel& kernel, const int8_t* x, int n, int h, int w, int8_t* y, 
 void RunTimed(const Kernel& kernel, const int8_t* x, int n, int h, int w, int8_t* y,
               double* times) {
   const Plan& p = kernel.plan;
-  const Variant& var = *kernel.variant;
-  const Geometry g = MakeGeometry(p, n, h, w);
-  const int rows_max = (kBlockTiles + kMR - 1) / kMR * kMR;
-  std::vector<int16_t> v(static_cast<size_t>(p.taps) * rows_max * p.cp);
-  std::vector<int8_t> mm(static_cast<size_t>(p.taps) * rows_max * p.kp);
-  const int tiles = g.n * g.n_h * g.n_w;
-  using Clock = std::chrono::steady_clock;
-  for (int first = 0; first < tiles; first += kBlockTiles) {
-    const int count = std::min(kBlockTiles, tiles - first);
-    const int rows = (count + kMR - 1) / kMR * kMR;
-    auto t0 = Clock::now();
-    var.input_transform(p, g, x, first, count, rows, v.data());
-    for (int tap = 0; tap < p.taps; ++tap) {
-      std::memset(v.data() + (static_cast<int64_t>(tap) * rows + count) * p.cp, 0,
-                  sizeof(int16_t) * p.cp * (rows - count));
-    }
-    auto t1 = Clock::now();
-    var.hadamard(p, v.data(), rows, count, 0, p.taps, 0, p.kp, mm.data());
-    auto t2 = Clock::now();
-    var.output_transform(p, g, mm.data(), first, count, rows, 0, p.kp, y);
-    auto t3 = Clock::now();
-    times[0] += std::chrono::duration<double>(t1 - t0).count();
-    times[1] += std::chrono::duration<double>(t2 - t1).count();
-    times[2] += std::chrono::duration<double>(t3 - t2).count();
-  }
+  const size_t rows = (kBlockTiles + kMR - 1) / kMR * kMR;
+  std::vector<int16_t> v(static_cast<size_t>(p.taps) * rows * p.cp);
+  std::vector<int8_t> mm(static_cast<size_t>(p.taps) * rows * p.kp);
+  RunBlocks(kernel, MakeGeometry(p, n, h, w), x, y, 0, 1, nullptr, v.data(), mm.data(), times);
 }
 
 }  // namespace
@@ -266,7 +253,6 @@ void* wa_int8_create(int m, int r, int c, int k, int same, const int8_t* bt, con
     p.mult_m[i] = mult_m[i];
     p.tap_w[i] = tap_w[i];
   }
-  for (int i = 0; i < m * t; ++i) p.at[i] = at[i];
   p.tmp16 = true;
   for (int a = 0; a < t; ++a) {
     int row = 0;
@@ -281,13 +267,13 @@ void* wa_int8_create(int m, int r, int c, int k, int same, const int8_t* bt, con
   for (int a = 0; a < m; ++a) {
     for (int j = 0; j < t; ++j) {
       for (int b = 0; b < t; ++b) {
-        for (int l = 0; l < 4; ++l) p.aw_lanes[a][j][b][l] = p.at[a * t + j] * p.tap_w[j * t + b];
+        for (int l = 0; l < 4; ++l) p.aw_lanes[a][j][b][l] = at[a * t + j] * p.tap_w[j * t + b];
       }
     }
   }
   for (int i = 0; i < t * t; ++i) {
     for (int l = 0; l < 8; ++l) p.bt_lanes[i][l] = p.bt[i];
-    for (int l = 0; l < 4; ++l) p.at_lanes[i][l] = i < m * t ? p.at[i] : 0.0;
+    for (int l = 0; l < 4; ++l) p.at_lanes[i][l] = i < m * t ? at[i] : 0.0;
   }
   p.mult_y = mult_y;
   p.v_min = ranges[0];
@@ -327,21 +313,6 @@ void wa_int8_output_size(void* kernel, int h, int w, int* out) {
 
 void wa_int8_run(void* kernel, const int8_t* x, int n, int h, int w, int8_t* y, int threads) {
   wa_int8::Run(*static_cast<Kernel*>(kernel), x, n, h, w, y, threads);
-}
-
-// Median seconds of `reps` calls (after one warm-up), timed here: no Python in the loop.
-double wa_int8_time(void* kernel, const int8_t* x, int n, int h, int w, int8_t* y, int threads,
-                    int reps) {
-  wa_int8::Run(*static_cast<Kernel*>(kernel), x, n, h, w, y, threads);
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    wa_int8::Run(*static_cast<Kernel*>(kernel), x, n, h, w, y, threads);
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-                        .count());
-  }
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
 }
 
 // Per-stage seconds of one thread (input transform, element-wise GEMMs, output transform):

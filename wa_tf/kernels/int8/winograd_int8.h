@@ -27,8 +27,7 @@ struct alignas(32) Plan {
   int cp, kp;               // c rounded up to 8 (vectors), k rounded up to kNR
   bool same;                // 'same' padding, else 'valid'
   int32_t bt[kMaxT * kMaxT];            // B_t codes (t x t)
-  double at[kMaxT * kMaxT];             // A_t codes (m x t), as double
-  I32x8 bt_lanes[kMaxT * kMaxT];        // B_t and A_t broadcast to vectors
+  I32x8 bt_lanes[kMaxT * kMaxT];        // B_t and A_t (m x t) broadcast to vectors
   F64x4 at_lanes[kMaxT * kMaxT];
   F64x4 aw_lanes[kMaxT][kMaxT][kMaxT];  // A_t[a][j] * tap_w[j][b], exact in double
   // B_t's rows as int16 pairs of neighbouring columns (vpmaddwd operands): [row][pair].
@@ -51,7 +50,8 @@ struct Geometry {
 // One ISA variant: three stages over a block of `count` tiles starting at tile `first`.
 struct Variant {
   const char* name;
-  // x -> V block [taps][rows][cp] int16 (rows = count rounded up to kMR, zero rows after).
+  // x -> V block [taps][rows][cp] int16, rows [0, count) (rows: the row stride); the
+  // channels past C of the last vector are zeros.
   void (*input_transform)(const Plan&, const Geometry&, const int8_t* x, int first, int count,
                           int rows, int16_t* v);
   // V block x U -> M block [taps][rows][kp] int8 for its first `count` rows, filters [k0, k1)

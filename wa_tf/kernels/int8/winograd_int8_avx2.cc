@@ -180,34 +180,19 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
         }
       }
     }
-    for (int c0 = (c + 7) / 8 * 8; c0 < cp; c0 += 8) {
-      for (int tap = 0; tap < T * T; ++tap) {
-        __builtin_memset(v + (static_cast<int64_t>(tap) * rows + tile) * cp + c0, 0, 16);
-      }
-    }
   }
 }
 
 void InputTransformAvx2(const Plan& p, const Geometry& g, const int8_t* x, int first, int count,
                         int rows, int16_t* v) {
-  switch (p.t) {
-    case 1: return p.tmp16 ? InputTransformAvx2T<1, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<1, true>(p, g, x, first, count, rows, v);
-    case 2: return p.tmp16 ? InputTransformAvx2T<2, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<2, true>(p, g, x, first, count, rows, v);
-    case 3: return p.tmp16 ? InputTransformAvx2T<3, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<3, true>(p, g, x, first, count, rows, v);
-    case 4: return p.tmp16 ? InputTransformAvx2T<4, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<4, true>(p, g, x, first, count, rows, v);
-    case 5: return p.tmp16 ? InputTransformAvx2T<5, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<5, true>(p, g, x, first, count, rows, v);
-    case 6: return p.tmp16 ? InputTransformAvx2T<6, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<6, true>(p, g, x, first, count, rows, v);
-    case 7: return p.tmp16 ? InputTransformAvx2T<7, false>(p, g, x, first, count, rows, v)
-                      : InputTransformAvx2T<7, true>(p, g, x, first, count, rows, v);
-    default: return p.tmp16 ? InputTransformAvx2T<8, false>(p, g, x, first, count, rows, v)
-                         : InputTransformAvx2T<8, true>(p, g, x, first, count, rows, v);
-  }
+  WithTileSize(p.t, [&](auto t) {
+    constexpr int T = decltype(t)::value;
+    if (p.tmp16) {
+      InputTransformAvx2T<T, false>(p, g, x, first, count, rows, v);
+    } else {
+      InputTransformAvx2T<T, true>(p, g, x, first, count, rows, v);
+    }
+  });
 }
 
 void HadamardAvx2(const Plan& p, const int16_t* v, int rows, int count, int tap0, int tap1,
