@@ -20,6 +20,7 @@ median of ``--reps`` calls from Python after a warm-up.  Ratios are against
 
 Examples:
   bench/winograd_int8_bench.py --quick
+  bench/winograd_int8_bench.py --stages --tile_sizes 4     # where the time goes, roofline
   bench/winograd_int8_bench.py --width 0.5 1 --batch_sizes 1 8 --json=layers.json
 """
 
@@ -160,6 +161,30 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
     return rows, isa
 
 
+def stage_table(widths=(0.5,), tile_sizes=(4,), reps=200):
+    """Prints each stage's time at batch 1, 1 thread, and the GEMMs' roofline."""
+    from wa_tf.deploy import native  # pylint: disable=import-outside-toplevel
+    from wa_tf.kernels import winograd_int8  # pylint: disable=import-outside-toplevel
+    peak = winograd_int8.peak_gemm_macs_per_ns()
+    print(f"GEMM roofline: {peak:.1f} G int8 MAC/s (vpmaddwd alone; 0: no AVX2)")
+    rows = []
+    for hw, c in [s for width in widths for s in shapes(width)]:
+        for m in tile_sizes:
+            kernel = native.winograd_layer(native.synthetic_layer(m, c=c, k=c, flex=True,
+                                                                  per_tap=True, hw=(8, 8)))
+            x = np.random.default_rng(1).integers(-128, 128, (1, hw, hw, c)).astype(np.int8)
+            stages = kernel.stage_times(x, reps)
+            macs = stages["hadamard"][1]
+            floor = macs / peak / 1e3 if peak else float("nan")
+            print(f"{hw}x{hw}x{c} F{m}: " + ", ".join(
+                f"{name} {s * 1e6:.1f} us" for name, (s, _) in stages.items())
+                + f"; GEMM {macs / stages['hadamard'][0] / 1e9:.1f} G MAC/s, "
+                f"floor {floor:.1f} us", flush=True)
+            rows.append({"shape": f"{hw}x{hw}x{c}", "F": m, "peak_gmacs": peak,
+                         **{f"{name}_us": s * 1e6 for name, (s, _) in stages.items()}})
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=float, nargs="+", default=[0.5])
@@ -169,6 +194,9 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--no_tf", action="store_true", help="skip the tf.nn.conv2d peers")
+    parser.add_argument("--stages", action="store_true",
+                        help="only the kernel's stage times (batch 1, 1 thread) and the GEMM "
+                             "roofline")
     parser.add_argument("--quick", action="store_true",
                         help="width 0.5, batch 1, 100 reps (a few minutes)")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -179,6 +207,8 @@ def main(argv=None):
     if args.quick:
         args.width, args.batch_sizes, args.reps, args.warmup = [0.5], [1], 100, 10
     print("\n".join(machine_lines()))
+    if args.stages:
+        return stage_table(args.width, args.tile_sizes)
     rows, isa = layer_table(args.width, args.tile_sizes, args.batch_sizes, args.threads,
                             args.reps, args.warmup, not args.no_tf)
     print(f"native kernel path: {isa}; x Fm = litert_int8 ms / wa_fm ms (higher is faster)")

@@ -130,3 +130,5 @@ def test_stage_times_count_the_work_of_each_stage():
     assert stages["input_transform"][1] == tiles * 16 * 2 * 6 ** 3
     assert stages["output_transform"][1] == tiles * 24 * (4 * 36 + 16 * 6)
     assert all(seconds > 0 for seconds, _ in stages.values())
+    # The GEMM roofline is measured where the AVX2 path runs, else reported as absent.
+    assert (winograd_int8.peak_gemm_macs_per_ns() > 0) == ("avx2" in ISAS)

@@ -335,4 +335,9 @@ void wa_int8_stage_times(void* kernel, const int8_t* x, int n, int h, int w, int
   ops[2] = tiles * p.k * (static_cast<double>(p.m) * p.t * p.t + p.m * p.m * p.t);
 }
 
+// vpmaddwd per ns this CPU sustains (16 int8 MACs each), or 0 without AVX2.
+double wa_int8_madd_per_ns() {
+  return wa_int8::Select("avx2") != nullptr ? wa_int8::avx2_madd_rate() : 0.0;
+}
+
 }  // extern "C"

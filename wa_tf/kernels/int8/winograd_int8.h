@@ -65,6 +65,7 @@ struct Variant {
 
 const Variant& scalar_variant();
 const Variant* avx2_variant();  // nullptr where the library was built without it
+double avx2_madd_rate();        // vpmaddwd per ns in a register-only loop (AVX2 CPUs only)
 
 }  // namespace wa_int8
 
