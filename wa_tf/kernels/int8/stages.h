@@ -102,8 +102,11 @@ void InputTransformT(const Plan& p, const Geometry& g, const int8_t* x, int firs
   }
 }
 
-// Output transform of the block's tiles, filters [k0, k1), 4 at a time in double: the first
-// pass applies the tap weights folded into A_t (aw[a][j][b] = A[a][j] w[j][b], exact).
+// Output transform of the block's tiles, filters [k0, k1), 4 at a time in double.  Column
+// by column first (s[a][b] = sum_j A[a][j] w[j][b] M[j][b], the tap weights folded into
+// aw[a][j][b] = A[a][j] w[j][b], exact), then row by row: each pass holds one column or row
+// and its sums in registers (the whole t x t tile would spill).  Every partial sum is an
+// integer below 2^53, so any order gives the reference's exact values.
 template <int T, int M, class Ops>
 void OutputTransformT(const Plan& p, const Geometry& g, const int8_t* mm, int first, int count,
                       int rows, int k0, int k1, int8_t* y) {
@@ -116,33 +119,36 @@ void OutputTransformT(const Plan& p, const Geometry& g, const int8_t* mm, int fi
     const int rows_out = std::min(M, g.out_h - y0), cols_out = std::min(M, g.out_w - x0);
     const int8_t* src = mm + static_cast<int64_t>(tile) * kp;
     const int64_t tap_stride = static_cast<int64_t>(rows) * kp;
+    int8_t* out_tile = y + ((static_cast<int64_t>(n) * g.out_h + y0) * g.out_w + x0) * p.k;
     for (int c0 = k0; c0 < k_end; c0 += 4) {
       const int nc = std::min(4, k_end - c0);
-      F64x4 mv[T * T];
+      F64x4 s[M][T];
 #pragma GCC unroll 8
-      for (int tap = 0; tap < T * T; ++tap) mv[tap] = Ops::LoadM(src + tap * tap_stride + c0);
+      for (int b = 0; b < T; ++b) {
+        F64x4 col[T];
+#pragma GCC unroll 8
+        for (int j = 0; j < T; ++j) col[j] = Ops::LoadM(src + (j * T + b) * tap_stride + c0);
+#pragma GCC unroll 8
+        for (int a = 0; a < M; ++a) {
+          F64x4 acc = p.aw_lanes[a][0][b] * col[0];
+#pragma GCC unroll 8
+          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.aw_lanes[a][j][b], col[j], acc);
+          s[a][b] = acc;
+        }
+      }
       F64x4 bias;
       std::memcpy(&bias, p.bias.data() + c0, sizeof(bias));
 #pragma GCC unroll 8
-      for (int a = 0; a < M; ++a) {  // one output row at a time: r stays in registers
+      for (int a = 0; a < M; ++a) {
         if (a >= rows_out) break;
-        F64x4 r[T];  // r[b] = sum_j A[a][j] w[j][b] M[j][b]
-#pragma GCC unroll 8
-        for (int b = 0; b < T; ++b) {
-          F64x4 acc = p.aw_lanes[a][0][b] * mv[b];
-#pragma GCC unroll 8
-          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.aw_lanes[a][j][b], mv[j * T + b], acc);
-          r[b] = acc;
-        }
 #pragma GCC unroll 8
         for (int b = 0; b < M; ++b) {
           if (b >= cols_out) break;
-          F64x4 acc = p.at_lanes[b * T] * r[0];
+          F64x4 acc = p.at_lanes[b * T] * s[a][0];
 #pragma GCC unroll 8
-          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.at_lanes[b * T + j], r[j], acc);
-          int8_t* out =
-              y + ((static_cast<int64_t>(n) * g.out_h + y0 + a) * g.out_w + x0 + b) * p.k + c0;
-          Ops::StoreY(acc + bias, p.mult_y, p.y_min, p.y_max, out, nc);
+          for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.at_lanes[b * T + j], s[a][j], acc);
+          Ops::StoreY(acc + bias, p.mult_y, p.y_min, p.y_max,
+                      out_tile + (static_cast<int64_t>(a) * g.out_w + b) * p.k + c0, nc);
         }
       }
     }
