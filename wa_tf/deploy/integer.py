@@ -52,8 +52,9 @@ inference kernel needs only ``U_codes``.
 
 Integer pipeline of :func:`run_layer` (``acc`` are int64 accumulators; each
 requantisation ``q = clip(round_half_even(acc * M))`` uses the real
-multiplier ``M`` = scale of the accumulator / scale of the stage, here in
-float64, where an integer kernel uses a fixed-point multiplier)::
+multiplier ``M`` = scale of the accumulator / scale of the stage: in float32
+for V and M (:func:`requantize_f32`, as the training graph and a vector
+kernel compute them), in float64 for y)::
 
     x_q = quantize(x, input)                                  # NHWC codes
     d   = t x t tiles of x_q (stride m, zero padding)
@@ -110,9 +111,22 @@ def quantize(x, scale, bits: int) -> np.ndarray:
 
 
 def requantize(acc, multiplier, bits: int) -> np.ndarray:
-    """Codes ``clip(round_half_even(acc * multiplier))`` of a wide accumulator."""
+    """Codes ``clip(round_half_even(acc * multiplier))`` of a wide accumulator, in float64."""
     qmin, qmax = qrange(bits)
     return np.clip(np.rint(acc * np.asarray(multiplier, np.float64)), qmin, qmax).astype(np.int64)
+
+
+def requantize_f32(acc, multiplier, bits: int) -> np.ndarray:
+    """:func:`requantize` in float32: ``clip(rint(float32(acc) * float32(multiplier)))``.
+
+    The Winograd-domain stages' rule: three IEEE float32 roundings, which a
+    vector kernel repeats exactly 8 lanes at a time (the training graph computes
+    these stages in float32 too).
+    """
+    qmin, qmax = qrange(bits)
+    scaled = (np.asarray(acc).astype(np.float32)
+              * np.asarray(multiplier, np.float64).astype(np.float32))
+    return np.clip(np.rint(scaled), qmin, qmax).astype(np.int64)
 
 
 def _code_dtype(bits):
@@ -295,7 +309,7 @@ def input_transform(layer, x_codes) -> Tuple[np.ndarray, Tuple[int, int]]:
     # B_t d B_t^T in int64, requantised per tap.
     acc = np.einsum("ai,bj,ij...->ab...", b_t, b_t, d, optimize=True)
     mult = multipliers(layer)["input_winograd"]
-    return requantize(acc, mult[:, :, None, None, None, None],
+    return requantize_f32(acc, mult[:, :, None, None, None, None],
                       layer["input_winograd_bits"]), out_size
 
 
@@ -310,7 +324,7 @@ def hadamard(layer, v) -> np.ndarray:
     u = layer["U_codes"].astype(np.int64)
     acc = np.matmul(v.reshape(t, t, -1, v.shape[-1]), u).reshape(v.shape[:-1] + u.shape[-1:])
     mult = multipliers(layer)["hadamard"]
-    return requantize(acc, mult[:, :, None, None, None, None], layer["hadamard_bits"])
+    return requantize_f32(acc, mult[:, :, None, None, None, None], layer["hadamard_bits"])
 
 
 def output_transform(layer, mm, out_size) -> np.ndarray:

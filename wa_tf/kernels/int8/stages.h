@@ -25,10 +25,16 @@ inline double Requant(double acc, double mult, int lo, int hi) {
   return std::min(std::max(q, static_cast<double>(lo)), static_cast<double>(hi));
 }
 
+// The Winograd-domain stages' requantisation: float32 throughout (integer.requantize_f32).
+inline int RequantF(int32_t acc, float mult, int lo, int hi) {
+  const float q = std::rint(static_cast<float>(acc) * mult);
+  return static_cast<int>(std::min(std::max(q, static_cast<float>(lo)), static_cast<float>(hi)));
+}
+
 // The lane operations of the portable variant; an ISA variant passes its own (same results).
 struct PortableOps {
-  static void StoreV(I32x8 acc, double mult, int lo, int hi, int16_t* out) {
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<int16_t>(Requant(acc[i], mult, lo, hi));
+  static void StoreV(I32x8 acc, float mult, int lo, int hi, int16_t* out) {
+    for (int i = 0; i < 8; ++i) out[i] = static_cast<int16_t>(RequantF(acc[i], mult, lo, hi));
   }
   static F64x4 LoadM(const int8_t* src) {
     return F64x4{static_cast<double>(src[0]), static_cast<double>(src[1]),
@@ -204,7 +210,7 @@ inline void HadamardLoops(const Plan& p, const int16_t* v, int rows, int count, 
   const int cp = p.cp, kp = p.kp, pairs = p.cp / 2, kblocks = p.kp / kNR;
   alignas(64) int32_t acc[kNR];
   for (int tap = tap0; tap < tap1; ++tap) {
-    const double mult = p.mult_m[tap];
+    const float mult = p.mult_m[tap];
     for (int kb = k0 / kNR; kb < k1 / kNR; ++kb) {
       const int8_t* u = p.u_packed.data() + (static_cast<int64_t>(tap) * kblocks + kb) * pairs * 2 * kNR;
       for (int row = 0; row < count; ++row) {
@@ -217,7 +223,7 @@ inline void HadamardLoops(const Plan& p, const int16_t* v, int rows, int count, 
         }
         int8_t* out = mm + (static_cast<int64_t>(tap) * rows + row) * kp + kb * kNR;
         for (int kk = 0; kk < kNR; ++kk) {
-          out[kk] = static_cast<int8_t>(Requant(acc[kk], mult, p.m_min, p.m_max));
+          out[kk] = static_cast<int8_t>(RequantF(acc[kk], mult, p.m_min, p.m_max));
         }
       }
     }

@@ -249,8 +249,8 @@ void* wa_int8_create(int m, int r, int c, int k, int same, const int8_t* bt, con
   p.same = same != 0;
   for (int i = 0; i < t * t; ++i) {
     p.bt[i] = bt[i];
-    p.mult_v[i] = mult_v[i];
-    p.mult_m[i] = mult_m[i];
+    p.mult_v[i] = static_cast<float>(mult_v[i]);  // rounded to nearest, as numpy's astype
+    p.mult_m[i] = static_cast<float>(mult_m[i]);
     p.tap_w[i] = tap_w[i];
   }
   p.tmp16 = true;

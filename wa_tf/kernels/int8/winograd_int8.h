@@ -1,11 +1,11 @@
 // Native INT8 Winograd inference: the plan every ISA variant runs, and the variants' entry points.
 //
 // Data flow of one call (NHWC int8 codes in and out), per block of tiles:
-//   d (t x t int8, zero padded) --input transform, int32, requant in double--> V int16 [tap][p][c]
-//   V x U per tap: int8 x int8 -> int32 GEMM, requant in double -------------> M int8 [tap][p][k]
+//   d (t x t int8, zero padded) --input transform, int32, requant in float--> V int16 [tap][p][c]
+//   V x U per tap: int8 x int8 -> int32 GEMM, requant in float --------------> M int8 [tap][p][k]
 //   A_t (w * M) A_t^T in double (exact: every partial sum < 2^53), + bias, requant --> y int8
-// Each requantisation is clip(round_half_even(acc * multiplier)) in IEEE double, the reference's
-// arithmetic (wa_tf.deploy.integer), so every variant is bit-exact with it.
+// Each requantisation is clip(round_half_even(acc * multiplier)) in IEEE float (V, M) or double
+// (y), the reference's arithmetic (wa_tf.deploy.integer), so every variant is bit-exact with it.
 #ifndef WA_TF_KERNELS_INT8_WINOGRAD_INT8_H_
 #define WA_TF_KERNELS_INT8_WINOGRAD_INT8_H_
 
@@ -34,8 +34,8 @@ struct alignas(32) Plan {
   I32x8 bt_pairs[kMaxT][kMaxT / 2];
   bool tmp16;  // |B_t d| fits int16 (rows of B_t sum to <= 255 in magnitude)
   double tap_w[kMaxT * kMaxT];          // fixed-point tap weights w[a, b]
-  double mult_v[kMaxT * kMaxT];         // input transform multiplier per tap
-  double mult_m[kMaxT * kMaxT];         // element-wise stage multiplier per tap
+  float mult_v[kMaxT * kMaxT];          // input transform multiplier per tap (float32)
+  float mult_m[kMaxT * kMaxT];          // element-wise stage multiplier per tap (float32)
   double mult_y;                        // output multiplier
   int v_min, v_max, m_min, m_max, y_min, y_max;  // code ranges of V, M, y
   std::vector<double> bias;             // bias / s_Y per filter (kp; zeros when none)

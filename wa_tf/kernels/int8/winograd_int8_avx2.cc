@@ -13,23 +13,21 @@
 namespace wa_int8 {
 namespace {
 
-// Requantises 8 int32 accumulators to int8 codes: double multiply, round half to even, clip.
-inline __m128i RequantLanes(__m256i acc, __m256d mult, __m128i lo, __m128i hi) {
-  const __m256d a = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(acc)), mult);
-  const __m256d b = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(acc, 1)), mult);
-  const int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  __m128i qa = _mm256_cvtpd_epi32(_mm256_round_pd(a, kNearest));
-  __m128i qb = _mm256_cvtpd_epi32(_mm256_round_pd(b, kNearest));
-  qa = _mm_min_epi32(_mm_max_epi32(qa, lo), hi);
-  qb = _mm_min_epi32(_mm_max_epi32(qb, lo), hi);
-  return _mm_packs_epi32(qa, qb);  // 8 int16, exact after the clip
+// Requantises 8 int32 accumulators to codes as 8 int16: float multiply, clip, round half to
+// even (clipping first is the same for integer bounds, and keeps the conversion in range).
+inline __m128i RequantLanes(__m256i acc, __m256 mult, __m256 lo, __m256 hi) {
+  __m256 q = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), mult);
+  q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+  const __m256i codes = _mm256_cvtps_epi32(q);  // MXCSR's default: round half to even
+  return _mm_packs_epi32(_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1));
 }
 
 // The lane operations of stages.h with AVX2 + FMA intrinsics (same values as PortableOps).
 struct Avx2Ops {
-  static void StoreV(I32x8 acc, double mult, int lo, int hi, int16_t* out) {
-    const __m128i q = RequantLanes(reinterpret_cast<__m256i&>(acc), _mm256_set1_pd(mult),
-                                   _mm_set1_epi32(lo), _mm_set1_epi32(hi));
+  static void StoreV(I32x8 acc, float mult, int lo, int hi, int16_t* out) {
+    const __m128i q = RequantLanes(reinterpret_cast<__m256i&>(acc), _mm256_set1_ps(mult),
+                                   _mm256_set1_ps(static_cast<float>(lo)),
+                                   _mm256_set1_ps(static_cast<float>(hi)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), q);
   }
   static F64x4 LoadM(const int8_t* src) {
@@ -39,10 +37,9 @@ struct Avx2Ops {
   }
   static F64x4 MulAdd(F64x4 a, F64x4 b, F64x4 c) { return _mm256_fmadd_pd(a, b, c); }
   static void StoreY(F64x4 acc, double mult, int lo, int hi, int8_t* out, int n) {
-    const __m256d scaled = _mm256_mul_pd(acc, _mm256_set1_pd(mult));
-    __m128i q = _mm256_cvtpd_epi32(
-        _mm256_round_pd(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    q = _mm_min_epi32(_mm_max_epi32(q, _mm_set1_epi32(lo)), _mm_set1_epi32(hi));
+    __m256d scaled = _mm256_mul_pd(acc, _mm256_set1_pd(mult));  // clip, then round half even
+    scaled = _mm256_min_pd(_mm256_max_pd(scaled, _mm256_set1_pd(lo)), _mm256_set1_pd(hi));
+    __m128i q = _mm256_cvtpd_epi32(scaled);
     q = _mm_packs_epi16(_mm_packs_epi32(q, q), q);
     const int32_t bytes = _mm_cvtsi128_si32(q);
     if (n == 4) {
@@ -61,8 +58,8 @@ inline void Store16(int8_t* out, __m128i lo8, __m128i hi8) {
 // R <= kMR rows x kNR filters of one tap: V rows (int16 pairs broadcast) x packed U (int8 ->
 // int16), then requantised into M.
 template <int R>
-inline void MicroKernel(const int16_t* v, int cp, int pairs, const int8_t* u, __m256d mult,
-                        __m128i lo, __m128i hi, int8_t* out, int kp) {
+inline void MicroKernel(const int16_t* v, int cp, int pairs, const int8_t* u, __m256 mult,
+                        __m256 lo, __m256 hi, int8_t* out, int kp) {
   __m256i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
   for (int c2 = 0; c2 < pairs; ++c2) {
@@ -200,9 +197,10 @@ void InputTransformAvx2(const Plan& p, const Geometry& g, const int8_t* x, int f
 void HadamardAvx2(const Plan& p, const int16_t* v, int rows, int count, int tap0, int tap1,
                   int k0, int k1, int8_t* mm) {
   const int cp = p.cp, kp = p.kp, pairs = p.cp / 2, kblocks = p.kp / kNR;
-  const __m128i lo = _mm_set1_epi32(p.m_min), hi = _mm_set1_epi32(p.m_max);
+  const __m256 lo = _mm256_set1_ps(static_cast<float>(p.m_min));
+  const __m256 hi = _mm256_set1_ps(static_cast<float>(p.m_max));
   for (int tap = tap0; tap < tap1; ++tap) {
-    const __m256d mult = _mm256_set1_pd(p.mult_m[tap]);
+    const __m256 mult = _mm256_set1_ps(p.mult_m[tap]);
     const int16_t* vt = v + static_cast<int64_t>(tap) * rows * cp;
     int8_t* mt = mm + static_cast<int64_t>(tap) * rows * kp;
     for (int kb = k0 / kNR; kb < k1 / kNR; ++kb) {
