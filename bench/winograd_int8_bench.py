@@ -10,6 +10,10 @@ doubles the channels), per batch size and thread count:
 - ``tf_fp32_onednn`` / ``tf_fp32_eigen``: ``tf.nn.conv2d`` in float32 in a
   ``tf.function``, with oneDNN on and off (each in a process of its own, with
   ``threads`` intra-op threads);
+- ``ncnn_int8``: ncnn's int8 convolution (pip ``ncnn``, where it installs;
+  :mod:`bench.ncnn_peer`), the fastest of its three int8 paths, timed in turns:
+  Winograd F(4,3) (``4``), F(2,3) (``2``) and im2col GEMM (``g``); its float
+  input is quantized and its output dequantized inside the layer, in the time;
 - ``wa_f2`` / ``wa_f4`` / ``wa_f6``: the native kernel on a flex, per-tap 8-bit
   layer (:func:`wa_tf.deploy.native.synthetic_layer`).
 
@@ -122,15 +126,36 @@ def _tf_times(cases, threads, reps, warmup, onednn):
     raise RuntimeError(f"the tf.nn.conv2d worker failed: {proc.stderr[-2000:]}")
 
 
+NCNN_PATHS = {"4": 4, "2": 2, "g": False}  # ncnn_peer.conv_int8's winograd argument
+
+
+def _ncnn_calls(hw, c, batch, threads):
+    from bench import ncnn_peer  # pylint: disable=import-outside-toplevel
+    return {f"ncnn_{name}": ncnn_peer.conv_int8(hw, c, batch, threads, winograd=path)
+            for name, path in NCNN_PATHS.items()}
+
+
+def _best_ncnn(ms):
+    """(ms, path) of ncnn's fastest path in `ms`, or None when ncnn was not timed."""
+    paths = {name: ms[f"ncnn_{name}"] for name in NCNN_PATHS if f"ncnn_{name}" in ms}
+    return min((t, name) for name, t in paths.items()) if paths else None
+
+
 def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(1, 2),
-                reps=100, warmup=10, tf_peers=True):
+                reps=100, warmup=10, tf_peers=True, ncnn=True):
     """Measures every row; returns (rows, isa) and prints the table."""
+    if ncnn:
+        from bench import ncnn_peer  # pylint: disable=import-outside-toplevel
+        ncnn = ncnn_peer.available()
+        if not ncnn:
+            print("ncnn is not installed (pip install ncnn): its column is left out")
     cases = [(hw, c, batch) for width in widths for hw, c in shapes(width)
              for batch in batch_sizes]
     rows, isa, blobs = [], None, {}
     header = (f"{'layer':<12}{'batch':>6}{'thr':>4}{'litert_int8':>12}"
               + ("".join(f"{name:>16}" for name in ("tf_fp32_onednn", "tf_fp32_eigen"))
                  if tf_peers else "")
+              + (f"{'ncnn_int8':>12}" if ncnn else "")
               + "".join(f"{f'wa_f{m}':>9}" for m in tile_sizes)
               + "".join(f"{f'x F{m}':>7}" for m in tile_sizes))
     for n_threads in threads:
@@ -143,12 +168,21 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
             calls = {"litert_int8": _litert_call(blobs[hw, c, batch], n_threads)}
             for m in tile_sizes:
                 calls[f"wa_f{m}"], isa = _wa_call(m, hw, c, batch, n_threads)
+            if ncnn:
+                calls.update(_ncnn_calls(hw, c, batch, n_threads))
             ms = _interleaved(calls, reps, warmup)
+            best = _best_ncnn(ms)
+            if best:
+                peers_ncnn = {"ncnn_int8_ms": best[0], "ncnn_path": best[1],
+                              **{f"ncnn_{name}_ms": ms[f"ncnn_{name}"] for name in NCNN_PATHS}}
+            else:
+                peers_ncnn = {}
             key = f"{hw}x{hw}x{c}/{batch}"
             peers = {f"tf_fp32_{name}_ms": t[key] for name, t in tf_times.items()}
             line = (f"{f'{hw}x{hw}x{c}':<12}{batch:>6}{n_threads:>4}{ms['litert_int8']:>12.3f}"
                     + "".join(f"{peers[f'tf_fp32_{name}_ms']:>16.3f}"
                               for name in ("onednn", "eigen") if tf_peers)
+                    + (f"{best[0]:>10.3f} {best[1]}" if best else "")
                     + "".join(f"{ms[f'wa_f{m}']:>9.3f}" for m in tile_sizes)
                     + "".join(f"{ms['litert_int8'] / ms[f'wa_f{m}']:>7.2f}" for m in tile_sizes))
             if not rows:
@@ -157,7 +191,7 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
             for m in tile_sizes:
                 rows.append({"shape": f"{hw}x{hw}x{c}", "F": m, "batch": batch,
                              "threads": n_threads, "wa_int8_ms": ms[f"wa_f{m}"],
-                             "litert_int8_ms": ms["litert_int8"], **peers})
+                             "litert_int8_ms": ms["litert_int8"], **peers, **peers_ncnn})
     return rows, isa
 
 
@@ -194,6 +228,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--no_tf", action="store_true", help="skip the tf.nn.conv2d peers")
+    parser.add_argument("--no_ncnn", action="store_true", help="skip the ncnn peer")
     parser.add_argument("--stages", action="store_true",
                         help="only the kernel's stage times (batch 1, 1 thread) and the GEMM "
                              "roofline")
@@ -210,8 +245,9 @@ def main(argv=None):
     if args.stages:
         return stage_table(args.width, args.tile_sizes)
     rows, isa = layer_table(args.width, args.tile_sizes, args.batch_sizes, args.threads,
-                            args.reps, args.warmup, not args.no_tf)
-    print(f"native kernel path: {isa}; x Fm = litert_int8 ms / wa_fm ms (higher is faster)")
+                            args.reps, args.warmup, not args.no_tf, not args.no_ncnn)
+    print(f"native kernel path: {isa}; x Fm = litert_int8 ms / wa_fm ms (higher is faster); "
+          "ncnn_int8: its fastest path, 4 = F(4,3), 2 = F(2,3), g = im2col GEMM")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"cpu": machine_lines()[0], "isa": isa, "layers": rows}, f, indent=1)
