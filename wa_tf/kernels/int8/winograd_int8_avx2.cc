@@ -1,6 +1,7 @@
 // The AVX2 variant (compiled with -mavx2 -mfma): the element-wise stage as int16 pair products
 // (vpmaddwd: 16 int8 x int8 MACs into 8 int32 lanes, never saturating, unlike vpmaddubsw), the
-// transforms as the compiler vectorizes stages.h for AVX2.
+// input transform by hand (vpmaddwd, vpmulld), the output transform as the compiler vectorizes
+// stages.h for AVX2.
 #include "winograd_int8.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -82,10 +83,15 @@ inline void MicroKernel(const int16_t* v, int cp, int pairs, const int8_t* u, __
 }
 
 // Input transform with vpmaddwd: pass 1 pairs neighbouring rows of the tile, pass 2 pairs
-// neighbouring columns of B_t d, as int16 (split into high and low bytes when B_t's rows are
-// too large for int16 sums).  8 channels per step, t a compile-time constant.
+// neighbouring columns of B_t d, as int16; when a learned B_t row sums past 255, B_t d may
+// not fit int16 and pass 2 multiplies int32 lanes instead (vpmulld; cheaper than splitting
+// B_t d into bytes for two vpmaddwd passes).  8 channels per step, t a compile-time constant.
 inline __m256i BtPair(const Plan& p, int row, int pair) {
   return reinterpret_cast<const __m256i&>(p.bt_pairs[row][pair]);
+}
+
+inline __m256i BtLane(const Plan& p, int i) {  // B_t's entry i broadcast to int32 lanes
+  return reinterpret_cast<const __m256i&>(p.bt_lanes[i]);
 }
 
 inline __m256i Pair(__m256i lo, __m256i hi) {  // int16 pairs (lo, hi) of two int32 vectors
@@ -97,7 +103,6 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
                          int rows, int16_t* v) {
   constexpr int P = (T + 1) / 2;
   const int c = p.c, cp = p.cp;
-  const __m256i low_byte = _mm256_set1_epi32(255);
   for (int tile = 0; tile < count; ++tile) {
     int n, y0, x0;
     TileOrigin(p, g, first + tile, &n, &y0, &x0);
@@ -147,31 +152,29 @@ void InputTransformAvx2T(const Plan& p, const Geometry& g, const int8_t* x, int 
           row[j] = acc;
         }
         row[T] = _mm256_setzero_si256();
-        __m256i hi[P], lo[P];
+        if (kWide) {  // rows of B_t d past int16: int32 products (vpmulld)
 #pragma GCC unroll 8
-        for (int jp = 0; jp < P; ++jp) {
-          const __m256i t0 = row[2 * jp], t1 = row[2 * jp + 1];
-          if (!kWide) {
-            lo[jp] = Pair(t0, t1);
-          } else {
-            hi[jp] = Pair(_mm256_srai_epi32(t0, 8), _mm256_srai_epi32(t1, 8));
-            lo[jp] = Pair(_mm256_and_si256(t0, low_byte), _mm256_and_si256(t1, low_byte));
+          for (int b = 0; b < T; ++b) {
+            __m256i acc = _mm256_mullo_epi32(row[0], BtLane(p, b * T));
+#pragma GCC unroll 8
+            for (int j = 1; j < T; ++j) {
+              acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(row[j], BtLane(p, b * T + j)));
+            }
+            const int tap = a * T + b;
+            Avx2Ops::StoreV(reinterpret_cast<I32x8&>(acc), p.mult_v[tap], p.v_min, p.v_max,
+                            v + (static_cast<int64_t>(tap) * rows + tile) * cp + c0);
           }
+          continue;
         }
+        __m256i lo[P];
+#pragma GCC unroll 8
+        for (int jp = 0; jp < P; ++jp) lo[jp] = Pair(row[2 * jp], row[2 * jp + 1]);
 #pragma GCC unroll 8
         for (int b = 0; b < T; ++b) {  // V[a][b] = sum_j row[j] B[b][j]
           __m256i acc = _mm256_madd_epi16(lo[0], BtPair(p, b, 0));
 #pragma GCC unroll 8
           for (int jp = 1; jp < P; ++jp) {
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(lo[jp], BtPair(p, b, jp)));
-          }
-          if (kWide) {
-            __m256i high = _mm256_madd_epi16(hi[0], BtPair(p, b, 0));
-#pragma GCC unroll 8
-            for (int jp = 1; jp < P; ++jp) {
-              high = _mm256_add_epi32(high, _mm256_madd_epi16(hi[jp], BtPair(p, b, jp)));
-            }
-            acc = _mm256_add_epi32(acc, _mm256_slli_epi32(high, 8));
           }
           const int tap = a * T + b;
           Avx2Ops::StoreV(reinterpret_cast<I32x8&>(acc), p.mult_v[tap], p.v_min, p.v_max,
