@@ -29,5 +29,7 @@ setuptools.setup(
         "deploy": ["ai-edge-litert"],
         "demo": ["scikit-learn"],
         "plot": ["matplotlib"],
+        # bench/winograd_int8_bench.py's ncnn peer (optional: the bench skips it without).
+        "bench": ["ncnn"],
     },
 )

@@ -160,3 +160,17 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a wa_tf.winograd_layer/1"):
         integer.load_layer_npz(str(tmp_path / "other.npz"))
     del model
+
+
+def test_requantize_rounds_as_documented():
+    """Hand-worked: 3 x float32(1/6) is 0.5000000149 in float64 (rounds to 1) but 0.5 in
+    float32 (a tie, rounds to even 0); the V and M stages use float32."""
+    m = float(np.float32(1 / 6))  # 0.16666667163372040...
+    assert integer.requantize(np.array([3]), m, 8).tolist() == [1]
+    assert integer.requantize_f32(np.array([3]), m, 8).tolist() == [0]
+    # Half to even, and clipping to the bit-width's range.
+    assert integer.requantize_f32(np.array([5, 7, -5, 1000, -1000]), 0.5, 8).tolist() == [
+        2, 4, -2, 127, -128]
+    # float32(2^24 + 1) is 2^24: the accumulator itself is rounded to float32.
+    assert integer.requantize_f32(np.array([2 ** 24 + 1]), 2.0 ** -23, 8).tolist() == [2]
+    assert integer.requantize(np.array([2 ** 24 + 3]), 2.0 ** -23, 8).tolist() == [2]
