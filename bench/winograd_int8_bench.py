@@ -26,6 +26,7 @@ Examples:
   bench/winograd_int8_bench.py --quick
   bench/winograd_int8_bench.py --stages --tile_sizes 4     # where the time goes, roofline
   bench/winograd_int8_bench.py --width 0.5 1 --batch_sizes 1 8 --json=layers.json
+  bench/winograd_int8_bench.py --from_json=layers.json --plot=layers.png   # redraw
 """
 
 import argparse
@@ -219,6 +220,39 @@ def stage_table(widths=(0.5,), tile_sizes=(4,), reps=200):
     return rows
 
 
+def plot(rows, cpu, path, batch=1, threads=1):
+    """Bar chart, per layer shape: each kernel's speed-up over LiteRT's int8 CONV_2D."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+    rows = [r for r in rows if r["batch"] == batch and r["threads"] == threads]
+    layers = list(dict.fromkeys(r["shape"] for r in rows))
+    series = {}
+    if any("ncnn_int8_ms" in r for r in rows):
+        series["ncnn int8 (its fastest path)"] = lambda r: r.get("ncnn_int8_ms")
+    for m in sorted({r["F"] for r in rows}):
+        series[f"wa_tf native F{m}"] = lambda r, m=m: r["wa_int8_ms"] if r["F"] == m else None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(series)
+    for i, (name, get) in enumerate(series.items()):
+        values = []
+        for layer in layers:
+            found = [r["litert_int8_ms"] / get(r) for r in rows
+                     if r["shape"] == layer and get(r) is not None]
+            values.append(found[0] if found else np.nan)
+        ax.bar(np.arange(len(layers)) + (i - (len(series) - 1) / 2) * width, values, width,
+               label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(layers)), layers)
+    ax.set_ylabel("speed-up over LiteRT int8 CONV_2D (XNNPACK)")
+    ax.set_title(f"3x3 convolution C -> C, batch {batch}, {threads} thread(s); {cpu}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=float, nargs="+", default=[0.5])
@@ -235,10 +269,19 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="width 0.5, batch 1, 100 reps (a few minutes)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plot", default=None,
+                        help="also draw batch 1, 1 thread's speed-ups over LiteRT here (.png; "
+                             "matplotlib)")
+    parser.add_argument("--from_json", default=None,
+                        help="draw --plot from this earlier --json file, measuring nothing")
     parser.add_argument("--tf_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tf_worker:
         return _tf_worker(json.loads(args.tf_worker), args.threads[0], args.reps, args.warmup)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            saved = json.load(f)
+        return plot(saved["layers"], saved["cpu"], args.plot or "layers.png")
     if args.quick:
         args.width, args.batch_sizes, args.reps, args.warmup = [0.5], [1], 100, 10
     print("\n".join(machine_lines()))
@@ -251,6 +294,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"cpu": machine_lines()[0], "isa": isa, "layers": rows}, f, indent=1)
+    if args.plot:
+        plot(rows, machine_lines()[0], args.plot)
     return rows
 
 
