@@ -285,7 +285,8 @@ def lower_native(g: Graph, x: int, layer: Dict, name: str) -> int:
     """Appends one quantized layer as a CUSTOM operator that runs the native int8 kernel.
 
     The operator's custom options are the layer file itself (``.npz`` bytes of
-    :mod:`wa_tf.deploy.integer`); :mod:`wa_tf.deploy.litert_native` registers
+    :mod:`wa_tf.deploy.integer`, less ``kernel_codes``, which ``U_codes`` was
+    computed from); :mod:`wa_tf.deploy.litert_native` registers
     :mod:`wa_tf.kernels.winograd_int8` for it.  Its input and output are the
     layer's int8 codes with the layer's input and output scales.
 
@@ -304,7 +305,8 @@ def lower_native(g: Graph, x: int, layer: Dict, name: str) -> int:
     y = g.tensor(name + "/native", [n, geo.out_h, geo.out_w, layer["filters"]], "int8",
                  float(layer["output_scale"]), 0)
     blob = io.BytesIO()
-    np.savez(blob, **layer)
+    # Without kernel_codes: the kernel runs from U_codes (a quarter less weight bytes at F4).
+    np.savez(blob, **{key: value for key, value in layer.items() if key != "kernel_codes"})
     g.custom_op(f"{NATIVE_OP}:{name}", [x], [y], blob.getvalue())
     return y
 
