@@ -24,7 +24,7 @@ setuptools.setup(
         "tensorboard",  # tf.summary: the training logs
     ],
     extras_require={
-        "test": ["pytest", "scikit-learn", "matplotlib", "ruff", "ai-edge-litert"],
+        "test": ["pytest", "scikit-learn", "matplotlib", "ruff", "ai-edge-litert", "ncnn"],
         # LiteRT export runs with TensorFlow's tf.lite alone; ai-edge-litert is the runtime users ship.
         "deploy": ["ai-edge-litert"],
         "demo": ["scikit-learn"],

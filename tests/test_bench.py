@@ -1,9 +1,12 @@
 """Checks of the benchmarks' shared helpers and of layer_bench's --interleave without
 allocator statistics (issues #22 and #23)."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from wa_tf.machine import ISA_FLAGS
 
@@ -11,13 +14,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 
 
-def _load_common():
-    # bench/ is no package: load bench/common.py under a name of its own.
-    spec = importlib.util.spec_from_file_location("bench_common",
-                                                  os.path.join(BENCH, "common.py"))
+def _load(name):
+    # bench/ is no package: load bench/<name>.py under a name of its own.
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(BENCH, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_common():
+    return _load("common")
 
 
 def test_machine_lines_without_isa_flags(monkeypatch):
@@ -51,3 +58,30 @@ def test_layer_bench_interleave_measures_rss_growth():
         assert float(row[-4]) > 0  # ms
         assert float(row[-2]) >= 0  # RSS growth, MiB
     assert float(rows[0][-3]) == 1.0  # conv2d's time ratio to itself
+
+
+def test_ncnn_peer_computes_the_int8_convolution():
+    """The ncnn peer's int8 layer matches numpy's (check() asserts, and asserts that
+    transposed weights would not match); its saturated probe shows F(4,3) ran."""
+    pytest.importorskip("ncnn")
+    peer = _load("ncnn_peer")
+    err, wraps = peer.check(8, 32, winograd=True)
+    assert err >= 0 and wraps
+    _, wraps = peer.check(8, 32, winograd=False)
+    assert not wraps  # the im2col GEMM sums exactly
+    assert peer.conv_int8(8, 32, batch=2)() is not None
+
+
+def test_winograd_int8_bench_plots_a_saved_run(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"shape": shape, "F": m, "batch": 1, "threads": 1, "wa_int8_ms": 0.1 * m,
+             "litert_int8_ms": 0.3, "ncnn_int8_ms": 0.2}
+            for shape in ("16x16x64", "8x8x128") for m in (2, 4)]
+    saved = tmp_path / "layers.json"
+    saved.write_text(json.dumps({"cpu": "cpu: Test CPU", "layers": rows}))
+    out = tmp_path / "layers.png"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "winograd_int8_bench.py"),
+                           f"--from_json={saved}", f"--plot={out}"],
+                          capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
