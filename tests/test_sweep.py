@@ -273,6 +273,20 @@ def test_no_test_split_is_said(tmp_path):
     assert "No test accuracy: dataset image_folder has no test split." in table
 
 
+def test_architecture_row_says_per_layer(tmp_path):
+    # FLAGS.txt of an --architecture run: --flex and --F keep their defaults there.
+    results = str(tmp_path)
+    _fake_run(results, "arch", ["--flex", "--F=4", "--mult=0.5", "--per_tap",
+                                "--architecture=configs/architectures/example_mixed.json"],
+              _finished())
+    s = sweep.Sweep("s", "s.json", "", (), (sweep.Row("arch", "train", ()),))
+    (arch,) = sweep.summarize(s, results, print_fn=lambda line: None)
+    assert arch["conv"] == "architecture" and arch["bits"] is None and arch["F"] is None
+    table = _lines(os.path.join(results, "results.md"))
+    assert any(line.startswith("| arch | architecture | — | per layer | yes | scratch |")
+               for line in table)
+
+
 def test_shipped_sweeps_load():
     proxy = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "cifar10_proxy.json"))
     assert [r.name for r in proxy.rows] == [

@@ -98,6 +98,9 @@ def row_result(sweep: Sweep, row: Row, results_dir: str) -> Dict:
                       F=flags["F"], Q=flags["Q"], bits=flags["bits"] if flags["Q"] else None,
                       per_tap=flags["per_tap"], warmup=flags["warmup"], mult=flags["mult"],
                       lr=flags["lr"], seed=flags["seed"], batch_size=flags["batch_size"])
+        if flags.get("architecture"):  # each layer's conv, F and bits come from the file
+            result.update(conv="architecture", F=None, bits=None,
+                          architecture=flags["architecture"])
     if metrics:
         history = metrics.get("history") or []
         best = metrics.get("best") or {}
@@ -187,8 +190,9 @@ def markdown_table(sweep: Sweep, results: Sequence[Mapping]) -> str:
             else str(r["epochs"])
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         lines.append("| " + " | ".join([
-            r["row"], conv or "—", "—" if conv in (None, "normal") else str(r["F"]),
-            str(r["bits"]) if r.get("bits") else ("FP32" if conv else "—"),
+            r["row"], conv or "—", "—" if conv in (None, "normal", "architecture") else str(r["F"]),
+            str(r["bits"]) if r.get("bits") else
+            ("per layer" if conv == "architecture" else "FP32" if conv else "—"),
             ("yes" if r.get("per_tap") else "no") if conv not in (None, "normal") else "—",
             r.get("adapt_from") or "scratch", epochs, str(r.get("steps_per_epoch") or "—"),
             _pct(val.get("final")), best, _pct(test.get("final")), _pct(test.get("best")),
