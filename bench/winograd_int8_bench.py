@@ -11,9 +11,10 @@ doubles the channels), per batch size and thread count:
   ``tf.function``, with oneDNN on and off (each in a process of its own, with
   ``threads`` intra-op threads);
 - ``ncnn_int8``: ncnn's int8 convolution (pip ``ncnn``, where it installs;
-  :mod:`bench.ncnn_peer`), the fastest of its three int8 paths, timed in turns:
-  Winograd F(4,3) (``4``), F(2,3) (``2``) and im2col GEMM (``g``); its float
-  input is quantized and its output dequantized inside the layer, in the time;
+  :mod:`bench.ncnn_peer`), the fastest of its three int8 paths, timed in turns
+  in a process of its own: Winograd F(4,3) (``4``), F(2,3) (``2``) and im2col
+  GEMM (``g``); its float input is quantized and its output dequantized inside
+  the layer, in the time;
 - ``wa_f2`` / ``wa_f4`` / ``wa_f6``: the native kernel on a flex, per-tap 8-bit
   layer (:func:`wa_tf.deploy.native.synthetic_layer`).
 
@@ -114,32 +115,46 @@ def _tf_worker(cases, threads, reps, warmup):
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _tf_times(cases, threads, reps, warmup, onednn):
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if onednn else "0",
-               TF_CPP_MIN_LOG_LEVEL="3")
-    cmd = [sys.executable, os.path.abspath(__file__), "--tf_worker", json.dumps(cases),
+def _worker(flag, cases, threads, reps, warmup, env):
+    cmd = [sys.executable, os.path.abspath(__file__), flag, json.dumps(cases),
            "--threads", str(threads), "--reps", str(reps), "--warmup", str(warmup)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
                           timeout=1800)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"the tf.nn.conv2d worker failed: {proc.stderr[-2000:]}")
+    raise RuntimeError(f"the {flag[2:]} failed: {proc.stderr[-2000:]}")
+
+
+def _tf_times(cases, threads, reps, warmup, onednn):
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if onednn else "0",
+               TF_CPP_MIN_LOG_LEVEL="3")
+    return _worker("--tf_worker", cases, threads, reps, warmup, env)
 
 
 NCNN_PATHS = {"4": 4, "2": 2, "g": False}  # ncnn_peer.conv_int8's winograd argument
 
 
-def _ncnn_calls(hw, c, batch, threads):
+def _ncnn_worker(cases, threads, reps, warmup):
+    """Times ncnn's int8 paths for each (hw, c, batch), in turns; prints one JSON line."""
     from bench import ncnn_peer  # pylint: disable=import-outside-toplevel
-    return {f"ncnn_{name}": ncnn_peer.conv_int8(hw, c, batch, threads, winograd=path)
-            for name, path in NCNN_PATHS.items()}
+    out = {}
+    for hw, c, batch in cases:
+        calls = {name: ncnn_peer.conv_int8(hw, c, batch, threads, winograd=path)
+                 for name, path in NCNN_PATHS.items()}
+        out[f"{hw}x{hw}x{c}/{batch}"] = _interleaved(calls, reps, warmup)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _ncnn_times(cases, threads, reps, warmup):
+    """ncnn in a process of its own: its OpenMP workers spin after each call and would
+    take the cores from the kernels timed next (on 2 cores, 2-thread figures doubled)."""
+    return _worker("--ncnn_worker", cases, threads, reps, warmup, dict(os.environ))
 
 
 def _best_ncnn(ms):
-    """(ms, path) of ncnn's fastest path in `ms`, or None when ncnn was not timed."""
-    paths = {name: ms[f"ncnn_{name}"] for name in NCNN_PATHS if f"ncnn_{name}" in ms}
-    return min((t, name) for name, t in paths.items()) if paths else None
+    """(ms, path) of ncnn's fastest path in `ms` ({path: ms})."""
+    return min((t, name) for name, t in ms.items())
 
 
 def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(1, 2),
@@ -163,22 +178,21 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
         tf_times = ({"onednn": _tf_times(cases, n_threads, reps, warmup, True),
                      "eigen": _tf_times(cases, n_threads, reps, warmup, False)}
                     if tf_peers else {})
+        ncnn_times = _ncnn_times(cases, n_threads, reps, warmup) if ncnn else {}
         for hw, c, batch in cases:
             if (hw, c, batch) not in blobs:
                 blobs[hw, c, batch] = litert_conv(hw, c, batch)
             calls = {"litert_int8": _litert_call(blobs[hw, c, batch], n_threads)}
             for m in tile_sizes:
                 calls[f"wa_f{m}"], isa = _wa_call(m, hw, c, batch, n_threads)
-            if ncnn:
-                calls.update(_ncnn_calls(hw, c, batch, n_threads))
             ms = _interleaved(calls, reps, warmup)
-            best = _best_ncnn(ms)
+            key = f"{hw}x{hw}x{c}/{batch}"
+            best = _best_ncnn(ncnn_times[key]) if ncnn else None
             if best:
                 peers_ncnn = {"ncnn_int8_ms": best[0], "ncnn_path": best[1],
-                              **{f"ncnn_{name}_ms": ms[f"ncnn_{name}"] for name in NCNN_PATHS}}
+                              **{f"ncnn_{name}_ms": t for name, t in ncnn_times[key].items()}}
             else:
                 peers_ncnn = {}
-            key = f"{hw}x{hw}x{c}/{batch}"
             peers = {f"tf_fp32_{name}_ms": t[key] for name, t in tf_times.items()}
             line = (f"{f'{hw}x{hw}x{c}':<12}{batch:>6}{n_threads:>4}{ms['litert_int8']:>12.3f}"
                     + "".join(f"{peers[f'tf_fp32_{name}_ms']:>16.3f}"
@@ -275,9 +289,13 @@ def main(argv=None):
     parser.add_argument("--from_json", default=None,
                         help="draw --plot from this earlier --json file, measuring nothing")
     parser.add_argument("--tf_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ncnn_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tf_worker:
         return _tf_worker(json.loads(args.tf_worker), args.threads[0], args.reps, args.warmup)
+    if args.ncnn_worker:
+        return _ncnn_worker(json.loads(args.ncnn_worker), args.threads[0], args.reps,
+                            args.warmup)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
             saved = json.load(f)
