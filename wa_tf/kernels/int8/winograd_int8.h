@@ -16,7 +16,8 @@ namespace wa_int8 {
 
 constexpr int kMaxT = 8;    // t = m + r - 1 of F(6x6, 3x3)
 constexpr int kNR = 16;     // GEMM columns (filters) per micro-tile
-constexpr int kMR = 4;      // GEMM rows (tiles) per micro-tile
+constexpr int kMR = 3;      // GEMM rows (tiles) per micro-tile: 3 x 2 accumulators, U, and
+                            // V's broadcast fit the 16 ymm registers (4 rows spilled one)
 
 typedef int32_t I32x8 __attribute__((vector_size(32)));
 typedef double F64x4 __attribute__((vector_size(32)));
