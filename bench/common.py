@@ -24,8 +24,10 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 from wa_tf.machine import ISA_FLAGS, cpu_info
 
@@ -146,13 +148,35 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def run_worker(cmd):
+def run_worker(cmd, env=None, timeout=None):
     """Runs `cmd` (a benchmark in worker mode) in a fresh process; its last stdout line as JSON.
+
+    Args:
+      cmd: The command line.
+      env: The process's environment (default: this one's).
+      timeout: Seconds before the worker is killed (``subprocess.TimeoutExpired``).
 
     Returns:
       The decoded dict, or ``{"error": <last stderr line>}`` when it failed.
     """
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                          timeout=timeout)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved_ms(calls, reps, warmup):
+    """Median ms of each zero-argument call in `calls` ({name: call}), timed in turns.
+
+    Each round calls every function once, so that load from other processes on a
+    shared machine falls on all of them alike; the first `warmup` rounds are not timed.
+    """
+    times = {name: [] for name in calls}
+    for rep in range(warmup + reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -26,12 +26,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine_lines  # noqa: E402
+from bench.common import interleaved_ms, machine_lines  # noqa: E402
 from bench.winograd_int8_bench import layer_table  # noqa: E402
 from wa_tf.deploy import litert  # noqa: E402
 
@@ -73,14 +72,8 @@ def _time(paths, batch, threads, reps, warmup):
             else rng.normal(size=shape).astype(detail["dtype"])
         runner.set_tensor(detail["index"], data)
         runners[name], inputs[name] = runner, data
-    times = {name: [] for name in paths}
-    for rep in range(warmup + reps):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            runner.invoke()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+    return interleaved_ms({name: runner.invoke for name, runner in runners.items()}, reps,
+                          warmup)
 
 
 def main(argv=None):

@@ -29,6 +29,10 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import interleaved_ms, machine_lines  # noqa: E402
+
+PATHS = {"4": 4, "2": 2, "g": False}  # conv_int8's winograd argument per path: F(4,3), F(2,3), GEMM
 _INT8_TAG = 0x000D4B38  # ModelBinFromDataReader::load: "int8 data" follows
 
 
@@ -184,24 +188,28 @@ def check(hw, c, winograd=True, seed=0):
     return err, wraps
 
 
+def time_paths(hw, c, batch=1, threads=1, reps=200, warmup=20):
+    """Median ms of each path of :data:`PATHS` on one layer, timed in turns."""
+    calls = {name: conv_int8(hw, c, batch, threads, winograd=path) for name, path in PATHS.items()}
+    return interleaved_ms(calls, reps, warmup)
+
+
 def main():
-    """Checks the width-0.5 shapes, then times winograd on/off at both widths (1 thread)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """Checks the width-0.5 shapes, then times every path at both widths (1 thread)."""
     # pylint: disable=import-outside-toplevel
-    from bench.common import machine_lines
-    from bench.winograd_int8_bench import BASE_SHAPES, _interleaved, shapes
+    from bench.winograd_int8_bench import BASE_SHAPES, shapes
     if not available():
         print("ncnn is not installed (pip install ncnn)")
         return
     print(*machine_lines(), sep="\n")
     for hw, c in shapes(0.5):
-        for winograd in (True, 2, False):
-            check(hw, c, winograd)
+        for path in PATHS.values():
+            check(hw, c, path)
     print(f"{'layer':<12}{'ncnn_f43':>10}{'ncnn_f23':>10}{'ncnn_gemm':>10}  (ms, median of 200)")
     for hw, c in shapes(0.5) + list(BASE_SHAPES):
-        calls = {tile: conv_int8(hw, c, winograd=tile) for tile in (4, 2, False)}
-        ms = _interleaved(calls, reps=200, warmup=20)
-        print(f"{f'{hw}x{hw}x{c}':<12}" + "".join(f"{ms[t]:>10.3f}" for t in calls), flush=True)
+        ms = time_paths(hw, c)
+        print(f"{f'{hw}x{hw}x{c}':<12}" + "".join(f"{ms[name]:>10.3f}" for name in PATHS),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,12 @@ Examples:
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import machine_lines  # noqa: E402
+from bench.common import interleaved_ms, machine_lines, run_worker  # noqa: E402
 
 BASE_SHAPES = ((32, 64), (16, 128), (8, 256), (4, 512))  # width 1.0
 
@@ -89,17 +87,6 @@ def _wa_call(tile_size, hw, c, batch, threads):
     return kernel.bind(x, threads), kernel.isa
 
 
-def _interleaved(calls, reps, warmup):
-    times = {name: [] for name in calls}
-    for rep in range(warmup + reps):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
-
-
 def _tf_worker(cases, threads, reps, warmup):
     """Times tf.nn.conv2d float32 for each (hw, c, batch); prints one JSON line."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -110,20 +97,18 @@ def _tf_worker(cases, threads, reps, warmup):
         x = tf.random.normal((batch, hw, hw, c))
         kernel = tf.random.normal((3, 3, c, c))
         conv = tf.function(lambda v, k=kernel: tf.nn.conv2d(v, k, 1, "SAME"))
-        out[f"{hw}x{hw}x{c}/{batch}"] = _interleaved({"tf": lambda: conv(x).numpy()}, reps,
+        out[f"{hw}x{hw}x{c}/{batch}"] = interleaved_ms({"tf": lambda: conv(x).numpy()}, reps,
                                                      warmup)["tf"]
-    print("RESULT " + json.dumps(out), flush=True)
+    print(json.dumps(out), flush=True)
 
 
 def _worker(flag, cases, threads, reps, warmup, env):
     cmd = [sys.executable, os.path.abspath(__file__), flag, json.dumps(cases),
            "--threads", str(threads), "--reps", str(reps), "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
-                          timeout=1800)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"the {flag[2:]} failed: {proc.stderr[-2000:]}")
+    result = run_worker(cmd, env=env, timeout=1800)
+    if "error" in result:
+        raise RuntimeError(f"the {flag[2:]} failed: {result['error']}")
+    return result
 
 
 def _tf_times(cases, threads, reps, warmup, onednn):
@@ -132,18 +117,12 @@ def _tf_times(cases, threads, reps, warmup, onednn):
     return _worker("--tf_worker", cases, threads, reps, warmup, env)
 
 
-NCNN_PATHS = {"4": 4, "2": 2, "g": False}  # ncnn_peer.conv_int8's winograd argument
-
-
 def _ncnn_worker(cases, threads, reps, warmup):
     """Times ncnn's int8 paths for each (hw, c, batch), in turns; prints one JSON line."""
     from bench import ncnn_peer  # pylint: disable=import-outside-toplevel
-    out = {}
-    for hw, c, batch in cases:
-        calls = {name: ncnn_peer.conv_int8(hw, c, batch, threads, winograd=path)
-                 for name, path in NCNN_PATHS.items()}
-        out[f"{hw}x{hw}x{c}/{batch}"] = _interleaved(calls, reps, warmup)
-    print("RESULT " + json.dumps(out), flush=True)
+    print(json.dumps({f"{hw}x{hw}x{c}/{batch}": ncnn_peer.time_paths(hw, c, batch, threads,
+                                                                      reps, warmup)
+                      for hw, c, batch in cases}), flush=True)
 
 
 def _ncnn_times(cases, threads, reps, warmup):
@@ -185,7 +164,7 @@ def layer_table(widths=(0.5,), tile_sizes=(2, 4, 6), batch_sizes=(1,), threads=(
             calls = {"litert_int8": _litert_call(blobs[hw, c, batch], n_threads)}
             for m in tile_sizes:
                 calls[f"wa_f{m}"], isa = _wa_call(m, hw, c, batch, n_threads)
-            ms = _interleaved(calls, reps, warmup)
+            ms = interleaved_ms(calls, reps, warmup)
             key = f"{hw}x{hw}x{c}/{batch}"
             best = _best_ncnn(ncnn_times[key]) if ncnn else None
             if best:
