@@ -123,7 +123,7 @@ def load():
 def peak_gemm_macs_per_ns() -> float:
     """The element-wise stage's roofline: int8 MACs per ns of ``vpmaddwd`` alone, or 0.
 
-    Measured (about 10 ms) in a register-only loop of independent ``vpmaddwd``
+    Measured (a few ms, the best of 5 runs) in a register-only loop of independent ``vpmaddwd``
     (16 MACs each); 0 where the AVX2 path is absent.
     """
     return 16.0 * load().wa_int8_madd_per_ns()
