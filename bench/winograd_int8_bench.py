@@ -31,6 +31,7 @@ Examples:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -275,10 +276,17 @@ def main(argv=None):
     if args.ncnn_worker:
         return _ncnn_worker(json.loads(args.ncnn_worker), args.threads[0], args.reps,
                             args.warmup)
+    if (args.plot or args.from_json) and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib (pip install matplotlib)")
     if args.from_json:
-        with open(args.from_json, encoding="utf-8") as f:
-            saved = json.load(f)
-        return plot(saved["layers"], saved["cpu"], args.plot or "layers.png")
+        try:
+            with open(args.from_json, encoding="utf-8") as f:
+                saved = json.load(f)
+            rows, cpu = saved["layers"], saved["cpu"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--from_json: {args.from_json} is not a --json file of this bench "
+                         f"({type(e).__name__}: {e})")
+        return plot(rows, cpu, args.plot or "layers.png")
     if args.quick:
         args.width, args.batch_sizes, args.reps, args.warmup = [0.5], [1], 100, 10
     print("\n".join(machine_lines()))

@@ -85,3 +85,15 @@ def test_winograd_int8_bench_plots_a_saved_run(tmp_path):
                           capture_output=True, text=True, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_winograd_int8_bench_refuses_a_file_it_did_not_write(tmp_path):
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"rows": []}))
+    for path in (bad, tmp_path / "missing.json"):
+        proc = subprocess.run([sys.executable, os.path.join(BENCH, "winograd_int8_bench.py"),
+                               f"--from_json={path}", f"--plot={tmp_path / 'x.png'}"],
+                              capture_output=True, text=True, check=False, timeout=300)
+        assert proc.returncode == 2
+        assert f"error: --from_json: {path} is not a --json file" in proc.stderr
+        assert "Traceback" not in proc.stderr
