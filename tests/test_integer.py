@@ -174,3 +174,15 @@ def test_requantize_rounds_as_documented():
     # float32(2^24 + 1) is 2^24: the accumulator itself is rounded to float32.
     assert integer.requantize_f32(np.array([2 ** 24 + 1]), 2.0 ** -23, 8).tolist() == [2]
     assert integer.requantize(np.array([2 ** 24 + 3]), 2.0 ** -23, 8).tolist() == [2]
+
+
+def test_affine_requantize_by_hand():
+    """Per channel (last axis): y * scale + offset, half to even, clipped to (lo, hi)."""
+    codes = np.array([[3, 5, -7], [100, -3, 2]])
+    scale, offset = np.array([0.5, 0.5, 2.0]), np.array([0.0, 0.25, 1.0])
+    # 1.5 -> 2, 2.75 -> 3, -13; 50, -1.25 -> -1, 5
+    assert integer.affine_requantize(codes, scale, offset, -128, 127).tolist() == [
+        [2, 3, -13], [50, -1, 5]]
+    # A ReLU's floor and a narrow range.
+    assert integer.affine_requantize(codes, scale, offset, 0, 40).tolist() == [
+        [2, 3, 0], [40, 0, 5]]

@@ -61,6 +61,39 @@ def test_threads_give_the_same_codes(isa, threads):
                                   reference_codes(layer, x))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("relu", [False, True], ids=["affine", "affine_relu"])
+def test_a_fused_epilogue_is_bit_exact(isa, relu):
+    # A batch norm (and ReLU) on the output codes: y * scale + offset, rounded once more.
+    layer = native.synthetic_layer(4, c=12, k=21, flex=True, per_tap=True, bias=True)
+    rng = np.random.default_rng(relu)
+    # Halves and quarters make exact ties (y * 0.5 + 0.25 ...): they round half to even.
+    scale = np.where(np.arange(21) % 3 == 0, 0.5, rng.uniform(-1.5, 1.5, 21))
+    offset = np.where(np.arange(21) % 3 == 0, 0.0, rng.uniform(-20, 20, 21))
+    layer.update(epilogue_scale=scale, epilogue_offset=offset,
+                 epilogue_range=np.array([0 if relu else -128, 127], np.int32),
+                 epilogue_output_scale=np.float32(0.05))
+    x = _codes(rng, (3, 13, 11, 12))
+    kernel = native.winograd_layer(layer, isa=isa)
+    expected = reference_codes(layer, x)
+    got = kernel(x, threads=2)
+    np.testing.assert_array_equal(got, expected)
+    assert kernel.output_scale == np.float32(0.05)
+    # Not the plain layer's codes, and ReLU's floor is there.
+    plain = reference_codes({k: v for k, v in layer.items() if not k.startswith("epilogue")}, x)
+    assert np.mean(got != plain) > 0.5
+    assert (got.min() == 0) if relu else (got.min() < 0)
+
+
+def test_a_bad_epilogue_range_is_one_clear_error():
+    layer = native.synthetic_layer(2, c=4, k=4)
+    layer.update(epilogue_scale=np.ones(4), epilogue_offset=np.zeros(4),
+                 epilogue_range=np.array([0, 200], np.int32),
+                 epilogue_output_scale=np.float32(1.0))
+    with pytest.raises(ValueError, match=r"epilogue range must lie in \[-128, 127\]"):
+        native.winograd_layer(layer)
+
+
 @pytest.mark.parametrize("kernel_size,tile_size", [(5, 2), (5, 4), (1, 4), (7, 2)])
 def test_other_kernel_sizes(kernel_size, tile_size):
     layer = native.synthetic_layer(tile_size, c=9, k=17, per_tap=True, kernel_size=kernel_size)

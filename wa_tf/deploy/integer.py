@@ -129,6 +129,19 @@ def requantize_f32(acc, multiplier, bits: int) -> np.ndarray:
     return np.clip(np.rint(scaled), qmin, qmax).astype(np.int64)
 
 
+def affine_requantize(codes, scale, offset, lo: int, hi: int) -> np.ndarray:
+    """Codes ``clip(rint(codes * scale + offset), lo, hi)``, per channel (last axis), in float64.
+
+    A layer's output codes rescaled onto the next tensor's: the batch norm (and
+    ReLU: ``lo = 0``) that a native layer fuses, one multiply and one add, each
+    rounded in float64 (``scale = a s_Y / s_Z``, ``offset = b / s_Z`` for a
+    per-channel ``a y + b``).
+    """
+    z = np.rint(np.asarray(codes, np.float64) * np.asarray(scale, np.float64)
+                + np.asarray(offset, np.float64))
+    return np.clip(z, lo, hi).astype(np.int64)
+
+
 def _code_dtype(bits):
     return np.int8 if bits <= 8 else np.int16
 

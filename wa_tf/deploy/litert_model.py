@@ -11,7 +11,7 @@ Integer models keep the run's own quantization, with no calibration set:
   :mod:`wa_tf.deploy.litert_winograd`;
 * BatchNormalization, float in training, becomes a 1x1 depthwise convolution
   (its per-channel affine, ReLU fused) that writes the next layer's input
-  codes directly;
+  codes directly, or the epilogue of the native Winograd operator before it;
 * a tensor that training left float gets the range of the quantizer that reads
   it (looking through max-pooling), else a range bounded from its inputs'
   (never clipped): BatchNormalization before an addition, the last block's
@@ -31,49 +31,11 @@ import tf_keras
 from wa_tf.deploy import integer, litert_ends, litert_winograd
 from wa_tf.deploy.integer_export import layer_arrays, output_scale, quantizer_scale
 from wa_tf.deploy.litert_ends import ZERO, is_input_quant
+from wa_tf.deploy.litert_fusion import bn_affine, epilogue, is_plain_relu, statistical_bound
 from wa_tf.deploy.tflite_graph import Graph, options
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import unwrap, weight_name
 from wa_tf.quantization.tfmot_adapter import call_node, is_quantize_wrapper, weight_quantizers
-
-# Standard deviations of a BatchNormalization output its int8 range spans (see
-# _statistical_bound).
-_BN_SIGMAS = 6.0
-
-
-def _bn_affine(bn) -> Tuple[np.ndarray, np.ndarray]:
-    """(a, b) with bn(x) = a x + b per channel (inference)."""
-    var = bn.moving_variance.numpy().astype(np.float64)
-    a = 1.0 / np.sqrt(var + bn.epsilon)
-    if bn.scale:
-        a = a * bn.gamma.numpy()
-    b = -bn.moving_mean.numpy() * a
-    if bn.center:
-        b = b + bn.beta.numpy()
-    return a, b
-
-
-def _statistical_bound(bn) -> float:
-    """A range of a BatchNormalization's output from its own statistics (data-free).
-
-    Its output has mean beta and standard deviation |gamma| per channel (the
-    moving statistics normalise it); ``_BN_SIGMAS`` deviations from the mean
-    hold all but a vanishing fraction of it, as in data-free quantization
-    (Nagel et al., 2019).  A much tighter range than the interval bound, so
-    the int8 tensor loses less to rounding before the residual addition.
-    """
-    gamma = np.abs(bn.gamma.numpy()) if bn.scale else np.ones(bn.moving_mean.shape)
-    beta = np.abs(bn.beta.numpy()) if bn.center else np.zeros(bn.moving_mean.shape)
-    return float(np.max(beta + _BN_SIGMAS * gamma))
-
-
-def _is_plain_relu(layer) -> bool:
-    inner = unwrap(layer)
-    if isinstance(inner, tf_keras.layers.ReLU):
-        return (inner.max_value is None and float(inner.negative_slope) == 0
-                and float(inner.threshold) == 0)
-    return isinstance(inner, tf_keras.layers.Activation) and \
-        inner.activation is tf_keras.activations.relu
 
 
 class _Lowering:
@@ -192,7 +154,7 @@ class _Lowering:
         if bn is not None and isinstance(unwrap(layer), tf_keras.layers.Conv2D):
             tail.append(bn)
         last = tail[-1] if tail else layer
-        relu = self.only_consumer(last, _is_plain_relu)
+        relu = self.only_consumer(last, is_plain_relu)
         if relu is not None:
             tail.append(relu)
             activation = "relu"
@@ -232,7 +194,7 @@ class _Lowering:
             tail, activation = self.fused_tail(layer)
             a, b = np.ones(k), np.zeros(k)
             if tail and isinstance(tail[0], tf_keras.layers.BatchNormalization):
-                a, b = _bn_affine(tail[0])
+                a, b = bn_affine(tail[0])
             kernel = kernel * a
             w_scale = np.maximum(np.abs(kernel).reshape(-1, k).max(0), 1e-12) / 127.0
             codes = np.rint(kernel / w_scale)
@@ -284,14 +246,22 @@ class _Lowering:
             self.check_bits(inner.name, arrays[f"{tensor}_bits"])
         if abs(self.scales[x] / float(arrays["input_scale"]) - 1) > 1e-6:
             raise ValueError(f"layer {inner.name!r}: its input is not quantized with its range")
+        scale = float(arrays["output_scale"])
+        bound, fused = 128 * scale, []
+        bn = self.only_consumer(layer, lambda c: isinstance(c, tf_keras.layers.BatchNormalization))
+        if self.native and bn is not None:  # BN (and ReLU) run as the operator's epilogue
+            a, b, relu, z_scale, bound = self.bn_output(bn, bound)
+            arrays = dict(arrays, **epilogue(a, b, scale, z_scale, relu is not None))
+            scale, fused = z_scale, [bn] + ([relu] if relu is not None else [])
         if self.native:
-            y, info = litert_winograd.lower_native(self.g, x, arrays, inner.name), {"native": True}
+            y = litert_winograd.lower_native(self.g, x, arrays, inner.name)
+            info = {"native": True, "fused": [f.name for f in fused]}
         else:
             y, info = litert_winograd.lower_int8(self.g, x, arrays, inner.name, wide=self.wide)
-        self.scales[y], self.bounds[y] = float(arrays["output_scale"]), \
-            128 * float(arrays["output_scale"])
+        self.scales[y], self.bounds[y] = scale, bound
         self.info[inner.name] = info
-        self.set_output(layer, y)
+        self.done.update(f.name for f in fused)
+        self.set_output(fused[-1] if fused else layer, y)
 
     def input_quant(self, layer) -> None:
         """A ``<layer>_input_quant``: the reader's codes (requantised unless already so)."""
@@ -308,29 +278,36 @@ class _Lowering:
         self.g.op("QUANTIZE", [x], [y])
         self.set_output(layer, y)
 
+    def bn_output(self, bn, x_bound: float):
+        """(a, b, relu, scale, bound): a quantized BatchNormalization's affine, the ReLU
+        fused after it (or None) and its int8 output's scale and bound."""
+        a, b = bn_affine(bn)
+        relu = self.only_consumer(bn, is_plain_relu)
+        bound = float(np.max(np.abs(a) * x_bound + np.abs(b)))
+        if relu is None:  # e.g. before an addition: no quantizer reads it
+            bound = min(bound, statistical_bound(bn))
+        scale, bound = self.out_scale(relu or bn, bound)
+        return a, b, relu, scale, bound
+
     def batch_norm(self, layer) -> None:
         x = self.input_of(layer)
-        a, b = _bn_affine(layer)
-        relu = self.only_consumer(layer, _is_plain_relu)
-        last = relu or layer
         shape = self.g.shape_of(x)
         if not self.quantized:
+            a, b = bn_affine(layer)
+            relu = self.only_consumer(layer, is_plain_relu)
             y = self.affine(x, a, b, shape, layer.name, "relu" if relu else None)
         else:
-            bound = float(np.max(np.abs(a) * self.bounds[x] + np.abs(b)))
-            if relu is None:  # e.g. before an addition: no quantizer reads it
-                bound = min(bound, _statistical_bound(layer))
-            scale, bound = self.out_scale(last, bound)
+            a, b, relu, scale, bound = self.bn_output(layer, self.bounds[x])
             y = self.affine(x, a, b, shape, layer.name, "relu" if relu else None, scale, bound)
         if relu is not None:
             self.done.add(relu.name)
-        self.set_output(last, y)
+        self.set_output(relu or layer, y)
 
     def add(self, layer) -> None:
         inputs = self.inputs_of(layer)
         if len(inputs) != 2:
             raise ValueError(f"layer {layer.name!r}: only two-input additions are lowered")
-        relu = self.only_consumer(layer, _is_plain_relu)
+        relu = self.only_consumer(layer, is_plain_relu)
         last = relu or layer
         scale, bound = (None, None) if not self.quantized else \
             self.out_scale(last, sum(self.bounds[i] for i in inputs))
@@ -418,7 +395,7 @@ def build(model, normalization: Optional[Sequence] = None, batch_size: int = 1,
         if is_input_quant(layer):
             lowering.input_quant(layer)
             continue
-        if _is_plain_relu(layer) and not isinstance(inner, tf_keras.layers.ReLU):
+        if is_plain_relu(layer) and not isinstance(inner, tf_keras.layers.ReLU):
             lowering.relu(layer)
             continue
         method = next((name for kind, name in _DISPATCH if isinstance(inner, kind)), None)

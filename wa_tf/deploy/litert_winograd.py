@@ -288,7 +288,9 @@ def lower_native(g: Graph, x: int, layer: Dict, name: str) -> int:
     :mod:`wa_tf.deploy.integer`, less ``kernel_codes``, which ``U_codes`` was
     computed from); :mod:`wa_tf.deploy.litert_native` registers
     :mod:`wa_tf.kernels.winograd_int8` for it.  Its input and output are the
-    layer's int8 codes with the layer's input and output scales.
+    layer's int8 codes with the layer's input and output scales; with the
+    arrays of a fused epilogue (:data:`wa_tf.deploy.native.EPILOGUE`), the
+    output is the epilogue's codes and scale.
 
     Raises:
       ValueError: if the kernel cannot run the layer (wider than 8 bits, a
@@ -302,8 +304,9 @@ def lower_native(g: Graph, x: int, layer: Dict, name: str) -> int:
                          f"{'wider tensors: ' + ', '.join(wide) if wide else 'bits ok'})")
     n, height, width, _ = g.shape_of(x)
     geo = tile_geometry(height, width, m, r, layer["padding"])
+    scale = layer.get("epilogue_output_scale", layer["output_scale"])  # a fused BN / ReLU
     y = g.tensor(name + "/native", [n, geo.out_h, geo.out_w, layer["filters"]], "int8",
-                 float(layer["output_scale"]), 0)
+                 float(scale), 0)
     blob = io.BytesIO()
     # Without kernel_codes: the kernel runs from U_codes (a quarter less weight bytes at F4).
     np.savez(blob, **{key: value for key, value in layer.items() if key != "kernel_codes"})

@@ -18,6 +18,9 @@ from wa_tf.deploy import integer
 from wa_tf.kernels.winograd_int8 import WinogradInt8
 from wa_tf.transforms import winograd_matrices
 
+# A fused epilogue's arrays (the layer's output codes onto the next tensor's, see
+# integer.affine_requantize): (K,) scale and offset, (2,) code range, the new output scale.
+EPILOGUE = ("epilogue_scale", "epilogue_offset", "epilogue_range", "epilogue_output_scale")
 _STAGE_BITS = ("input", "B_t", "A_t", "weights_winograd", "input_winograd", "hadamard", "output")
 
 
@@ -35,7 +38,8 @@ def winograd_layer(layer, isa: str = "auto") -> WinogradInt8:
       isa: 'auto', 'avx2' or 'scalar'.
 
     Returns:
-      A :class:`WinogradInt8` with ``input_scale`` and ``output_scale`` attributes.
+      A :class:`WinogradInt8` with ``input_scale`` and ``output_scale`` attributes
+      (the epilogue's scale when the arrays carry one: :data:`EPILOGUE`).
 
     Raises:
       ValueError: if the layer is not a layer file, a tensor of it is wider than
@@ -49,13 +53,18 @@ def winograd_layer(layer, isa: str = "auto") -> WinogradInt8:
     consts = integer.multipliers(layer)
     ranges = [bound for name in ("input_winograd", "hadamard", "output")
               for bound in integer.qrange(layer[f"{name}_bits"])]
+    epilogue = None
+    if EPILOGUE[0] in layer:  # a batch norm / ReLU fused by the LiteRT export
+        epilogue = (layer["epilogue_scale"], layer["epilogue_offset"],
+                    tuple(int(v) for v in layer["epilogue_range"]))
     kernel = WinogradInt8(
         layer["tile_size"], layer["kernel_size"], layer["padding"], layer["B_t_codes"],
         layer["A_t_codes"], layer["U_codes"], consts["input_winograd"], consts["hadamard"],
         consts["tap_weights"], float(consts["output"]), ranges,
-        bias=consts["bias"] if "bias" in layer else None, isa=isa)
+        bias=consts["bias"] if "bias" in layer else None, epilogue=epilogue, isa=isa)
     kernel.input_scale = np.float32(layer["input_scale"])
-    kernel.output_scale = np.float32(layer["output_scale"])
+    kernel.output_scale = np.float32(layer["epilogue_output_scale"] if epilogue is not None
+                                     else layer["output_scale"])
     kernel.name = layer["layer"]
     return kernel
 

@@ -99,6 +99,7 @@ def load():
         lib.wa_int8_create.argtypes = [c_int, c_int, c_int, c_int, c_int, i8, i8, i8, f64, f64,
                                        f64, ctypes.c_void_p, ctypes.c_double, i32,
                                        ctypes.c_char_p]
+        lib.wa_int8_set_epilogue.argtypes = [p, f64, f64, c_int, c_int]
         lib.wa_int8_destroy.argtypes = [p]
         lib.wa_int8_isa.restype = ctypes.c_char_p
         lib.wa_int8_isa.argtypes = [p]
@@ -151,6 +152,10 @@ class WinogradInt8:
       output: The output requantisation multiplier.
       ranges: (min, max) codes of V, M and the output.
       bias: Optional (K,) bias in units of the output transform's scale.
+      epilogue: Optional ``(scale, offset, (lo, hi))``: the output codes y become
+        ``clip(rint(y * scale + offset), lo, hi)`` per filter (``scale`` and
+        ``offset`` (K,) float64): a batch norm and ReLU fused into the layer
+        (:func:`wa_tf.deploy.integer.affine_requantize`).
       isa: 'auto' (the best this CPU runs), 'avx2' or 'scalar'.
 
     Raises:
@@ -158,7 +163,7 @@ class WinogradInt8:
     """
 
     def __init__(self, tile_size, kernel_size, padding, b_t, a_t, u, input_winograd, hadamard,
-                 tap_weights, output, ranges, bias=None, isa="auto"):
+                 tap_weights, output, ranges, bias=None, epilogue=None, isa="auto"):
         m, r = int(tile_size), int(kernel_size)
         t = m + r - 1
         if m < 1 or r < 1 or t > 8:
@@ -191,6 +196,13 @@ class WinogradInt8:
         if not self._handle:
             raise ValueError(f"isa={isa!r} is not available on this CPU")
         self._lib = lib
+        if epilogue is not None:
+            scale, offset, (lo, hi) = epilogue
+            k["epi"] = [np.ascontiguousarray(np.broadcast_to(v, (self.filters,)), np.float64)
+                        for v in (scale, offset)]
+            if not -128 <= int(lo) <= int(hi) <= 127:
+                raise ValueError(f"epilogue range must lie in [-128, 127], got ({lo}, {hi})")
+            lib.wa_int8_set_epilogue(self._handle, *k["epi"], int(lo), int(hi))
 
     def __del__(self):
         if getattr(self, "_handle", None):

@@ -44,6 +44,14 @@ struct PortableOps {
   static void StoreY(F64x4 acc, double mult, int lo, int hi, int8_t* out, int n) {
     for (int i = 0; i < n; ++i) out[i] = static_cast<int8_t>(Requant(acc[i], mult, lo, hi));
   }
+  // StoreY, then the epilogue: z = clip(rint(y * scale + offset)) (a multiply, then an add).
+  static void StoreZ(F64x4 acc, double mult, int lo, int hi, const double* scale,
+                     const double* offset, int z_lo, int z_hi, int8_t* out, int n) {
+    for (int i = 0; i < n; ++i) {
+      const double y = Requant(acc[i], mult, lo, hi);
+      out[i] = static_cast<int8_t>(Requant(y * scale[i] + offset[i], 1.0, z_lo, z_hi));
+    }
+  }
 };
 
 // Tile `tile` of the batch: image, first input row and column (may be negative: padding).
@@ -153,8 +161,13 @@ void OutputTransformT(const Plan& p, const Geometry& g, const int8_t* mm, int fi
           F64x4 acc = p.at_lanes[b * T] * s[a][0];
 #pragma GCC unroll 8
           for (int j = 1; j < T; ++j) acc = Ops::MulAdd(p.at_lanes[b * T + j], s[a][j], acc);
-          Ops::StoreY(acc + bias, p.mult_y, p.y_min, p.y_max,
-                      out_tile + (static_cast<int64_t>(a) * g.out_w + b) * p.k + c0, nc);
+          int8_t* out = out_tile + (static_cast<int64_t>(a) * g.out_w + b) * p.k + c0;
+          if (p.epi) {
+            Ops::StoreZ(acc + bias, p.mult_y, p.y_min, p.y_max, p.epi_scale.data() + c0,
+                        p.epi_offset.data() + c0, p.z_min, p.z_max, out, nc);
+          } else {
+            Ops::StoreY(acc + bias, p.mult_y, p.y_min, p.y_max, out, nc);
+          }
         }
       }
     }

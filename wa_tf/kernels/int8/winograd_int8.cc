@@ -298,6 +298,20 @@ void* wa_int8_create(int m, int r, int c, int k, int same, const int8_t* bt, con
   return kernel;
 }
 
+// Fuses an epilogue into the output stage: z = clip(rint(y * scale[k] + offset[k]), lo, hi)
+// per filter k, from the output codes y (a batch norm and a ReLU after the layer).
+void wa_int8_set_epilogue(void* kernel, const double* scale, const double* offset, int lo,
+                          int hi) {
+  wa_int8::Plan& p = static_cast<Kernel*>(kernel)->plan;
+  p.epi = true;
+  p.epi_scale.assign(p.kp, 0.0);
+  p.epi_offset.assign(p.kp, 0.0);
+  std::copy(scale, scale + p.k, p.epi_scale.begin());
+  std::copy(offset, offset + p.k, p.epi_offset.begin());
+  p.z_min = lo;
+  p.z_max = hi;
+}
+
 void wa_int8_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
 const char* wa_int8_isa(void* kernel) { return static_cast<Kernel*>(kernel)->variant->name; }

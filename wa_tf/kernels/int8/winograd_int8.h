@@ -4,6 +4,7 @@
 //   d (t x t int8, zero padded) --input transform, int32, requant in float--> V int16 [tap][p][c]
 //   V x U per tap: int8 x int8 -> int32 GEMM, requant in float --------------> M int8 [tap][p][k]
 //   A_t (w * M) A_t^T in double (exact: every partial sum < 2^53), + bias, requant --> y int8
+//   optionally y * scale + offset per filter, requant (a fused batch norm and ReLU) --> z int8
 // Each requantisation is clip(round_half_even(acc * multiplier)) in IEEE float (V, M) or double
 // (y), the reference's arithmetic (wa_tf.deploy.integer), so every variant is bit-exact with it.
 #ifndef WA_TF_KERNELS_INT8_WINOGRAD_INT8_H_
@@ -40,6 +41,11 @@ struct alignas(32) Plan {
   double mult_y;                        // output multiplier
   int v_min, v_max, m_min, m_max, y_min, y_max;  // code ranges of V, M, y
   std::vector<double> bias;             // bias / s_Y per filter (kp; zeros when none)
+  // The fused epilogue (batch norm, ReLU), when `epi`: z = clip(rint(y * epi_scale + epi_offset),
+  // z_min, z_max) per filter, from the output codes y, in double (kp each).
+  bool epi = false;
+  std::vector<double> epi_scale, epi_offset;
+  int z_min = -128, z_max = 127;
   // U packed per tap and block of kNR filters: [tap][k / kNR][c / 2][kNR][2] int8.
   std::vector<int8_t> u_packed;
 };

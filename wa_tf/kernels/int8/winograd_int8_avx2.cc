@@ -40,7 +40,19 @@ struct Avx2Ops {
   static void StoreY(F64x4 acc, double mult, int lo, int hi, int8_t* out, int n) {
     __m256d scaled = _mm256_mul_pd(acc, _mm256_set1_pd(mult));  // clip, then round half even
     scaled = _mm256_min_pd(_mm256_max_pd(scaled, _mm256_set1_pd(lo)), _mm256_set1_pd(hi));
-    __m128i q = _mm256_cvtpd_epi32(scaled);
+    Store4(_mm256_cvtpd_epi32(scaled), out, n);
+  }
+  static void StoreZ(F64x4 acc, double mult, int lo, int hi, const double* scale,
+                     const double* offset, int z_lo, int z_hi, int8_t* out, int n) {
+    __m256d y = _mm256_round_pd(_mm256_mul_pd(acc, _mm256_set1_pd(mult)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y = _mm256_min_pd(_mm256_max_pd(y, _mm256_set1_pd(lo)), _mm256_set1_pd(hi));
+    __m256d z = _mm256_add_pd(_mm256_mul_pd(y, _mm256_loadu_pd(scale)),  // no FMA: the
+                              _mm256_loadu_pd(offset));                   // reference rounds twice
+    z = _mm256_min_pd(_mm256_max_pd(z, _mm256_set1_pd(z_lo)), _mm256_set1_pd(z_hi));
+    Store4(_mm256_cvtpd_epi32(z), out, n);
+  }
+  static void Store4(__m128i q, int8_t* out, int n) {  // n <= 4 int32 lanes as int8
     q = _mm_packs_epi16(_mm_packs_epi32(q, q), q);
     const int32_t bytes = _mm_cvtsi128_si32(q);
     if (n == 4) {
