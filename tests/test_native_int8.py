@@ -103,6 +103,27 @@ def test_other_kernel_sizes(kernel_size, tile_size):
                                       reference_codes(layer, x))
 
 
+@pytest.mark.parametrize("past_edge", [False, True], ids=["int16", "int32"])
+def test_b_t_rows_at_the_int16_edge_stay_exact(past_edge):
+    # Learned rows sum to ~256 in magnitude. B_t d spans [-(128 P + 127 N), 127 P + 128 N]
+    # (P, N: the row's positive and negative mass): rows 0 and 1 reach 32640 and 32767, the
+    # int16 path's edge; past_edge moves row 2 past it by 254 (the int32 path), else its
+    # rows all fit. Extreme inputs reach these bounds.
+    layer = native.synthetic_layer(4, c=8, k=16, flex=True, per_tap=True)
+    b_t = layer["B_t_codes"].astype(int) // 2
+    b_t[0] = [127, 1, -127, -1, 0, 0]
+    b_t[1] = [64, 64, -64, -64, 1, 0]
+    b_t[2] = [65, 65, -64, -64, 1, 0] if past_edge else [64, 64, -64, -64, 0, 1]
+    layer["B_t_codes"] = b_t.astype(np.int8)
+    rng = np.random.default_rng(9)
+    x = np.where(rng.random((3, 16, 16, 8)) < 0.5, -128, 127).astype(np.int8)
+    v, _ = integer.input_transform(layer, x)  # the reference's V codes: clipped both ways
+    assert (v == v.max()).any() and (v == v.min()).any()
+    for isa in ISAS:
+        np.testing.assert_array_equal(native.winograd_layer(layer, isa=isa)(x),
+                                      reference_codes(layer, x))
+
+
 def test_large_learned_transforms_take_the_wide_path():
     # Rows of B_t summing past 255 in magnitude: |B_t d| no longer fits int16.
     layer = native.synthetic_layer(4, c=8, k=16, flex=True, per_tap=True)

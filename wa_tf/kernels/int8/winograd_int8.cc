@@ -255,9 +255,11 @@ void* wa_int8_create(int m, int r, int c, int k, int same, const int8_t* bt, con
   }
   p.tmp16 = true;
   for (int a = 0; a < t; ++a) {
-    int row = 0;
-    for (int i = 0; i < t; ++i) row += std::abs(p.bt[a * t + i]);
-    p.tmp16 = p.tmp16 && row * 128 <= 32767;
+    // B_t d's extremes over int8 d in [-128, 127]: 127 P + 128 N and -(128 P + 127 N), with
+    // P and N the row's positive and negative mass (learned rows sum to ~256: just inside).
+    int pos = 0, neg = 0;
+    for (int i = 0; i < t; ++i) (p.bt[a * t + i] > 0 ? pos : neg) += std::abs(p.bt[a * t + i]);
+    p.tmp16 = p.tmp16 && 127 * pos + 128 * neg <= 32767 && 128 * pos + 127 * neg <= 32768;
     for (int ip = 0; ip < (t + 1) / 2; ++ip) {
       const int lo = p.bt[a * t + 2 * ip], hi = 2 * ip + 1 < t ? p.bt[a * t + 2 * ip + 1] : 0;
       const uint32_t pair = static_cast<uint16_t>(lo) | (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);

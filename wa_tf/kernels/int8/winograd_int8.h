@@ -17,8 +17,8 @@ namespace wa_int8 {
 
 constexpr int kMaxT = 8;    // t = m + r - 1 of F(6x6, 3x3)
 constexpr int kNR = 16;     // GEMM columns (filters) per micro-tile
-constexpr int kMR = 3;      // GEMM rows (tiles) per micro-tile: 3 x 2 accumulators, U, and
-                            // V's broadcast fit the 16 ymm registers (4 rows spilled one)
+constexpr int kMR = 4;      // GEMM rows (tiles) per micro-tile: 4 x 2 accumulators, U, V's
+                            // broadcast and two products fit the 16 ymm registers
 
 typedef int32_t I32x8 __attribute__((vector_size(32)));
 typedef double F64x4 __attribute__((vector_size(32)));
@@ -34,7 +34,7 @@ struct alignas(32) Plan {
   F64x4 aw_lanes[kMaxT][kMaxT][kMaxT];  // A_t[a][j] * tap_w[j][b], exact in double
   // B_t's rows as int16 pairs of neighbouring columns (vpmaddwd operands): [row][pair].
   I32x8 bt_pairs[kMaxT][kMaxT / 2];
-  bool tmp16;  // |B_t d| fits int16 (rows of B_t sum to <= 255 in magnitude)
+  bool tmp16;  // B_t d fits int16 for every int8 d
   double tap_w[kMaxT * kMaxT];          // fixed-point tap weights w[a, b]
   float mult_v[kMaxT * kMaxT];          // input transform multiplier per tap (float32)
   float mult_m[kMaxT * kMaxT];          // element-wise stage multiplier per tap (float32)
