@@ -165,6 +165,19 @@ def export_layer_npz(layer_or_wrapper, path: str) -> str:
     return integer.save(layer_arrays(layer_or_wrapper), path)
 
 
+def model_layer_arrays(model) -> Dict[str, Dict[str, np.ndarray]]:
+    """:func:`layer_arrays` of every quantized WinogradConv2D of a model, by layer name.
+
+    Every layer's U comes from one graph (one trace for the model, not one per layer).
+    """
+    wrappers = [layer for layer in model.layers
+                if is_quantize_wrapper(layer) and isinstance(layer.layer, WinogradConv2D)
+                and layer.layer.quantization]
+    fields = [_layer_fields(wrapper) for wrapper in wrappers]  # every range checked first
+    return {wrapper.layer.name: integer.encode_layer(**layer_fields, u=u)
+            for wrapper, layer_fields, u in zip(wrappers, fields, _winograd_weights(wrappers))}
+
+
 def export_model_npz(model, directory: str) -> Dict[str, str]:
     """Writes ``<directory>/<layer>.npz`` for every quantized WinogradConv2D of a model.
 
@@ -174,16 +187,9 @@ def export_model_npz(model, directory: str) -> Dict[str, str]:
     Raises:
       ValueError: if the model has no quantized WinogradConv2D.
     """
-    wrappers = [layer for layer in model.layers
-                if is_quantize_wrapper(layer) and isinstance(layer.layer, WinogradConv2D)
-                and layer.layer.quantization]
-    if not wrappers:
+    arrays = model_layer_arrays(model)
+    if not arrays:
         raise ValueError("model has no quantized WinogradConv2D layer to export "
                          "(quantize it with wa_tf.quantization.quantize_model)")
-    fields = [_layer_fields(wrapper) for wrapper in wrappers]  # every range checked first
-    paths = {}
-    for wrapper, layer_fields, u in zip(wrappers, fields, _winograd_weights(wrappers)):
-        name = wrapper.layer.name
-        paths[name] = integer.save(integer.encode_layer(**layer_fields, u=u),
-                                   os.path.join(directory, name + ".npz"))
-    return paths
+    return {name: integer.save(layer, os.path.join(directory, name + ".npz"))
+            for name, layer in arrays.items()}

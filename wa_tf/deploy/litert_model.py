@@ -29,7 +29,7 @@ import numpy as np
 import tf_keras
 
 from wa_tf.deploy import integer, litert_ends, litert_winograd
-from wa_tf.deploy.integer_export import layer_arrays, output_scale, quantizer_scale
+from wa_tf.deploy.integer_export import model_layer_arrays, output_scale, quantizer_scale
 from wa_tf.deploy.litert_ends import ZERO, is_input_quant
 from wa_tf.deploy.litert_fusion import bn_affine, epilogue, is_plain_relu, statistical_bound
 from wa_tf.deploy.tflite_graph import Graph, options
@@ -57,6 +57,7 @@ class _Lowering:
         self.done = set()
         self.info: Dict[str, Dict] = {}
         self.layer_tensors: Dict[str, int] = {}  # Keras layer -> graph tensor of its output
+        self.winograd_arrays: Optional[Dict[str, Dict]] = None  # layer files, by layer
 
     def layers(self):
         return [layer for layer in self.model.layers
@@ -241,7 +242,9 @@ class _Lowering:
         if not (is_quantize_wrapper(layer) and inner.quantization):
             raise ValueError(f"layer {inner.name!r} is float in a quantized model; an integer "
                              "LiteRT model needs every convolution quantized")
-        arrays = integer.as_layer(layer_arrays(layer))
+        if self.winograd_arrays is None:  # every layer's U from one graph
+            self.winograd_arrays = model_layer_arrays(self.model)
+        arrays = integer.as_layer(self.winograd_arrays[inner.name])
         for tensor in integer.TENSORS:
             self.check_bits(inner.name, arrays[f"{tensor}_bits"])
         if abs(self.scales[x] / float(arrays["input_scale"]) - 1) > 1e-6:
