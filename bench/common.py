@@ -20,6 +20,7 @@ Peak memory is measured one of two ways (:func:`memory_measure` picks one):
   across that configuration's first steps, in run order, 0 where it stays
   below an earlier configuration's peak.
 """
+import gc
 import json
 import os
 import platform
@@ -171,12 +172,22 @@ def interleaved_ms(calls, reps, warmup):
 
     Each round calls every function once, so that load from other processes on a
     shared machine falls on all of them alike; the first `warmup` rounds are not timed.
+    Python's garbage collector is off meanwhile, as in `timeit`: with TensorFlow
+    loaded, one of its collections takes milliseconds and lands on whichever call
+    happened to allocate.
     """
     times = {name: [] for name in calls}
-    for rep in range(warmup + reps):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(warmup + reps):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if rep >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        if enabled:
+            gc.enable()
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -108,3 +108,13 @@ def test_native_export_refusals(tmp_path):
     x = g.tensor("x", [1, 8, 8, 4], "int8", float(layer["input_scale"]), 0)
     with pytest.raises(ValueError, match="8-bit layers .*wider tensors: hadamard"):
         lower_native(g, x, layer, "wa")
+
+
+def test_an_operator_given_float_input_fails_with_one_clear_error():
+    layer = integer.as_layer(native.synthetic_layer(2, c=4, k=4))
+    g = Graph()
+    x = g.tensor("x", [1, 8, 8, 4], "float32")  # not the int8 codes the operator takes
+    runner = litert.interpreter(g.finish([x], [lower_native(g, x, layer, "wa")]))
+    runner.set_tensor(0, np.zeros((1, 8, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="a native Winograd operator failed"):
+        runner.invoke()

@@ -171,6 +171,7 @@ class NativeModel:
                 C.byref(kind), array.ctypes.data, array.nbytes, None, C.byref(handle)),
                 f"wrap the {role}")
             self._io[role] = (array, handle)
+        self._state_array = (C.c_void_p * max(1, len(self._states)))(*self._states)
         self._ins = (C.c_void_p * 1)(self._io["input"][1])
         self._outs = (C.c_void_p * 1)(self._io["output"][1])
         self._batch = self._io["input"][0].shape[0]
@@ -206,6 +207,12 @@ class NativeModel:
 
     def invoke(self):
         x, y = self._io["input"][0], self._io["output"][0]
+        if len(self._pending) == self._batch:  # one invocation, and no Python temporaries
+            np.copyto(x, self._pending)
+            self.run_once()
+            self._check()
+            self._result = y.copy()
+            return
         outputs = []
         for start in range(0, len(self._pending), self._batch):
             chunk = self._pending[start:start + self._batch]
@@ -213,10 +220,13 @@ class NativeModel:
             x[len(chunk):] = 0
             self.run_once()
             outputs.append(y[:len(chunk)].copy())
-        errors = [_lib["kernels"].wa_int8_litert_error(s) for s in self._states]
-        if any(errors):
-            raise ValueError("a native Winograd operator failed (its input was not int8 NHWC)")
+        self._check()
         self._result = np.concatenate(outputs)
+
+    def _check(self):
+        if self._states and _lib["kernels"].wa_int8_litert_errors(self._state_array,
+                                                                  len(self._states)):
+            raise ValueError("a native Winograd operator failed (its input was not int8 NHWC)")
 
     def get_tensor(self, index):
         del index

@@ -115,6 +115,7 @@ def load():
         lib.wa_int8_litert_state.restype = p
         lib.wa_int8_litert_state.argtypes = [p, c_int]
         lib.wa_int8_litert_error.argtypes = [p]
+        lib.wa_int8_litert_errors.argtypes = [p, c_int]
         lib.wa_int8_litert_free_state.argtypes = [p]
         lib.wa_int8_stage_times.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, f64, f64]
         _lib["lib"] = lib

@@ -134,6 +134,14 @@ void* wa_int8_litert_state(void* kernel, int threads) {
 
 int wa_int8_litert_error(void* state) { return static_cast<OpState*>(state)->error; }
 
+// The first nonzero error of n layers' states (0 when none failed): one call per run.
+int wa_int8_litert_errors(void* const* states, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (static_cast<OpState*>(states[i])->error != 0) return static_cast<OpState*>(states[i])->error;
+  }
+  return 0;
+}
+
 void wa_int8_litert_free_state(void* state) { delete static_cast<OpState*>(state); }
 
 }  // extern "C"
