@@ -31,6 +31,10 @@ flags.DEFINE_string("litert", None, "Evaluate this LiteRT .tflite file (bin/expo
                     "--litert) instead of the checkpoint, and report how often its top-1 "
                     "class agrees with the run's own model on the same images.")
 flags.DEFINE_integer("litert_threads", 2, "Interpreter threads for --litert.")
+flags.DEFINE_float("agreement_noise", 1e-4, "With --litert, also the run's model's top-1 "
+                   "agreement with itself on images plus Gaussian noise of this standard "
+                   "deviation (normalised units; far below one input code): the floor the "
+                   "file's agreement is read against. 0: skip it (half the Keras time).")
 flags.DEFINE_boolean("error_report", False, "Also report each Winograd-aware layer's output "
                      "error against a float convolution (uses the checkpoint).")
 flags.DEFINE_integer("error_images", 256, "Images of --split fed to the error report.")
@@ -51,6 +55,8 @@ def _evaluate():
         raise ValueError(f"--error_images must be a positive integer; got {FLAGS.error_images}")
     if FLAGS.savedmodel and FLAGS.litert:
         raise ValueError("give --savedmodel or --litert, not both")
+    if FLAGS.agreement_noise < 0:
+        raise ValueError(f"--agreement_noise must be >= 0; got {FLAGS.agreement_noise}")
     if FLAGS.litert_threads < 1:
         raise ValueError(f"--litert_threads must be a positive integer; got "
                          f"{FLAGS.litert_threads}")
@@ -82,10 +88,13 @@ def _evaluate_litert(model, config, dataset):
     normalization = cli.run_normalization(FLAGS.modelDir, config)
     result = evaluate.evaluate_litert(FLAGS.litert, dataset, normalization,
                                       reference=evaluate.keras_predict(model),
-                                      threads=FLAGS.litert_threads)
+                                      threads=FLAGS.litert_threads, noise=FLAGS.agreement_noise)
     print(f"LiteRT {FLAGS.litert} on {FLAGS.split}: accuracy {result['accuracy']:.4f}, "
           f"loss {result['loss']:.4f} ({result['examples']} examples); top-1 agreement with "
           f"{model.name} (checkpoint {FLAGS.checkpoint}): {result['agreement']:.4f}")
+    if "self_agreement" in result:
+        print(f"{model.name}'s own top-1 agreement with itself under input noise "
+              f"N(0, {FLAGS.agreement_noise:g}): {result['self_agreement']:.4f}")
 
 
 def _error_report(model, dataset):

@@ -270,3 +270,29 @@ def test_export_int8_run_with_layer_files(tmp_path):
     # Float32 round-off of the fake-quantized model flips a code near a rounding
     # tie inside the pipeline for a handful of elements (see docs/export_evaluate.md).
     assert off.mean() < 1e-4
+
+
+def test_litert_agreement_and_the_reference_s_own_floor(tmp_path):
+    from wa_tf.deploy import litert  # pylint: disable=import-outside-toplevel
+    pytest.importorskip("ai_edge_litert")
+    inputs = tf_keras.Input((4, 4, 2))
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(2)(
+        tf_keras.layers.GlobalAveragePooling2D()(inputs)))
+    path = str(tmp_path / "m.tflite")
+    litert.export_litert(model, path)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(40, 4, 4, 2)).astype(np.float32)
+    images[::2] -= images[::2].mean(axis=(1, 2, 3), keepdims=True)  # sums of exactly ~0
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.zeros(40, np.int64))).batch(8)
+
+    def on_the_edge(x):  # top-1 decided by the sign of a sum that is ~0 for half the images
+        s = tf.reduce_sum(x, axis=[1, 2, 3])
+        return tf.stack([s, -s], axis=-1)
+
+    result = evaluate.evaluate_litert(path, dataset, reference=on_the_edge, noise=1e-3)
+    assert 0.5 < result["self_agreement"] < 0.95 and 0 <= result["agreement"] <= 1
+    steady = evaluate.evaluate_litert(path, dataset, reference=lambda x: model(x), noise=1e-6)
+    assert steady["self_agreement"] == 1.0 and steady["agreement"] == 1.0
+    assert "self_agreement" not in evaluate.evaluate_litert(path, dataset, reference=on_the_edge)
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        evaluate.evaluate_litert(path, dataset, reference=on_the_edge, noise=-1.0)

@@ -184,4 +184,6 @@ def test_export_and_evaluate_binaries(tmp_path):
     accuracy = float(line.split("accuracy ")[1].split(",")[0])
     agreement = float(line.rsplit(": ", 1)[1])
     assert 0 <= accuracy <= 1 and 0.5 <= agreement <= 1  # a tiny 2-step model: loosely
+    floor = [x for x in evaluate.stdout.splitlines() if "under input noise N(0, 0.0001)" in x]
+    assert len(floor) == 1 and 0.5 <= float(floor[0].rsplit(": ", 1)[1]) <= 1
     assert "(359 examples)" in line  # digits' test split

@@ -98,7 +98,7 @@ def evaluate_savedmodel(path: str, model_dir: str, split: str = "test",
 
 
 def evaluate_litert(path: str, dataset: tf.data.Dataset, normalization=None, reference=None,
-                    threads: int = 2) -> dict:
+                    threads: int = 2, noise: float = 0.0) -> dict:
     """Accuracy and loss of a LiteRT file on a dataset, and its agreement with a reference.
 
     Args:
@@ -110,30 +110,45 @@ def evaluate_litert(path: str, dataset: tf.data.Dataset, normalization=None, ref
         :func:`keras_predict` of the run's own model: the result then has
         ``agreement``, the fraction of images whose top-1 class both give.
       threads: Interpreter threads.
+      noise: With a reference, also its agreement with itself on the images
+        plus Gaussian noise of this standard deviation (``self_agreement``):
+        how many top-1 classes hang on differences far below one input code,
+        the floor an integer model's ``agreement`` is read against.
 
     Returns:
-      :func:`evaluate`'s dict, plus ``agreement`` with a reference.
+      :func:`evaluate`'s dict, plus ``agreement`` (and ``self_agreement``).
+
+    Raises:
+      ValueError: for a negative ``noise``, or uint8 input without ``normalization``.
     """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0; got {noise}")
     runner = litert.interpreter(path, threads)
     takes_raw = litert.input_details(runner)["dtype"] == np.uint8
     if takes_raw and normalization is None:
         raise ValueError(f"{path} takes uint8 images: give the normalization to recover them")
-    same, count = 0, 0
+    counts = {"same": 0, "self": 0, "images": 0}
+    rng = np.random.default_rng(0)
 
     def predict(images):
-        nonlocal same, count
         images = images.numpy()
         logits = litert.predict(runner, litert.raw_images(images, normalization)
                                 if takes_raw else images)
         if reference is not None:
-            expected = np.asarray(reference(tf.constant(images)))
-            same += int(np.sum(np.argmax(expected, -1) == np.argmax(logits, -1)))
-            count += len(images)
+            expected = np.argmax(np.asarray(reference(tf.constant(images))), -1)
+            counts["same"] += int(np.sum(expected == np.argmax(logits, -1)))
+            counts["images"] += len(images)
+            if noise > 0:
+                noisy = images + rng.normal(0.0, noise, images.shape).astype(images.dtype)
+                counts["self"] += int(np.sum(
+                    expected == np.argmax(np.asarray(reference(tf.constant(noisy))), -1)))
         return tf.constant(logits)
 
     result = evaluate(predict, dataset)
     if reference is not None:
-        result["agreement"] = same / max(count, 1)
+        result["agreement"] = counts["same"] / max(counts["images"], 1)
+        if noise > 0:
+            result["self_agreement"] = counts["self"] / max(counts["images"], 1)
     return result
 
 
