@@ -92,6 +92,9 @@ def test_a_bad_epilogue_range_is_one_clear_error():
                  epilogue_output_scale=np.float32(1.0))
     with pytest.raises(ValueError, match=r"epilogue range must lie in \[-128, 127\]"):
         native.winograd_layer(layer)
+    layer.update(epilogue_range=np.array([0, 127], np.int32), epilogue_scale=np.ones(3))
+    with pytest.raises(ValueError, match=r"epilogue scale and offset must have shape \(4,\)"):
+        native.winograd_layer(layer)
 
 
 @pytest.mark.parametrize("kernel_size,tile_size", [(5, 2), (5, 4), (1, 4), (7, 2)])

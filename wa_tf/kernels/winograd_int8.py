@@ -199,8 +199,10 @@ class WinogradInt8:
         self._lib = lib
         if epilogue is not None:
             scale, offset, (lo, hi) = epilogue
-            k["epi"] = [np.ascontiguousarray(np.broadcast_to(v, (self.filters,)), np.float64)
-                        for v in (scale, offset)]
+            k["epi"] = [np.ascontiguousarray(v, np.float64) for v in (scale, offset)]
+            if any(v.shape not in ((), (self.filters,)) for v in k["epi"]):
+                raise ValueError(f"epilogue scale and offset must have shape ({self.filters},)")
+            k["epi"] = [np.ascontiguousarray(np.broadcast_to(v, (self.filters,))) for v in k["epi"]]
             if not -128 <= int(lo) <= int(hi) <= 127:
                 raise ValueError(f"epilogue range must lie in [-128, 127], got ({lo}, {hi})")
             lib.wa_int8_set_epilogue(self._handle, *k["epi"], int(lo), int(hi))
