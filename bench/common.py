@@ -167,26 +167,33 @@ def run_worker(cmd, env=None, timeout=None):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def interleaved_ms(calls, reps, warmup):
+def interleaved_ms(calls, reps, warmup, block=1):
     """Median ms of each zero-argument call in `calls` ({name: call}), timed in turns.
 
-    Each round calls every function once, so that load from other processes on a
-    shared machine falls on all of them alike; the first `warmup` rounds are not timed.
-    Python's garbage collector is off meanwhile, as in `timeit`: with TensorFlow
-    loaded, one of its collections takes milliseconds and lands on whichever call
+    Each round calls every function `block` times in a row, so that load from other
+    processes on a shared machine falls on all of them alike; the first `warmup`
+    rounds are not timed.  With ``block > 1`` the first call of each turn is not
+    timed either: it refills the caches the other calls evicted (whole models of
+    several MiB each), which a model served on its own does not pay.  Python's
+    garbage collector is off meanwhile, as in `timeit`: with TensorFlow loaded,
+    one of its collections takes milliseconds and lands on whichever call
     happened to allocate.
     """
+    if block < 1:
+        raise ValueError(f"block must be >= 1; got {block}")
     times = {name: [] for name in calls}
     enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        for rep in range(warmup + reps):
+        timed = block - 1 if block > 1 else 1  # timed calls per turn
+        for rep in range(warmup + -(-reps // timed)):
             for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if rep >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                for i in range(block):
+                    start = time.perf_counter()
+                    call()
+                    if rep >= warmup and (block == 1 or i > 0):
+                        times[name].append(time.perf_counter() - start)
     finally:
         if enabled:
             gc.enable()

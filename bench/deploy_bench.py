@@ -3,10 +3,12 @@
 
 Times every ``.tflite`` file given (``bin/export.py --litert``) at batch 1 (or
 ``--batch_sizes``) with 1 and 2 interpreter threads, in one process: per
-setting the models take turns invocation by invocation (interleaved, so that a
-load change on a shared machine hits them alike) and each reports the median
-of ``--reps`` invocations after ``--warmup``.  Ratios are against the first
-file (``--models BASE=a.tflite OTHER=b.tflite``), measured in the same run.
+setting the models take turns of 10 invocations, the first of each untimed
+(interleaved, so that a load change on a shared machine hits them alike, and
+each timed with its own weights in the caches, as served alone) and each
+reports the median of ``--reps`` invocations after ``--warmup`` turns.  Ratios
+are against the first file (``--models BASE=a.tflite OTHER=b.tflite``),
+measured in the same run.
 
 Without ``--models`` it builds its own: the ResNet-18-like model (width
 ``--mult``) with normal convolutions and with flex F(4x4, 3x3), INT8 per tap,
@@ -72,8 +74,11 @@ def _time(paths, batch, threads, reps, warmup):
             else rng.normal(size=shape).astype(detail["dtype"])
         runner.set_tensor(detail["index"], data)
         runners[name], inputs[name] = runner, data
+    # Turns of 10 invocations per model, the first untimed: each model is timed with its
+    # weights in the caches, as when it is served alone (a turn of one left the
+    # Winograd models, of 10+ MiB each, refilling them from memory on every call).
     return interleaved_ms({name: runner.invoke for name, runner in runners.items()}, reps,
-                          warmup)
+                          warmup, block=10)
 
 
 def main(argv=None):

@@ -121,8 +121,9 @@ def test_json_round_trip(tmp_path):
         arch_lib.LayerChoice("normal", None, None)
 
 
-def test_example_file_is_valid():
-    path = os.path.join(REPO, "configs", "architectures", "example_mixed.json")
+@pytest.mark.parametrize("name", ["example_mixed", "fastest_int8_avx2", "searched_int8_avx2"])
+def test_shipped_architecture_files_are_valid(name):
+    path = os.path.join(REPO, "configs", "architectures", f"{name}.json")
     example = arch_lib.load_architecture(path, models.searchable_layers())
     assert list(example) == NAMES
     assert models.architecture_name(example) == "ResNet18LikeSearched"

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,3 +98,25 @@ def test_winograd_int8_bench_refuses_a_file_it_did_not_write(tmp_path):
         assert proc.returncode == 2
         assert f"error: --from_json: {path} is not a --json file" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_interleaved_turns_time_all_but_the_first_call_of_each():
+    interleaved_ms = _load_common().interleaved_ms
+    calls = {"a": [], "b": []}
+    clock = {"n": 0}
+
+    def call(name):
+        def run():
+            calls[name].append(clock["n"])
+            clock["n"] += 1
+            if len(calls[name]) % 4 == 1:  # a turn's first call: slow (cold caches)
+                time.sleep(0.02)
+        return run
+
+    ms = interleaved_ms({"a": call("a"), "b": call("b")}, reps=6, warmup=1, block=4)
+    assert len(calls["a"]) == len(calls["b"]) == 4 * (1 + 2)  # warmup turn + ceil(6 / 3)
+    assert calls["a"][:4] == [0, 1, 2, 3] and calls["b"][:4] == [4, 5, 6, 7]  # turns of 4
+    assert max(ms.values()) < 10  # the slow first calls are not timed
+    assert interleaved_ms({"a": call("a")}, reps=3, warmup=0)["a"] >= 0
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        interleaved_ms({"a": call("a")}, reps=1, warmup=0, block=0)
