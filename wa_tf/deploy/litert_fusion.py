@@ -46,6 +46,11 @@ def statistical_bound(bn) -> float:
     return float(np.max(beta + BN_SIGMAS * gamma))
 
 
+def is_batch_norm(layer) -> bool:
+    """A (unwrapped) BatchNormalization layer."""
+    return isinstance(layer, tf_keras.layers.BatchNormalization)
+
+
 def is_plain_relu(layer) -> bool:
     """A ReLU with no threshold, slope or cap (a clamp at zero), as a layer or activation."""
     inner = unwrap(layer)

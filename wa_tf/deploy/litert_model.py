@@ -31,7 +31,13 @@ import tf_keras
 from wa_tf.deploy import integer, litert_ends, litert_winograd
 from wa_tf.deploy.integer_export import model_layer_arrays, output_scale, quantizer_scale
 from wa_tf.deploy.litert_ends import ZERO, is_input_quant
-from wa_tf.deploy.litert_fusion import bn_affine, epilogue, is_plain_relu, statistical_bound
+from wa_tf.deploy.litert_fusion import (
+    bn_affine,
+    epilogue,
+    is_batch_norm,
+    is_plain_relu,
+    statistical_bound,
+)
 from wa_tf.deploy.tflite_graph import Graph, options
 from wa_tf.layers import WinogradConv2D
 from wa_tf.quantization import unwrap, weight_name
@@ -151,7 +157,7 @@ class _Lowering:
     def fused_tail(self, layer):
         """The layers fused after ``layer`` (BatchNorm, ReLU) and the fused activation."""
         tail, activation = [], None
-        bn = self.only_consumer(layer, lambda c: isinstance(c, tf_keras.layers.BatchNormalization))
+        bn = self.only_consumer(layer, is_batch_norm)
         if bn is not None and isinstance(unwrap(layer), tf_keras.layers.Conv2D):
             tail.append(bn)
         last = tail[-1] if tail else layer
@@ -194,7 +200,7 @@ class _Lowering:
         else:  # float in training: BN and ReLU folded, weights per output channel
             tail, activation = self.fused_tail(layer)
             a, b = np.ones(k), np.zeros(k)
-            if tail and isinstance(tail[0], tf_keras.layers.BatchNormalization):
+            if tail and is_batch_norm(tail[0]):
                 a, b = bn_affine(tail[0])
             kernel = kernel * a
             w_scale = np.maximum(np.abs(kernel).reshape(-1, k).max(0), 1e-12) / 127.0
@@ -251,8 +257,8 @@ class _Lowering:
             raise ValueError(f"layer {inner.name!r}: its input is not quantized with its range")
         scale = float(arrays["output_scale"])
         bound, fused = 128 * scale, []
-        bn = self.only_consumer(layer, lambda c: isinstance(c, tf_keras.layers.BatchNormalization))
-        if self.native and bn is not None:  # BN (and ReLU) run as the operator's epilogue
+        bn = self.only_consumer(layer, is_batch_norm) if self.native else None
+        if bn is not None:  # BN (and ReLU) run as the native operator's epilogue
             a, b, relu, z_scale, bound = self.bn_output(bn, bound)
             arrays = dict(arrays, **epilogue(a, b, scale, z_scale, relu is not None))
             scale, fused = z_scale, [bn] + ([relu] if relu is not None else [])

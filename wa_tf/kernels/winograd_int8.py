@@ -114,7 +114,6 @@ def load():
         lib.wa_int8_litert_kernel.restype = p
         lib.wa_int8_litert_state.restype = p
         lib.wa_int8_litert_state.argtypes = [p, c_int]
-        lib.wa_int8_litert_error.argtypes = [p]
         lib.wa_int8_litert_errors.argtypes = [p, c_int]
         lib.wa_int8_litert_free_state.argtypes = [p]
         lib.wa_int8_stage_times.argtypes = [p, i8, c_int, c_int, c_int, i8, c_int, f64, f64]
@@ -187,6 +186,16 @@ class WinogradInt8:
             "bias": None if bias is None else np.ascontiguousarray(bias, np.float64)}
         if self._keep["bias"] is not None and self._keep["bias"].shape != (self.filters,):
             raise ValueError(f"bias must have shape ({self.filters},)")
+        if epilogue is not None:  # checked before the kernel exists
+            scale, offset, (lo, hi) = epilogue
+            epi = [np.asarray(v, np.float64) for v in (scale, offset)]
+            if any(v.shape not in ((), (self.filters,)) for v in epi):
+                raise ValueError(f"epilogue scale and offset must have shape ({self.filters},)")
+            if not -128 <= int(lo) <= int(hi) <= 127:
+                raise ValueError(f"epilogue range must lie in [-128, 127], got ({lo}, {hi})")
+            self._keep["epi"] = [np.ascontiguousarray(np.broadcast_to(v, (self.filters,)))
+                                 for v in epi]
+            self._keep["epi_range"] = (int(lo), int(hi))
         lib = load()
         k = self._keep
         self._handle = lib.wa_int8_create(
@@ -198,14 +207,7 @@ class WinogradInt8:
             raise ValueError(f"isa={isa!r} is not available on this CPU")
         self._lib = lib
         if epilogue is not None:
-            scale, offset, (lo, hi) = epilogue
-            k["epi"] = [np.ascontiguousarray(v, np.float64) for v in (scale, offset)]
-            if any(v.shape not in ((), (self.filters,)) for v in k["epi"]):
-                raise ValueError(f"epilogue scale and offset must have shape ({self.filters},)")
-            k["epi"] = [np.ascontiguousarray(np.broadcast_to(v, (self.filters,))) for v in k["epi"]]
-            if not -128 <= int(lo) <= int(hi) <= 127:
-                raise ValueError(f"epilogue range must lie in [-128, 127], got ({lo}, {hi})")
-            lib.wa_int8_set_epilogue(self._handle, *k["epi"], int(lo), int(hi))
+            lib.wa_int8_set_epilogue(self._handle, *k["epi"], *k["epi_range"])
 
     def __del__(self):
         if getattr(self, "_handle", None):

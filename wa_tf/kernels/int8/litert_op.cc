@@ -132,8 +132,6 @@ void* wa_int8_litert_state(void* kernel, int threads) {
   return new OpState{kernel, threads < 1 ? 1 : threads, 0};
 }
 
-int wa_int8_litert_error(void* state) { return static_cast<OpState*>(state)->error; }
-
 // The first nonzero error of n layers' states (0 when none failed): one call per run.
 int wa_int8_litert_errors(void* const* states, int n) {
   for (int i = 0; i < n; ++i) {
